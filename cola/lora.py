@@ -1,0 +1,173 @@
+"""The LoRA layer: a frozen ``nn.Linear`` plus a trainable low-rank link ``scaling * B @ A``.
+
+The layer knows how to fold a low-rank update into its base weight (``fold_``), so merges
+happen in place, one layer at a time, accumulating in float32. For low-precision bases
+(bf16/fp16) it keeps a float32 compensation buffer: the exact accumulated weight is
+``base.weight + residual``, so the error after m merges is one final rounding, not m.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + scaling * B(A(dropout(x)))`` with ``base`` frozen.
+
+    Args:
+        base: the ``nn.Linear`` to adapt; its parameters are frozen.
+        rank: rank r of the link, in [1, min(in_features, out_features)].
+        alpha: scaling numerator: ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout probability on the LoRA path's input, in [0, 1).
+        rslora: use rank-stabilised scaling.
+        lora_dtype: dtype of A and B (default: the base weight's dtype).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, lora_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        problems = []
+        if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+            problems.append(f"alpha={alpha!r}: must be a finite number > 0")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            problems.append(f"dropout={dropout!r}: must be in [0, 1)")
+        problems += _rank_problems(rank, base.in_features, base.out_features)
+        if problems:
+            raise ConfigError(problems)
+        self.base = base
+        base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.alpha, self.rslora = float(alpha), bool(rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype = lora_dtype or base.weight.dtype
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # Folded links as (B, A, scale) on CPU float32, for export as one adapter.
+        self.links: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.record_links = True
+        # float32 compensation for low-precision bases (exact weight = base.weight + residual).
+        self.register_buffer("residual", None, persistent=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def scaling(self) -> float:
+        r = self.rank
+        return self.alpha / (math.sqrt(r) if self.rslora else r)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"scaling={self.scaling:.4g}, links_folded={len(self.links)}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        lora_x = self.dropout(x).to(self.lora_A.dtype)
+        return out + (F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
+
+    # ------------------------------------------------------------------ operations
+    def delta_weight(self) -> torch.Tensor:
+        """The live link's update ``scaling * B @ A`` in float32 (out x in)."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    def exact_weight(self) -> torch.Tensor:
+        """The base weight as accumulated in float32 (including the compensation buffer)."""
+        w = self.base.weight.detach().float()
+        return w + self.residual if self.residual is not None else w
+
+    @torch.no_grad()
+    def fold_(self, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
+        """Add ``scale * B @ A`` into the base weight, in place, in float32.
+
+        Callers check finiteness first (the chain refuses a non-finite knot before writing);
+        this method writes unconditionally.
+        """
+        weight = self.base.weight
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        update = (B.detach().to(acc) @ A.detach().to(acc)).mul_(float(scale))
+        if weight.dtype in _LOW_PRECISION:
+            exact = weight.float()
+            if self.residual is not None:
+                exact += self.residual
+            exact += update
+            weight.copy_(exact)
+            self.residual = exact.sub_(weight.float())
+        else:
+            weight.add_(update)
+        if self.record_links:
+            self.links.append((B.detach().float().cpu().clone(), A.detach().float().cpu().clone(),
+                               float(scale)))
+
+    @torch.no_grad()
+    def set_factors_(self, A: torch.Tensor, B: torch.Tensor, train_A: bool = True,
+                     train_B: bool = True) -> None:
+        """Start a new link with factors A (r x in) and B (out x r), possibly of a new rank.
+
+        With an unchanged rank the Parameter objects stay the same (their data is replaced), so
+        an optimizer built over them stays attached; a new rank needs new Parameter objects
+        (autograd caches a leaf's shape), which :class:`cola.Chain` re-points its optimizer to.
+        """
+        r = A.shape[0]
+        problems = _rank_problems(r, self.in_features, self.out_features)
+        if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
+            problems.append(f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a rank-{r} "
+                            f"link of a {self.out_features}x{self.in_features} weight")
+        if problems:
+            raise ConfigError(problems)
+        for attr, value, train in (("lora_A", A, train_A), ("lora_B", B, train_B)):
+            param = getattr(self, attr)
+            value = value.to(device=param.device, dtype=param.dtype)
+            if param.shape == value.shape:
+                param.copy_(value)
+                param.grad = None
+            else:
+                param = nn.Parameter(value.clone())
+                setattr(self, attr, param)
+            param.requires_grad_(train)
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold the live link into the base weight and zero B (the function is unchanged)."""
+        self.fold_(self.lora_B, self.lora_A, self.scaling)
+        self.lora_B.zero_()
+
+
+def _rank_problems(rank, in_features: int, out_features: int) -> list[str]:
+    limit = min(in_features, out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        return [f"rank={rank!r}: must be an integer in [1, {limit}] (min(in={in_features}, out={out_features}))"]
+    return []
+
+
+def stacked_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """All folded links plus the live one as one adapter of scale 1 (float32, CPU).
+
+    ``W_0 + B_cat @ A_cat`` is the layer's effective weight; the rank is the sum of the links'
+    ranks. Needs ``record_links`` to have been on since the start.
+    """
+    Bs, As = [], []
+    for B, A, scale in layer.links:
+        Bs.append(B * scale)
+        As.append(A)
+    Bs.append(layer.lora_B.detach().float().cpu() * layer.scaling)
+    As.append(layer.lora_A.detach().float().cpu())
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
