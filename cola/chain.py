@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import STRATEGY_KINDS, ChainConfig, schedule_multiplier
-from .errors import ConfigError, NonFiniteMergeError
+from .errors import ConfigError, NonFiniteMergeError, UnknownStrategyError
 from .inject import lora_layers
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
@@ -105,15 +105,17 @@ class Chain:
 
     # ------------------------------------------------------------------ set-up
     def _build_strategies(self) -> dict[str, Any]:
-        strategies, problems = {}, []
+        strategies, problems, error_type = {}, [], ConfigError
         for kind in STRATEGY_KINDS:
             try:
                 strategies[kind] = self.pm.create(kind, getattr(self.config, kind), self.config,
                                                   self.config.options(kind))
             except ConfigError as err:
                 problems += err.problems
+                if isinstance(err, UnknownStrategyError):
+                    error_type = UnknownStrategyError
         if problems:
-            raise ConfigError(problems)
+            raise error_type(problems)
         return strategies
 
     def planned_knots(self) -> list[int] | None:
