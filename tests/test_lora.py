@@ -40,13 +40,16 @@ def test_rslora_scaling():
     assert layer.scaling == pytest.approx(8 / 2)
 
 
-def test_set_factors_changes_rank_keeps_parameter_objects_and_freezes():
+def test_set_factors_same_rank_keeps_parameters_new_rank_replaces_them_and_freezes():
     layer = cola.LoRALinear(nn.Linear(8, 6), rank=4, alpha=8)
     A_param, B_param = layer.lora_A, layer.lora_B
+    layer.set_factors_(torch.ones(4, 8), torch.zeros(6, 4))
+    assert layer.lora_A is A_param and layer.lora_B is B_param
     layer.set_factors_(torch.ones(2, 8), torch.zeros(6, 2), train_A=False)
     assert layer.rank == 2 and layer.scaling == 4.0
-    assert layer.lora_A is A_param and layer.lora_B is B_param
+    assert layer.lora_A is not A_param  # autograd caches a leaf's shape: a new rank needs new leaves
     assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert dict(layer.named_parameters())["lora_A"] is layer.lora_A
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
