@@ -93,13 +93,18 @@ class Chain:
         self.link = 0
         self.last_knot = 0
         self.history: list[KnotReport] = []
+        self.nonfinite_steps = 0          # steps skipped because loss or gradients were not finite
+        self.nonfinite_in_row = 0
         self._check_planned_ranks()
-        for name, layer in self.layers.items():
-            self._reinit(name, layer)
         self.params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        self.optimizer = optimizer_factory(self.params)
-        if not isinstance(self.optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer_factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer")
+        optimizer = optimizer_factory(self.params)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate / Trainer wrappers
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        self.optimizer = optimizer
+        for name, layer in self.layers.items():     # link 0, initialised by the strategies too
+            self._reinit(name, layer)
+        self._repoint_optimizer()
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._notify_steps = self.pm.has_impls("cola_after_step")
 
@@ -170,8 +175,22 @@ class Chain:
                       lambda taken, horizon: schedule_multiplier(cfg.lr_schedule, taken, horizon, cfg.warmup_steps))
         return float(self.strategies["lr_policy"].multiplier(info))
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Take one optimizer step, then tie a knot if the merge policy says so."""
+    def step(self, loss: torch.Tensor | float | None = None) -> bool:
+        """Take one optimizer step, then tie a knot if the merge policy says so.
+
+        A step whose loss or LoRA gradients are not finite is skipped (gradients dropped,
+        ``nonfinite_steps`` and ``nonfinite_in_row`` counted, not a step of the chain) and
+        ``False`` is returned; the caller decides when too many in a row end the run.
+        """
+        loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (None if loss is None else float(loss))
+        if (loss_value is not None and not math.isfinite(loss_value)) or not self._grads_finite():
+            self.nonfinite_steps += 1
+            self.nonfinite_in_row += 1
+            log.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", self.step_count + 1,
+                        "loss" if loss_value is not None and not math.isfinite(loss_value) else "gradient",
+                        self.nonfinite_in_row, self.nonfinite_steps)
+            self.zero_grad()
+            return False
         factor = self.lr_multiplier()
         saved = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
@@ -183,12 +202,25 @@ class Chain:
                 group["lr"] = lr
         if self.scheduler is not None:
             self.scheduler.step()
+        self.advance(loss_value)
+        return True
+
+    def advance(self, loss: float | None = None) -> KnotReport | None:
+        """Count one optimizer step taken by someone else (e.g. transformers' Trainer) and tie a
+        knot if the merge policy says so. :meth:`step` calls this after its own optimizer step."""
         self.step_count += 1
-        loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (None if loss is None else float(loss))
+        self.nonfinite_in_row = 0
         if self._notify_steps:
-            self.pm.notify("cola_after_step", chain=self, step=self.step_count, loss=loss_value)
-        if self.strategies["merge_policy"].is_knot(self._step_info(loss_value)):
-            self.tie_knot(forced=False)
+            self.pm.notify("cola_after_step", chain=self, step=self.step_count, loss=loss)
+        if self.strategies["merge_policy"].is_knot(self._step_info(loss)):
+            return self.tie_knot(forced=False)
+        return None
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([g.detach().float().abs().amax() for g in grads]).isfinite().all())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -301,6 +333,7 @@ class Chain:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "version": STATE_VERSION, "config": self.config.to_dict(), "step": self.step_count,
+            "nonfinite_steps": self.nonfinite_steps,
             "link": self.link, "last_knot": self.last_knot, "base_ranks": dict(self.base_ranks),
             "history": [r.to_dict() for r in self.history], "layers": layers,
             "optimizer": self.optimizer.state_dict(),
@@ -339,6 +372,7 @@ class Chain:
             layer.links = [(b.clone(), a.clone(), s) for b, a, s in saved["links"]]
         self._repoint_optimizer()
         self.step_count, self.link, self.last_knot = state["step"], state["link"], state["last_knot"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.base_ranks = dict(state["base_ranks"])
         self.history = [KnotReport(**r) for r in state["history"]]
         self.optimizer.load_state_dict(state["optimizer"])

@@ -349,3 +349,41 @@ def test_cola_beats_one_lora_on_a_rank_4r_target_tiny_llama():
     lora = regression_loss(Hidden, targets, links=1, rank=2, steps=240, lr=1e-2, inputs=inputs)
     chain = regression_loss(Hidden, targets, links=3, rank=2, steps=240, lr=1e-2, inputs=inputs)
     assert chain < lora, (chain, lora)
+
+
+def test_non_finite_loss_or_gradient_skips_the_step_and_is_counted():
+    model, chain = make_chain(cola.ChainConfig(total_steps=10, links=2))
+    train(model, chain, batches(2))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = next(batches(1))
+    loss = ((model(x) - y) ** 2).mean() * float("nan")
+    loss.backward()
+    assert chain.step(loss) is False
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+    assert chain.step_count == 2 and chain.nonfinite_steps == 1 and chain.nonfinite_in_row == 1
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    for p in chain.params:  # a finite loss with an infinite gradient is caught too
+        p.grad = torch.full_like(p, float("inf"))
+    assert chain.step(torch.tensor(1.0)) is False and chain.nonfinite_in_row == 2
+    train(model, chain, batches(1))
+    assert chain.step_count == 3 and chain.nonfinite_in_row == 0 and chain.nonfinite_steps == 2
+
+
+def test_external_optimizer_loop_with_advance():
+    """How an outside loop (transformers' Trainer) drives a chain: it steps, the chain counts and ties."""
+    torch.manual_seed(0)
+    model = MLP()
+    cola.inject_lora(model, ["fc1", "fc2"], rank=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cfg = cola.ChainConfig(total_steps=6, links=2, rank_schedule="step-down",
+                           rank_schedule_options={"first_rank": 2, "later_rank": 3})
+    chain = cola.Chain(model, lambda params: opt, cfg)
+    assert chain.optimizer is opt and chain.layers["fc1"].rank == 2
+    assert [p for g in opt.param_groups for p in g["params"]] == chain.params
+    for x, y in batches(6):
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        chain.advance()
+    assert [r.step for r in chain.history] == [3] and chain.layers["fc1"].rank == 3
