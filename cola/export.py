@@ -1,0 +1,114 @@
+"""Exporting a chain as PEFT-format LoRA adapters: the whole chain as one, and each link alone.
+
+The whole chain ``W_0 + sum_j s_j B_j A_j`` is one LoRA adapter of rank ``sum_j r_j`` over the
+original base weights: ``A = [A_1; ...; A_m]``, ``B = [s_1 B_1, ..., s_m B_m]`` with
+``lora_alpha = r`` (scale 1). ``peft.PeftModel.from_pretrained(base, folder)`` loads it. The
+files are written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chain import Chain
+from .errors import ColaError, ConfigError
+from .lora import LoRALinear
+
+
+def _adapter_config(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str | None,
+                    task_type: str | None) -> dict[str, Any]:
+    ranks = {name: A.shape[0] for name, (_, A) in factors.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    pattern = {name: k for name, k in ranks.items() if k != r}
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(factors), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def write_adapter(folder: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> Path:
+    """Write ``{module name: (B, A)}`` (scale 1) as a PEFT LoRA adapter folder, atomically."""
+    from safetensors.torch import save_file
+
+    if not factors:
+        raise ConfigError("nothing to export: no LoRA layers")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {}
+        for name, (B, A) in factors.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        config = _adapter_config(factors, base_model_name_or_path, task_type)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _base_name(chain: Chain, given: str | None) -> str | None:
+    if given is not None:
+        return given
+    return getattr(getattr(chain.model, "config", None), "_name_or_path", None) or None
+
+
+def save_peft_adapter(chain: Chain, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
+                      task_type: str | None = "CAUSAL_LM") -> Path:
+    """The whole chain (folded links and the live one) as one PEFT adapter over the original weights."""
+    return write_adapter(folder, chain.stacked_factors(), _base_name(chain, base_model_name_or_path), task_type)
+
+
+def link_factors(layer: LoRALinear) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each link of a layer as ``(s_j B_j, A_j)``: the folded ones, then the live one if non-zero."""
+    links = [(B * s, A) for B, A, s in layer.links]
+    if torch.count_nonzero(layer.lora_B) and torch.count_nonzero(layer.lora_A):
+        links.append((layer.lora_B.detach().float().cpu() * layer.scaling, layer.lora_A.detach().float().cpu()))
+    return links
+
+
+def save_link_adapters(chain: Chain, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
+                       task_type: str | None = "CAUSAL_LM") -> Path:
+    """Each link as its own PEFT adapter (``link-00``, ``link-01``, ...) plus ``manifest.json``.
+
+    Applying all of them together reproduces :func:`save_peft_adapter`. Links that a re-init
+    strategy folded out of the weights (PiSSA) appear as their own, negative entries.
+    """
+    if not chain.config.record_links:
+        raise ConfigError("the chain was built with record_links=False: its links cannot be exported")
+    per_layer = {name: link_factors(layer) for name, layer in chain.layers.items()}
+    counts = {len(v) for v in per_layer.values()}
+    if len(counts) != 1:
+        raise ColaError(f"layers hold different numbers of links ({sorted(counts)}): cannot export per link")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _base_name(chain, base_model_name_or_path)
+    knots = [r.step for r in chain.history]
+    entries = []
+    for j in range(counts.pop()):
+        sub = write_adapter(folder / f"link-{j:02d}", {n: f[j] for n, f in per_layer.items()}, base, task_type)
+        entries.append({"index": j, "folder": sub.name, "rank": max(f[j][1].shape[0] for f in per_layer.values()),
+                        "ended_at_step": knots[j] if j < len(knots) else None})
+    manifest = {"base_model_name_or_path": base, "total_steps": chain.config.total_steps,
+                "steps_taken": chain.step_count, "knots": knots, "links": entries,
+                "note": "W = W_0 + sum of every link's B @ A (each adapter has scale 1)"}
+    tmp = folder / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / "manifest.json")
+    return folder

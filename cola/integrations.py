@@ -1,0 +1,99 @@
+"""COLA for transformers' ``Trainer`` (and TRL's trainers, which are Trainers) in one line.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[ColaCallback(links=3, rank=8, alpha=16)])
+
+At the end of ``Trainer.__init__`` the callback puts LoRA on the model (family defaults, or
+``target_modules``) unless it already has LoRA layers, so the Trainer's optimizer is built over
+the LoRA parameters only. At ``on_train_begin`` it builds a :class:`cola.Chain` over that
+optimizer with ``total_steps = state.max_steps``; after every optimizer step it counts the step
+and ties knots. The Trainer keeps its own LR scheduler; the chain's LR policy multiplies it around
+each optimizer step. With each Trainer checkpoint the chain's state is saved as
+``cola_chain.pt`` beside it, and loaded again when training resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .chain import Chain
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ChainConfig
+from .errors import ConfigError
+from .inject import inject_lora, lora_layers
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "cola_chain.pt"
+
+
+class ColaCallback(TrainerCallback):
+    """Chain of LoRA inside transformers' Trainer.
+
+    Args:
+        target_modules, rank, alpha, dropout, rslora: passed to :func:`cola.inject_lora` when the
+            model has no LoRA layers yet.
+        plugin_manager: defaults to :func:`cola.get_plugin_manager`.
+        **chain: any :class:`cola.ChainConfig` field except ``total_steps`` (taken from the
+            Trainer), e.g. ``links=3``, ``reinit="pissa"``, ``lr_policy="rewarm"``.
+    """
+
+    def __init__(self, target_modules: list[str] | None = None, rank: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, rslora: bool = False, plugin_manager=None, **chain: Any):
+        known = {f.name for f in fields(ChainConfig)} - {"total_steps"}
+        unknown = sorted(set(chain) - known)
+        if unknown:
+            raise ConfigError(f"ColaCallback: unknown chain settings {unknown}; allowed: {sorted(known)}")
+        self.inject = dict(target_modules=target_modules, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
+        self.chain_settings = chain
+        self.plugin_manager = plugin_manager
+        self.chain: Chain | None = None
+        self._saved_lrs: list[float] | None = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not lora_layers(model):
+            inject_lora(model, **self.inject)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer is None or model is None:
+            raise ConfigError("ColaCallback needs the Trainer's model and optimizer at on_train_begin")
+        if not lora_layers(model):  # the model was swapped after Trainer.__init__
+            raise ConfigError("ColaCallback: the model has no LoRA layers; pass the callback to the "
+                              "Trainer's constructor (callbacks=[...]) so it can inject them first")
+        config = ChainConfig(total_steps=state.max_steps, **self.chain_settings)
+        self.chain = Chain(model, lambda params: optimizer, config, plugin_manager=self.plugin_manager)
+        resumed = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if state.global_step > 0 and resumed.is_file():
+            self.chain.load_state_dict(load_checkpoint(resumed))
+            log.info("COLA chain resumed from %s (link %d, step %d)", resumed, self.chain.link, self.chain.step_count)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.chain is None:
+            return
+        factor = self.chain.lr_multiplier()
+        groups = self.chain.optimizer.param_groups
+        self._saved_lrs = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * factor
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.chain is None or self._saved_lrs is None:
+            return
+        for g, lr in zip(self.chain.optimizer.param_groups, self._saved_lrs):
+            g["lr"] = lr
+        self._saved_lrs = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.chain is not None:
+            loss = state.log_history[-1].get("loss") if state.log_history else None
+            self.chain.advance(loss if isinstance(loss, (int, float)) else None)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.chain is not None and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_checkpoint(folder / STATE_FILE, self.chain.state_dict())
