@@ -47,6 +47,19 @@ class KnotReport:
         return asdict(self)
 
 
+@torch.no_grad()
+def frozen_fingerprint(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, list]:
+    """Shape, dtype and float64 sum of every parameter and buffer the chain never changes.
+
+    Saved with the chain's state, so resuming on a different base model is refused, naming
+    the parameters that differ. The LoRA layers' own weights are excluded (the state holds them).
+    """
+    skip = {f"{name}.{part}" for name in layers for part in ("base.weight", "lora_A", "lora_B")}
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return {name: [list(t.shape), str(t.dtype), float(t.detach().double().sum()) if t.is_floating_point() else 0.0]
+            for name, t in tensors if name not in skip and t is not None}
+
+
 def effective_rank(B: torch.Tensor, A: torch.Tensor) -> float:
     """Entropy effective rank (Roy & Vetterli) of ``B @ A`` from its factors, without forming it."""
     if B.numel() == 0:
@@ -59,6 +72,16 @@ def effective_rank(B: torch.Tensor, A: torch.Tensor) -> float:
         return 0.0
     p = s / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _close(a: list, b: list) -> bool:
+    return a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-9, abs_tol=1e-9)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 class Chain:
@@ -334,6 +357,8 @@ class Chain:
         return {
             "version": STATE_VERSION, "config": self.config.to_dict(), "step": self.step_count,
             "nonfinite_steps": self.nonfinite_steps,
+            "versions": {"chain-of-lora": _version(), "torch": torch.__version__},
+            "fingerprint": frozen_fingerprint(self.model, self.layers),
             "link": self.link, "last_knot": self.last_knot, "base_ranks": dict(self.base_ranks),
             "history": [r.to_dict() for r in self.history], "layers": layers,
             "optimizer": self.optimizer.state_dict(),
@@ -361,6 +386,14 @@ class Chain:
                 if tuple(saved["weight"].shape) != tuple(self.layers[name].base.weight.shape):
                     problems.append(f"{name}: saved weight {tuple(saved['weight'].shape)} vs model "
                                     f"{tuple(self.layers[name].base.weight.shape)}")
+        saved_print = state.get("fingerprint")
+        if saved_print is not None and not problems:
+            now = frozen_fingerprint(self.model, self.layers)
+            differing = sorted(k for k in set(saved_print) | set(now)
+                               if k not in now or k not in saved_print or not _close(saved_print[k], now[k]))
+            if differing:
+                problems.append(f"the model differs from the one the chain was saved with, in {len(differing)} "
+                                f"parameters/buffers: {', '.join(differing[:5])}" + (" ..." if len(differing) > 5 else ""))
         if problems:
             raise ConfigError(problems)
         for name, layer in self.layers.items():

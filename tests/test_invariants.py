@@ -240,3 +240,14 @@ def test_stacked_adapter_reproduces_the_model(links, reinit, seed):
         target.weight.data.copy_(W0[name] + B @ A)
         assert B.shape[1] == A.shape[0] == sum(a.shape[0] for _, a, _ in layer.links) + layer.rank
     torch.testing.assert_close(plain(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_load_onto_a_different_base_model_is_refused():
+    model, chain = make_chain(cola.ChainConfig(total_steps=12, links=3), seed=0)
+    state = chain.state_dict()
+    assert state["versions"]["chain-of-lora"] == cola.__version__
+    other_model, other = make_chain(cola.ChainConfig(total_steps=12, links=3), seed=0)
+    with torch.no_grad():
+        other_model.fc1.base.bias.add_(1.0)   # a frozen parameter the chain never changes
+    with pytest.raises(cola.ConfigError, match=r"model differs .* fc1.base.bias"):
+        other.load_state_dict(state)
