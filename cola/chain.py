@@ -240,10 +240,16 @@ class Chain:
         return None
 
     def _grads_finite(self) -> bool:
+        """True when every LoRA gradient is finite: one fused max-abs per device, one host sync."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return True
-        return bool(torch.stack([g.detach().float().abs().amax() for g in grads]).isfinite().all())
+        by_device: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault((g.device, g.dtype), []).append(g.detach())
+        maxima = [m.float() for group in by_device.values() for m in torch._foreach_norm(group, math.inf)]
+        device = maxima[0].device
+        return bool(torch.stack([m.to(device) for m in maxima]).isfinite().all())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -286,21 +292,31 @@ class Chain:
         return report
 
     def _checked_updates(self, link: int, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, float]]:
-        """Every layer's (B, A, scale, norm) from the merge rule, refused if any would not be finite."""
+        """Every layer's (B, A, scale, norm) from the merge rule, refused if any would not be finite.
+
+        The checks stay on the device and are read back once for all layers (one host sync).
+        """
         rule = self.strategies["merge_rule"]
-        updates = {}
+        factors, checks = {}, []
         for name, layer in self.layers.items():
             B, A, scale = rule.factors(layer)
             scale = float(scale)
+            weight = layer.base.weight.detach()
             update = (B.detach().float() @ A.detach().float()) * scale
-            norm = float(torch.linalg.matrix_norm(update)) if update.numel() else 0.0
-            weight = layer.base.weight
             limit = torch.finfo(weight.dtype).max if weight.dtype.is_floating_point else math.inf
-            bound = float(update.abs().max()) + float(weight.detach().abs().max()) if update.numel() else 0.0
-            if not (math.isfinite(scale) and math.isfinite(norm) and bound < limit):
+            # |W + dW| <= max|W| + max|dW| < the dtype's largest value means no overflow is possible
+            headroom = update.abs().amax() + weight.abs().amax().float() if update.numel() else update.new_zeros(())
+            norm = torch.linalg.matrix_norm(update) if update.numel() else update.new_zeros(())
+            checks.append(torch.stack([norm, headroom / limit if math.isfinite(limit) else headroom * 0]))
+            factors[name] = (B, A, scale)
+            del update
+        values = torch.stack([c.to(checks[0].device) for c in checks]).tolist() if checks else []
+        updates = {}
+        for (name, (B, A, scale)), (norm, load) in zip(factors.items(), values):
+            if not (math.isfinite(scale) and math.isfinite(norm) and math.isfinite(load) and load < 1.0):
                 raise NonFiniteMergeError(
                     f"knot refused at step {step}: link {link} of layer {name!r} has a non-finite update "
-                    f"(or one that overflows {weight.dtype}); no weight was changed")
+                    f"(or one that overflows {self.layers[name].base.weight.dtype}); no weight was changed")
             updates[name] = (B, A, scale, norm)
         return updates
 

@@ -2,8 +2,10 @@
 
 The layer knows how to fold a low-rank update into its base weight (``fold_``), so merges
 happen in place, one layer at a time, accumulating in float32. For low-precision bases
-(bf16/fp16) it keeps a float32 compensation buffer: the exact accumulated weight is
-``base.weight + residual``, so the error after m merges is one final rounding, not m.
+(bf16/fp16) it keeps a compensation buffer (Kahan-style, stored in bfloat16: the weight and its
+residual together carry about 16 bits of mantissa): the accumulated weight is
+``base.weight + residual``, so the stored weight stays the exact sum rounded once, not m times,
+for 2 extra bytes per adapted weight.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        # Folded links as (B, A, scale) on CPU float32, for export as one adapter.
+        # Folded links as (B, A, scale), float32 on the weight's device, for export as one adapter.
         self.links: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.record_links = True
-        # float32 compensation for low-precision bases (exact weight = base.weight + residual).
+        # compensation for low-precision bases (accumulated weight = base.weight + residual).
         self.register_buffer("residual", None, persistent=False)
 
     # ------------------------------------------------------------------ properties
@@ -92,7 +94,7 @@ class LoRALinear(nn.Module):
     def exact_weight(self) -> torch.Tensor:
         """The base weight as accumulated in float32 (including the compensation buffer)."""
         w = self.base.weight.detach().float()
-        return w + self.residual if self.residual is not None else w
+        return w + self.residual.float() if self.residual is not None else w
 
     @torch.no_grad()
     def fold_(self, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
@@ -110,12 +112,11 @@ class LoRALinear(nn.Module):
                 exact += self.residual
             exact += update
             weight.copy_(exact)
-            self.residual = exact.sub_(weight.float())
+            self.residual = exact.sub_(weight.float()).to(torch.bfloat16)
         else:
             weight.add_(update)
         if self.record_links:
-            self.links.append((B.detach().float().cpu().clone(), A.detach().float().cpu().clone(),
-                               float(scale)))
+            self.links.append((B.detach().float().clone(), A.detach().float().clone(), float(scale)))
 
     @torch.no_grad()
     def set_factors_(self, A: torch.Tensor, B: torch.Tensor, train_A: bool = True,
@@ -159,15 +160,11 @@ def _rank_problems(rank, in_features: int, out_features: int) -> list[str]:
 
 
 def stacked_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """All folded links plus the live one as one adapter of scale 1 (float32, CPU).
+    """All folded links plus the live one as one adapter of scale 1 (float32, on CPU).
 
     ``W_0 + B_cat @ A_cat`` is the layer's effective weight; the rank is the sum of the links'
     ranks. Needs ``record_links`` to have been on since the start.
     """
-    Bs, As = [], []
-    for B, A, scale in layer.links:
-        Bs.append(B * scale)
-        As.append(A)
-    Bs.append(layer.lora_B.detach().float().cpu() * layer.scaling)
-    As.append(layer.lora_A.detach().float().cpu())
+    Bs = [B.cpu() * scale for B, _, scale in layer.links] + [layer.lora_B.detach().float().cpu() * layer.scaling]
+    As = [A.cpu() for _, A, _ in layer.links] + [layer.lora_A.detach().float().cpu()]
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)

@@ -82,7 +82,7 @@ def test_merged_weight_is_the_sum_of_the_links(shape, rank, links, seed):
     assert accumulated_rank == min(links * rank, d_in, d_out)
 
 
-# 3. bf16 bases: the error after 20 knots is one final rounding, not 20.
+# 3. bf16/fp16 bases: the error after 20 knots is one final rounding, not 20.
 def test_bf16_merge_error_does_not_grow_with_knots():
     torch.manual_seed(0)
     errors = {}
@@ -103,7 +103,8 @@ def test_bf16_merge_error_does_not_grow_with_knots():
             one_rounding = (exact.to(dtype).double() - exact).abs().max()
             errs.append(float((stored - exact).abs().max() / one_rounding))
         errors[dtype] = errs
-        assert max(errs) <= 1.0 + 1e-6, errs
+        # the bf16 residual carries 8 more bits: at most one rounding plus 2^-8 of one, at every knot
+        assert max(errs) <= 1.0 + 2 ** -7, errs
     # and a naive in-place bf16 accumulation would be far worse: sanity-check the test's power
     naive = torch.zeros(48, 64, dtype=torch.bfloat16)
     exact = torch.zeros(48, 64, dtype=torch.float64)
