@@ -74,6 +74,12 @@ def effective_rank(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _as_float(loss: torch.Tensor | float | None) -> float | None:
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach())
+    return None if loss is None else float(loss)
+
+
 def _close(a: list, b: list) -> bool:
     return a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-9, abs_tol=1e-9)
 
@@ -205,8 +211,11 @@ class Chain:
         ``nonfinite_steps`` and ``nonfinite_in_row`` counted, not a step of the chain) and
         ``False`` is returned; the caller decides when too many in a row end the run.
         """
-        loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else (None if loss is None else float(loss))
-        if (loss_value is not None and not math.isfinite(loss_value)) or not self._grads_finite():
+        loss_value = None
+        if self.config.skip_nonfinite:
+            loss_value = _as_float(loss)
+        if self.config.skip_nonfinite and (
+                (loss_value is not None and not math.isfinite(loss_value)) or not self._grads_finite()):
             self.nonfinite_steps += 1
             self.nonfinite_in_row += 1
             log.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", self.step_count + 1,
@@ -225,7 +234,7 @@ class Chain:
                 group["lr"] = lr
         if self.scheduler is not None:
             self.scheduler.step()
-        self.advance(loss_value)
+        self.advance(loss_value if self.config.skip_nonfinite else _as_float(loss))  # read after the step is queued
         return True
 
     def advance(self, loss: float | None = None) -> KnotReport | None:

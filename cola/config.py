@@ -38,6 +38,9 @@ class ChainConfig:
     seed: int = field(default=0, metadata={"help": "seed of the chain's own generator (re-inits)"})
     record_links: bool = field(default=True, metadata={
         "help": "keep each folded link's factors (small) so the chain can be exported as one adapter"})
+    skip_nonfinite: bool = field(default=True, metadata={
+        "help": "skip (and count) a step whose loss or LoRA gradients are not finite; costs one host "
+                "sync before each optimizer step, so turn it off for the last few percent on a GPU"})
     diagnostics: bool = field(default=False, metadata={
         "help": "record gradient norm and effective rank of the accumulated update at each knot"})
 
@@ -84,7 +87,7 @@ class ChainConfig:
             p.append(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0")
         if not is_int(self.seed):
             p.append(f"seed={self.seed!r}: must be an integer")
-        for flag in ("record_links", "diagnostics"):
+        for flag in ("record_links", "diagnostics", "skip_nonfinite"):
             if not isinstance(getattr(self, flag), bool):
                 p.append(f"{flag}={getattr(self, flag)!r}: must be true or false")
         return p

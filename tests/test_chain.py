@@ -387,3 +387,10 @@ def test_external_optimizer_loop_with_advance():
         opt.zero_grad()
         chain.advance()
     assert [r.step for r in chain.history] == [3] and chain.layers["fc1"].rank == 3
+
+
+def test_skip_nonfinite_off_steps_through_whatever_comes():
+    model, chain = make_chain(cola.ChainConfig(total_steps=10, skip_nonfinite=False))
+    x, y = next(batches(1))
+    ((model(x) - y) ** 2).mean().backward()
+    assert chain.step(torch.tensor(float("nan"))) is True and chain.step_count == 1 and chain.nonfinite_steps == 0
