@@ -1,7 +1,15 @@
-"""Atomic checkpoint files: written to a temporary file, fsynced, then renamed into place."""
+"""Atomic, checksummed checkpoint files.
+
+A checkpoint is ``torch.save``'s file followed by a 40-byte trailer: ``COLACKPT`` and the
+SHA-256 of everything before it. It is written to a temporary file, fsynced, then renamed into
+place, so a crash leaves the old file or the new one, never half of one; loading verifies the
+checksum, so a truncated or corrupted file is refused with a clear error instead of being
+half-read.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -11,15 +19,37 @@ import torch
 
 from .errors import ColaError
 
+MAGIC = b"COLACKPT"
+TRAILER = len(MAGIC) + 32
+_CHUNK = 1 << 22
+
+
+def _digest(f, length: int) -> bytes:
+    h = hashlib.sha256()
+    f.seek(0)
+    remaining = length
+    while remaining > 0:
+        block = f.read(min(_CHUNK, remaining))
+        if not block:
+            break
+        h.update(block)
+        remaining -= len(block)
+    return h.digest()
+
 
 def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
+    """``torch.save(obj)`` to ``path`` atomically, with a SHA-256 trailer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             torch.save(obj, f)
+            f.flush()
+            size = f.seek(0, os.SEEK_END)
+            digest = _digest(f, size)
+            f.seek(0, os.SEEK_END)
+            f.write(MAGIC + digest)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,12 +64,28 @@ def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint written by :func:`save_checkpoint`; a missing or damaged file is a clear error."""
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`ColaError` unless ``path`` is a complete checkpoint whose checksum matches."""
     path = Path(path)
     if not path.is_file():
         raise ColaError(f"checkpoint {str(path)!r} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < TRAILER:
+            raise ColaError(f"checkpoint {str(path)!r} is truncated ({size} bytes)")
+        f.seek(size - TRAILER)
+        trailer = f.read(TRAILER)
+        if not trailer.startswith(MAGIC):
+            raise ColaError(f"checkpoint {str(path)!r} has no checksum trailer: truncated, or not written "
+                            f"by cola.save_checkpoint")
+        if _digest(f, size - TRAILER) != trailer[len(MAGIC):]:
+            raise ColaError(f"checkpoint {str(path)!r} is corrupted: its SHA-256 does not match")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint written by :func:`save_checkpoint`, after verifying its checksum."""
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise ColaError(f"checkpoint {str(path)!r} is damaged or truncated ({type(err).__name__}: {err})") from None
+        raise ColaError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
