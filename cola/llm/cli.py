@@ -1,0 +1,204 @@
+"""``cola train``: fine-tune a causal LM with COLA, LoRA or full fine-tuning, and evaluate it.
+
+    cola train                                      # embedded model and task, offline, CPU, minutes
+    cola train --model facebook/opt-1.3b --task rte --method cola --links 3 --rank 8 --seeds 0 1 2 3 4
+    cola train --model meta-llama/Llama-2-7b-hf --task boolq --config my-chain.toml
+    cola train --compare lora,cola --task sst2      # same data, seeds and budget; prints the gain
+    cola train --dry-run                            # the plan: knots, ranks, parameters, FLOPs
+
+Every flag is a field of :class:`cola.llm.settings.TrainSettings`; a config file (``--config``,
+TOML or YAML) holds the same keys and a ``[chain]`` table of :class:`cola.ChainConfig` fields.
+Flags win over the file. The loop itself is :func:`cola.llm.runner.run_experiment`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from cola.config import STRATEGY_KINDS, ChainConfig
+from cola.errors import ConfigError
+from cola.llm.settings import FIELD_NAMES, TrainSettings, _checked, default_of, merge, read_config_file
+
+log = logging.getLogger(__name__)
+
+#: fields with their own handling below
+_SPECIAL = {"chain", "resume", "config"}
+_COMMA_LISTS = {"answers", "compare"}
+_CHAIN_FIELDS = {f.name: f for f in fields(ChainConfig)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_text(name: str) -> str:
+    value = default_of(name)
+    if value is None:
+        return "auto" if name in ("n_train", "n_val", "n_test", "max_length", "steps", "dtype", "device") else "none"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``key=value``, the value parsed as JSON when it is valid JSON (numbers, true, lists), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. later_rank=4")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cola train``, from the fields of :class:`TrainSettings`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("config file keys are the flag names (with - or _) plus a [chain] table of cola.ChainConfig "
+                     "fields; flags win over the file. FLOPs in the plan are estimates (see --dry-run).")
+    parser.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags win over it)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainSettings):
+        if f.name in _SPECIAL:
+            continue
+        group_name = f.metadata.get("group", "other")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        kind = f.metadata["kind"].rstrip("?")
+        help_text = f.metadata["help"]
+        if "default" not in help_text:
+            help_text += f" (default: {_default_text(f.name)})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name in _COMMA_LISTS:
+            kwargs.update(type=_comma_list, metavar="A,B")
+        elif kind in ("strs", "ints"):
+            kwargs.update(nargs="+", type=int if kind == "ints" else str)
+        else:
+            kwargs["type"] = {"str": str, "int": int, "float": float}[kind]
+            if "choices" in f.metadata:  # checked with the other settings, so all problems come at once
+                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        group.add_argument(_flag(f.name), **kwargs)
+        if f.name == "method":
+            group.add_argument("--resume", nargs="?", const=True, default=argparse.SUPPRESS, metavar="DIR",
+                               help="continue the run in DIR (default: --output-dir, else the newest folder in "
+                                    "runs/) from its checkpoints, with its saved settings")
+    chain = parser.add_argument_group("chain strategies (cola.ChainConfig; see `cola plugins` for every name)")
+    for kind in STRATEGY_KINDS:
+        words = kind.replace("_", "-")
+        chain.add_argument(f"--{words}", metavar="NAME", default=argparse.SUPPRESS, dest=f"chain.{kind}",
+                           help=f"{kind.replace('_', ' ')} strategy by name (default: "
+                                f"{_CHAIN_FIELDS[kind].default})")
+        chain.add_argument(f"--{words}-option", metavar="KEY=VALUE", action="append", type=_option,
+                           default=argparse.SUPPRESS, dest=f"chain.{kind}_options",
+                           help=f"an option of the {kind.replace('_', ' ')} (repeatable; VALUE parsed as JSON "
+                                "when possible)")
+    chain.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default=argparse.SUPPRESS,
+                       dest="chain.lr_schedule", help="base LR schedule over the steps (default: linear)")
+    chain.add_argument("--warmup-steps", type=int, metavar="N", default=argparse.SUPPRESS, dest="chain.warmup_steps",
+                       help="linear warm-up steps of the base schedule (default: 0)")
+    chain.add_argument("--knots", type=int, nargs="+", metavar="STEP", default=argparse.SUPPRESS, dest="chain.knots",
+                       help="explicit knot steps (merge policy 'knots' unless another is given)")
+    chain.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       dest="chain.diagnostics", help="record gradient norm and effective rank at each knot")
+
+
+def flags_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (only those), with the chain flags as a ``chain`` table."""
+    given = vars(args)
+    flags = {k: v for k, v in given.items() if k in FIELD_NAMES and k not in _SPECIAL}
+    chain: dict[str, Any] = {}
+    for key, value in given.items():
+        if key.startswith("chain."):
+            name = key.removeprefix("chain.")
+            chain[name] = dict(value) if name.endswith("_options") else value
+    if chain:
+        flags["chain"] = chain
+    if isinstance(flags.get("template"), str):  # a template typed in a shell: \n and \t are escapes
+        flags["template"] = flags["template"].replace("\\n", "\n").replace("\\t", "\t")
+    return flags
+
+
+def newest_run(root: Path = Path("runs")) -> Path | None:
+    """The most recently modified folder under ``root`` that holds a run (``settings.json``)."""
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.iterdir() if (p / "settings.json").is_file()]
+    return max(runs, key=lambda p: (p / "settings.json").stat().st_mtime) if runs else None
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """Defaults, then the saved settings (``--resume``), then the config file, then the flags."""
+    flags = flags_of(args)
+    config = getattr(args, "config", None)
+    layers: list[dict[str, Any]] = []
+    resume = getattr(args, "resume", None)
+    if resume:
+        folder = Path(resume) if isinstance(resume, str) else (
+            Path(flags["output_dir"]) if flags.get("output_dir") else newest_run())
+        if folder is None or not (folder / "settings.json").is_file():
+            raise ConfigError(f"--resume: no run to resume in {str(folder) if folder else 'runs/'} "
+                              "(a run folder holds settings.json)")
+        saved = json.loads((folder / "settings.json").read_text())
+        for key in ("stop_after", "dry_run", "resume", "config"):  # this invocation's, not the saved run's
+            saved.pop(key, None)
+        layers.append(_checked(saved, str(folder / "settings.json"), FIELD_NAMES))
+        flags.update(resume=True, output_dir=str(folder))
+    if config:
+        layers.append(_checked(read_config_file(config), str(config)))
+    layers.append(_checked(flags, "command line", FIELD_NAMES))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge(merged, layer)
+    if config:
+        merged["config"] = str(config)
+    return TrainSettings(**merged)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``cola train``; print the plan (``--dry-run``) or the results table."""
+    from cola.llm import report
+    from cola.llm.runner import run_experiment
+
+    settings = settings_from_args(args)
+    if settings.dry_run:
+        results = run_experiment(settings)
+        print(report.format_plan(results["plan"], results["settings"], results["flops_formula"]), end="")
+        return 0
+    from cola.llm.runner import _output_dir
+
+    if settings.output_dir is None:
+        settings = settings.replace(output_dir=str(_output_dir(settings)))
+    progress = not getattr(args, "quiet", False)
+    try:
+        if progress:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                results = run_experiment(settings, progress=True)
+        else:
+            results = run_experiment(settings)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue from the last checkpoint with: cola train --resume {settings.output_dir}",
+              file=sys.stderr)
+        return 130
+    print()
+    print(report.markdown(results), end="")
+    if results.get("summary"):
+        print(report.headline(results))
+    print(f"results: {results['files'].get('json')} (also .csv, .md"
+          f"{', plots' if any(k.endswith('plot') for k in results['files']) else ''}); "
+          f"{results['seconds']:.0f} s in all")
+    if results["status"] != "complete":
+        print(f"stopped early as asked (--stop-after); continue with: cola train --resume {results['output_dir']}")
+    return 0

@@ -1,0 +1,366 @@
+"""Results of ``cola train``: summary over seeds, the paired comparison, and the files.
+
+:func:`finalize` adds ``summary`` (per method: mean, std and values over seeds of every test
+metric and of the validation curve) and ``comparison`` (for two or more methods: the paired
+gain of each method over the first, with an honest noise statement) to a results dict.
+:func:`write_all` writes, into the output folder:
+
+* ``results.json``: every figure and setting, versions, timings, trainable parameters, FLOPs;
+* ``results.csv``: one row per run (method, seed);
+* ``results.md``: the markdown table :func:`markdown` prints;
+* ``accuracy_per_link.png`` (validation accuracy after each link, mean and std over seeds)
+  and ``training_loss.png`` (loss per step, knots marked), when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss")
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    values = [float(v) for v in values]
+    n = len(values)
+    return {"mean": float(np.mean(values)) if n else None,
+            "std": float(np.std(values, ddof=1)) if n > 1 else None, "n": n, "values": values}
+
+
+def complete_runs(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    return [r for r in results.get("runs", []) if r.get("method") == method and r.get("status") == "complete"]
+
+
+def finalize(results: dict[str, Any]) -> dict[str, Any]:
+    """Add ``summary`` and ``comparison`` to ``results`` (in place) and return it."""
+    methods = list(results["plan"]["methods"])
+    summary = {}
+    for method in methods:
+        runs = complete_runs(results, method)
+        if not runs:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for metric in TEST_METRICS:
+            values = [r["test"][metric] for r in runs if metric in r["test"]]
+            if values:
+                entry[f"test_{metric}"] = _stats(values)
+        curves = [r.get("curve", []) for r in runs]
+        n_points = min((len(c) for c in curves), default=0)
+        entry["validation_curve"] = [
+            {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
+             **_stats([c[i]["validation"]["accuracy"] for c in curves])} for i in range(n_points)]
+        entry["final_train_loss"] = _stats([float(np.mean(r["train_loss"][-10:])) for r in runs if r["train_loss"]])
+        entry["train_seconds"] = _stats([r["seconds"]["train"] for r in runs])
+        entry["eval_seconds"] = _stats([r["seconds"]["eval"] for r in runs])
+        entry["trainable_params"] = runs[0]["trainable_params"]
+        summary[method] = entry
+    results["summary"] = summary
+    results["comparison"] = compare(results, methods) if len(methods) > 1 else None
+    return results
+
+
+def compare(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Paired gain of each method over the first one (test accuracy under the run's rule).
+
+    The gain is the mean over seeds of (method - baseline). The noise is the combined
+    across-seed standard deviation ``sqrt(std_a^2 + std_b^2)`` with two or more seeds; with one
+    seed it is the binomial standard error of the difference of two accuracies on the test
+    set. ``|gain| < noise`` is reported as within noise.
+    """
+    base = methods[0]
+    by_seed = {m: {r["seed"]: r for r in complete_runs(results, m)} for m in methods}
+    out: dict[str, Any] = {"baseline": base, "metric": "test accuracy", "rule": results["settings"]["eval_rule"],
+                           "gains": {}}
+    for method in methods[1:]:
+        seeds = sorted(set(by_seed[base]) & set(by_seed[method]))
+        if not seeds:
+            continue
+        a = [by_seed[base][s]["test"]["accuracy"] for s in seeds]
+        b = [by_seed[method][s]["test"]["accuracy"] for s in seeds]
+        diffs = [y - x for x, y in zip(a, b)]
+        gain = float(np.mean(diffs))
+        if len(seeds) > 1:
+            noise = math.sqrt(float(np.var(a, ddof=1)) + float(np.var(b, ddof=1)))
+            noise_kind = f"combined std over {len(seeds)} seeds"
+        else:
+            n = by_seed[base][seeds[0]]["test"]["n"]
+            noise = math.sqrt((a[0] * (1 - a[0]) + b[0] * (1 - b[0])) / n)
+            noise_kind = f"binomial standard error of the difference on {n} test examples, one seed"
+        if abs(gain) < noise or noise == 0 and gain == 0:
+            verdict = "within noise"
+        else:
+            verdict = f"{method} {'ahead of' if gain > 0 else 'behind'} {base} by more than the noise"
+        out["gains"][method] = {
+            "seeds": seeds, "per_seed": diffs, "mean": gain,
+            "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+            "noise": noise, "noise_kind": noise_kind, "verdict": verdict,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------ text
+
+def _pm(stats: dict[str, Any] | None, digits: int = 3) -> str:
+    if not stats or stats.get("mean") is None:
+        return "–"
+    text = f"{stats['mean']:.{digits}f}"
+    if stats.get("std") is not None:
+        text += f" ± {stats['std']:.{digits}f}"
+    return text
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table (and the comparison) as markdown."""
+    settings, plan = results["settings"], results["plan"]
+    zero = results["zero_shot"]["test"]
+    rule = settings["eval_rule"]
+    has_f1 = "macro_f1" in zero
+    lines = [f"### {plan['task']} on {settings['model']}: test accuracy (rule {rule}, n={zero['n']}), "
+             f"{plan['total_steps']} steps of {plan['examples_per_step']} examples, "
+             f"seeds {', '.join(map(str, settings['seeds']))}", ""]
+    header = ["method", "links", "ranks", "trainable", "validation acc after each link", f"test acc ({rule})"]
+    if has_f1:
+        header.append("macro-F1")
+    header += ["acc_mean", "acc_sum", "acc_norm", "train s/run"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    row = ["zero-shot", "–", "–", "0", "–", f"{zero['accuracy']:.3f}"]
+    if has_f1:
+        row.append(f"{zero['macro_f1']:.3f}")
+    row += [f"{zero['acc_mean']:.3f}", f"{zero['acc_sum']:.3f}", f"{zero['acc_norm']:.3f}", "–"]
+    lines.append("| " + " | ".join(row) + " |")
+    for method, entry in results.get("summary", {}).items():
+        p = plan["methods"][method]
+        ranks = "/".join(map(str, p["ranks"])) if p["ranks"] else "all"
+        curve = " → ".join(f"{c['mean']:.3f}" for c in entry["validation_curve"]) or "–"
+        row = [method, str(p["links"]), ranks, f"{entry['trainable_params']:,}", curve,
+               _pm(entry.get("test_accuracy"))]
+        if has_f1:
+            row.append(_pm(entry.get("test_macro_f1")))
+        row += [_pm(entry.get("test_acc_mean")), _pm(entry.get("test_acc_sum")), _pm(entry.get("test_acc_norm")),
+                f"{entry['train_seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines += comparison_lines(results)
+    if results.get("status") == "stopped":
+        lines.append(f"**Stopped early** ({results.get('stopped')}): continue with `cola train --resume "
+                     f"{results['output_dir']}`.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def comparison_lines(results: dict[str, Any]) -> list[str]:
+    comparison = results.get("comparison")
+    if not comparison:
+        return []
+    lines = []
+    base = comparison["baseline"]
+    for method, g in comparison["gains"].items():
+        per_seed = ", ".join(f"{d:+.3f}" for d in g["per_seed"])
+        spread = f" ± {g['std']:.3f} (std of the paired differences)" if g["std"] is not None else ""
+        lines.append(f"Gain of {method} over {base} (test accuracy, rule {comparison['rule']}): "
+                     f"{g['mean']:+.3f}{spread}; per seed {per_seed}; noise {g['noise']:.3f} "
+                     f"({g['noise_kind']}): **{g['verdict']}**.")
+    lines.append("")
+    return lines
+
+
+def headline(results: dict[str, Any]) -> str:
+    """One line: zero-shot vs fine-tuned test accuracy of each method."""
+    zero = results["zero_shot"]["test"]
+    rule = results["settings"]["eval_rule"]
+    parts = [f"zero-shot {zero['accuracy']:.3f}"]
+    for method, entry in results.get("summary", {}).items():
+        parts.append(f"{method} {_pm(entry.get('test_accuracy'))}")
+    return f"{results['plan']['task']} test accuracy (rule {rule}, n={zero['n']}): " + " | ".join(parts)
+
+
+def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) -> str:
+    """The dry-run text: data, steps, and per method each link's steps, rank, parameters, FLOPs."""
+    m = plan["model"]
+    sizes = plan["splits"][str(settings["seeds"][0])]
+    lines = [
+        f"model {m['name']}: {m['class']} ({m['model_type']}), {m['parameters']:,} parameters, "
+        f"{m['body_parameters']:,} outside the embeddings; LoRA on {m['lora_layers']} layers "
+        f"({', '.join(m['lora_targets']) or 'none'})",
+        f"task {plan['task']} (answers {', '.join(plan['answers'])}): {sizes['train']} train / "
+        f"{sizes['validation']} validation / {sizes['test']} test; {plan['tokens_per_example']:.1f} tokens per "
+        f"training example on average (max_length {plan['max_length']})",
+        f"{plan['total_steps']} optimizer steps of {plan['examples_per_step']} examples "
+        f"({plan['epochs']:.2f} epochs); seeds {', '.join(map(str, settings['seeds']))}",
+    ]
+    for method, p in plan["methods"].items():
+        lines.append("")
+        if method == "full":
+            lines.append(f"method full: every weight trained, AdamW lr {p['lr']:g}, no chain")
+        else:
+            c = p["chain"]
+            knots = p["knots"] if p["knots"] is not None else "decided during training"
+            lines.append(f"method {method}: {p['links']} link(s), knots {knots}; merge policy {c['merge_policy']}, "
+                         f"rank schedule {c['rank_schedule']}, re-init {c['reinit']}, merge rule {c['merge_rule']}, "
+                         f"optimizer policy {c['optimizer_policy']}, lr policy {c['lr_policy']} over a "
+                         f"{c['lr_schedule']} schedule, AdamW lr {p['lr']:g}")
+        lines.append(f"  {'link':>4}  {'steps':>11}  {'rank':>4}  {'trainable params':>16}  {'train FLOPs':>11}")
+        bounds = [0]
+        for s in p["steps_per_link"] or []:
+            bounds.append(bounds[-1] + s)
+        for i in range(p["links"]):
+            steps = f"{bounds[i] + 1}-{bounds[i + 1]}" if p["steps_per_link"] else "?"
+            rank = str(p["ranks"][i]) if p["ranks"] else "–"
+            params = p["trainable_params"][i] if i < len(p["trainable_params"]) else None
+            flops = p["train_flops"][i] if p["train_flops"] else None
+            lines.append(f"  {i + 1:>4}  {steps:>11}  {rank:>4}  {params:>16,}  {_count(flops):>11}")
+        total = sum(p["train_flops"]) if p["train_flops"] else None
+        lines.append(f"  total training {_count(total)}FLOP, evaluation {_count(p.get('eval_flops'))}FLOP")
+    lines += ["", f"FLOPs are estimates: {formula}."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ files
+
+def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str, str]:
+    """Write results.json, results.csv, results.md and the plots into ``out``; return the paths."""
+    from cola.llm.runner import _json_default
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "markdown": out / "results.md"}
+    results.setdefault("files", {})
+    if plots:
+        try:
+            results["files"].update({k: str(v) for k, v in write_plots(results, out).items()})
+        except ImportError as exc:
+            log.warning("plots not written: %s", exc)
+    results["files"].update({k: str(v) for k, v in paths.items()})
+    _atomic_text(paths["markdown"], markdown(results))
+    write_csv(results, paths["csv"])
+    _atomic_text(paths["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
+    return results["files"]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+CSV_COLUMNS = ["method", "seed", "status", "links", "knots", "ranks", "trainable_params", "total_steps", "lr",
+               "zero_shot_test_accuracy", "test_accuracy", "test_macro_f1", "test_acc_mean", "test_acc_sum",
+               "test_acc_norm", "test_loss", "validation_curve", "final_train_loss", "train_seconds",
+               "eval_seconds", "train_flops"]
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    """One row per run."""
+    rows = []
+    for r in results.get("runs", []):
+        test = r.get("test", {})
+        flops = (r.get("flops") or {}).get("train")
+        rows.append({
+            "method": r["method"], "seed": r["seed"], "status": r["status"],
+            "links": len(r.get("knots") or []) + 1, "knots": " ".join(map(str, r.get("knots") or [])),
+            "ranks": " ".join(map(str, r.get("ranks") or [])), "trainable_params": r["trainable_params"],
+            "total_steps": r["total_steps"], "lr": r["lr"],
+            "zero_shot_test_accuracy": results["zero_shot"]["test"]["accuracy"],
+            "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
+            "test_acc_mean": test.get("acc_mean"), "test_acc_sum": test.get("acc_sum"),
+            "test_acc_norm": test.get("acc_norm"), "test_loss": test.get("loss"),
+            "validation_curve": " ".join(f"{c['validation']['accuracy']:.4f}" for c in r.get("curve", [])),
+            "final_train_loss": float(np.mean(r["train_loss"][-10:])) if r.get("train_loss") else None,
+            "train_seconds": round(r["seconds"]["train"], 2), "eval_seconds": round(r["seconds"]["eval"], 2),
+            "train_flops": sum(flops) if flops else None,
+        })
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """``accuracy_per_link.png`` and ``training_loss.png``; raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    methods = list(results["plan"]["methods"])
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    rule = results["settings"]["eval_rule"]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for method in methods:
+        entry = results.get("summary", {}).get(method)
+        if not entry or not entry["validation_curve"]:
+            continue
+        curve = entry["validation_curve"]
+        steps = [c["step"] for c in curve]
+        means = [c["mean"] for c in curve]
+        stds = [c["std"] or 0.0 for c in curve]
+        ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, color=colors[method],
+                    label=f"{method} ({len(curve) - 1} link{'s' if len(curve) > 2 else ''})")
+        for c in curve[1:]:
+            ax.annotate(f"{c['after_link']}", (c["step"], c["mean"]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8, color=colors[method])
+        drawn = True
+    if drawn:
+        ax.set_xlabel("optimizer step (points: zero-shot, then after each link)")
+        ax.set_ylabel(f"validation accuracy (rule {rule})")
+        ax.set_title(f"{results['plan']['task']}: accuracy after each link (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths["accuracy_plot"] = out / "accuracy_per_link.png"
+        fig.savefig(paths["accuracy_plot"], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    knots_marked = set()
+    for method in methods:
+        runs = complete_runs(results, method)
+        losses = [r["train_loss"] for r in runs if r["train_loss"]]
+        if not losses:
+            continue
+        n = min(len(x) for x in losses)
+        mean = np.mean([x[:n] for x in losses], axis=0)
+        window = max(1, n // 25)
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid") if window > 1 else mean
+        steps = np.arange(1, n + 1)[window - 1:] if window > 1 else np.arange(1, n + 1)
+        ax.plot(np.arange(1, n + 1), mean, color=colors[method], alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth, color=colors[method], label=f"{method}")
+        for knot in runs[0].get("knots") or []:
+            ax.axvline(knot, color=colors[method], linestyle="--", alpha=0.6,
+                       label=f"{method} knots" if method not in knots_marked else None)
+            knots_marked.add(method)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"training loss ({results['settings']['loss']})")
+        ax.set_title("training loss (mean over seeds; knots dashed)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths["loss_plot"] = out / "training_loss.png"
+        fig.savefig(paths["loss_plot"], dpi=120)
+    plt.close(fig)
+    return paths

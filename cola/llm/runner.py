@@ -1,0 +1,783 @@
+"""The ``cola train`` loop as a library function: :func:`run_experiment`.
+
+For each seed and each method (``lora``, ``cola``, ``full``) one *run*: fresh model, LoRA
+injected (not for ``full``), AdamW, the chain ties its knots by itself; the validation split
+is scored zero-shot and after every link (the COLA curve), the test split zero-shot and at the
+end. Every method of a comparison sees the same data, seeds, batches and number of optimizer
+steps. Results (``results.json``, ``results.csv``, ``results.md``, plots) and per-run outputs
+(``runs/<method>-seed<k>/``: ``run.json``, the PEFT adapter of the whole chain, each link as
+its own adapter, optionally the merged model) go to the output folder; see
+:mod:`cola.llm.report`.
+
+Resuming: each run writes an atomic checkpoint (the chain's ``state_dict`` with the LoRA
+factors, merged weights, optimizer, strategies and RNG; the number of micro-batches consumed,
+from which the data order follows; the loss and evaluation records so far) every
+``checkpoint_every`` steps and at every knot. ``resume=True`` skips the runs that completed
+and continues the others from their checkpoints; the result is the same as an uninterrupted
+run (bit for bit on CPU with the same thread count).
+
+FLOPs (plan and results) are estimates, per token of a training example::
+
+    forward   2 * (N + N_lora)          N: parameters of the transformer body (embedding lookups free)
+    backward  2 * (N + N_lora)          gradients of the activations, through every layer
+            + 2 * N_trainable           gradients of the trained weights only (N_lora, or N for full)
+
+so about ``(4 N + 6 N_lora)`` per token for LoRA/COLA and ``6 N`` for full fine-tuning, plus the
+LM head (``2 V d`` forward, as much backward, ``2 V d`` more for its weight when trained) only
+at the positions that predict an answer token. Attention's sequence-squared terms, norms and
+activations are left out (small for prompts of a few hundred tokens). An evaluation costs the
+forward part only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cola
+from cola.errors import ColaError, ConfigError
+from cola.llm.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[Any, Any]]
+"""``loader() -> (model, tokenizer)``: a fresh base model (and its tokenizer) each call."""
+
+CHECKPOINT_VERSION = 1
+RESULTS_VERSION = 1
+
+
+class RunStopped(ColaError):
+    """Raised inside a run when ``stop_after`` steps were taken; the checkpoint is written."""
+
+
+# ============================================================================ data and task
+
+def build_task(settings: TrainSettings):
+    """The task of ``settings``: a built-in one, or ``custom`` from the template and answers."""
+    from cola.llm.tasks import get_task, make_task
+
+    if settings.task == "custom":
+        return make_task(settings.template, settings.answers, name="custom",
+                         label_field=settings.label_field or "label")
+    task = get_task(settings.task)
+    if settings.label_field and settings.label_field != task.label_field:
+        from dataclasses import replace
+
+        task = replace(task, label_field=settings.label_field)
+    return task
+
+
+def load_data(settings: TrainSettings, task, seed: int):
+    """The splits of ``seed``: MeZO's protocol over the task's source or the given files."""
+    from cola.llm import data
+
+    if settings.train_file:
+        train_pool = data.read_rows(Path(settings.train_file))
+        data.check_rows(task, train_pool, settings.train_file)
+        if settings.test_file:
+            test_pool = data.read_rows(Path(settings.test_file))
+            data.check_rows(task, test_pool, settings.test_file)
+            return data.split_mezo(train_pool, test_pool, settings.n_train, settings.n_val, settings.n_test,
+                                   seed, settings.test_seed)
+        return data.split_single_pool(train_pool, settings.n_train, settings.n_val, settings.n_test, seed,
+                                      settings.test_seed)
+    return data.load_splits(task, settings.data_dir, settings.n_train, settings.n_val, settings.n_test, seed,
+                            settings.test_seed)
+
+
+def epoch_batches(encoded: list, batch_size: int, seed: int, epoch: int) -> list[list]:
+    """The micro-batches of ``epoch``: a permutation drawn from ``(seed, epoch)`` alone.
+
+    Because the order depends on nothing else, the data position of a resumed run is just the
+    number of micro-batches consumed.
+    """
+    from cola.llm.objective import iterate_batches
+
+    state = int(np.random.SeedSequence([seed, 0x5EED, epoch]).generate_state(1)[0])
+    return iterate_batches(encoded, batch_size, torch.Generator().manual_seed(state))
+
+
+# ============================================================================ models
+
+def default_loader(settings: TrainSettings) -> Loader:
+    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call."""
+    from cola.llm.models import load_model
+
+    return lambda: load_model(settings.model, settings.dtype, settings.device)
+
+
+def meta_model(settings: TrainSettings):
+    """``settings.model``'s architecture on the meta device (no weights) and its tokenizer, for plans."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from cola.llm.models import EMBEDDED_MODEL, embedded_model_dir, prepare_tokenizer
+
+    source = embedded_model_dir() if settings.model == EMBEDDED_MODEL else settings.model
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ColaError(f"could not read model {settings.model!r}: {exc}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def body_parameters(model) -> tuple[int, int, int]:
+    """``(N, V, d)``: parameters outside the input embedding and LM head, vocabulary and head width."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    excluded = {id(embed)}
+    if head is not None:
+        excluded.add(id(head.weight))
+    n_body = sum(n for i, n in seen.items() if i not in excluded)
+    if head is not None:
+        vocab, width = head.weight.shape
+    else:
+        vocab, width = embed.shape
+    return n_body, int(vocab), int(width)
+
+
+class ModelHost:
+    """Holds the base model between runs and hands out a pristine copy for each.
+
+    LoRA runs change only the wrapped layers' weights: their originals are kept on CPU and put
+    back afterwards (no second copy of the model). A full fine-tuning run changes every weight:
+    the model is reloaded for the next run.
+    """
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        self.model = None
+        self.tokenizer = None
+        self._originals: dict[str, torch.Tensor] = {}
+        self._stale = False
+
+    def get(self):
+        if self.model is None or self._stale:
+            self.model = None
+            self.model, tokenizer = self.loader()
+            from cola.llm.models import prepare_tokenizer
+
+            self.tokenizer = prepare_tokenizer(tokenizer)
+            self._stale = False
+        return self.model, self.tokenizer
+
+    def inject(self, settings: TrainSettings) -> list[str]:
+        model, _ = self.get()
+        targets = settings.targets if settings.targets is not None else None
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        names = cola.inject_lora(model, targets, settings.rank, settings.alpha, settings.dropout,
+                                 lora_dtype=torch.float32 if low else None)  # train A, B in fp32 (as PEFT does)
+        self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
+        return names
+
+    def for_full(self):
+        model, tokenizer = self.get()
+        self._stale = True  # every weight will change
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, tokenizer
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a LoRA run: plain ``nn.Linear`` layers with their original weights, all frozen."""
+        if self.model is None or self._stale:
+            return
+        for name, weight in self._originals.items():
+            module = self.model.get_submodule(name)
+            linear = module.base if isinstance(module, cola.LoRALinear) else module
+            linear.weight.copy_(weight.to(linear.weight.device))
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, linear)
+        self._originals = {}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+
+# ============================================================================ plan and FLOPs
+
+def flops_per_example(tokens: float, positions: float, n_body: int, n_lora: int, n_trainable: int,
+                      vocab: int, width: int, train_head: bool = False, backward: bool = True) -> float:
+    """Estimated FLOPs of one example (see the module docstring for the formula)."""
+    fwd = 2.0 * (n_body + n_lora) * tokens + 2.0 * vocab * width * positions
+    if not backward:
+        return fwd
+    bwd = 2.0 * (n_body + n_lora) * tokens + 2.0 * n_trainable * tokens + 2.0 * vocab * width * positions
+    if train_head:
+        bwd += 2.0 * vocab * width * positions
+    return fwd + bwd
+
+
+def example_sizes(encoded: list, loss: str) -> tuple[float, float, float, float]:
+    """Mean ``(training tokens, training LM-head positions, eval tokens, eval positions)`` per example.
+
+    Single-token answers: one forward of the context scores every candidate; otherwise one
+    sequence per candidate (training with ``lm`` loss: the gold answer only).
+    """
+    if not encoded:
+        return 0.0, 0.0, 0.0, 0.0
+    single = all(len(c) == 1 for e in encoded for c in e.candidates)
+    if single:
+        t = float(np.mean([len(e.context) for e in encoded]))
+        return t, 1.0, t, 1.0
+    ev_tokens = float(np.mean([sum(len(e.context) + len(c) for c in e.candidates) for e in encoded]))
+    ev_pos = float(np.mean([sum(len(c) for c in e.candidates) for e in encoded]))
+    if loss == "lm":
+        tr_tokens = float(np.mean([len(e.context) + len(e.candidates[e.label]) for e in encoded]))
+        tr_pos = float(np.mean([len(e.candidates[e.label]) for e in encoded]))
+        return tr_tokens, tr_pos, ev_tokens, ev_pos
+    return ev_tokens, ev_pos, ev_tokens, ev_pos
+
+
+def lora_shapes(model, settings: TrainSettings) -> dict[str, tuple[int, int]]:
+    """``name -> (in, out)`` of every layer LoRA would wrap; the patterns are checked by
+    :func:`cola.inject_lora` (which is undone at once; it leaves every parameter frozen)."""
+    names = cola.inject_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout)
+    layers = cola.lora_layers(model)
+    shapes = {n: (layers[n].in_features, layers[n].out_features) for n in names}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layers[name].base)
+    return shapes
+
+
+def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: int,
+                shapes: dict[str, tuple[int, int]], n_params: dict[str, int], sizes: tuple[float, ...],
+                examples_per_step: int) -> dict[str, Any]:
+    """Knots, rank and trainable parameters of each link, and the estimated training FLOPs."""
+    n_body, vocab, width, n_all = n_params["body"], n_params["vocab"], n_params["width"], n_params["all"]
+    tr_tokens, tr_pos = sizes[0], sizes[1]
+    if method == "full":
+        flops = flops_per_example(tr_tokens, tr_pos, n_body, 0, n_body, vocab, width, True) * examples_per_step
+        return {"method": method, "links": 1, "knots": [], "ranks": [], "lr": settings.full_lr,
+                "steps_per_link": [total_steps], "trainable_params": [n_all],
+                "train_flops": [flops * total_steps], "chain": None}
+    config = settings.chain_config(method, total_steps, seed)
+    pm = cola.get_plugin_manager()
+    problems = []
+    strategies = {}
+    for kind in cola.config.STRATEGY_KINDS:
+        try:
+            strategies[kind] = pm.create(kind, getattr(config, kind), config, config.options(kind))
+        except ConfigError as err:
+            problems += [f"{method}: {p}" for p in err.problems]
+    if problems:
+        raise ConfigError(problems)
+    planned = getattr(strategies["merge_policy"], "planned_knots", None)
+    knots = planned() if planned is not None else None
+    n_links = len(knots) + 1 if knots is not None else config.links
+    ranks = [strategies["rank_schedule"].rank(k, settings.rank) for k in range(n_links)]
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1
+           or any(r > min(i, o) for i, o in shapes.values())]
+    if bad:
+        raise ConfigError(f"{method}: rank schedule {config.rank_schedule!r} gives ranks {ranks}; each must be "
+                          f"an integer in [1, {min(min(s) for s in shapes.values())}]")
+    bounds = [0, *(knots or []), total_steps] if knots is not None else None
+    steps_per_link = [b - a for a, b in zip(bounds, bounds[1:])] if bounds else None
+    trainable = [sum(r * (i + o) for i, o in shapes.values()) for r in ranks]
+    flops = None
+    if steps_per_link is not None:
+        flops = [flops_per_example(tr_tokens, tr_pos, n_body, t, t, vocab, width) * examples_per_step * s
+                 for t, s in zip(trainable, steps_per_link)]
+    return {"method": method, "links": n_links, "knots": knots, "ranks": ranks, "lr": settings.lr,
+            "steps_per_link": steps_per_link, "trainable_params": trainable, "train_flops": flops,
+            "chain": config.to_dict()}
+
+
+# ============================================================================ the experiment
+
+@dataclass
+class _Context:
+    settings: TrainSettings
+    out: Path
+    task: Any
+    host: ModelHost
+    progress: bool
+    n_params: dict[str, int]
+    steps_left: list[int | None]  # stop_after budget of this invocation (a list to share it)
+
+
+def run_experiment(settings: TrainSettings, loader: Loader | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train and evaluate every (seed, method) of ``settings``; return the results.
+
+    Args:
+        settings: the run's :class:`TrainSettings` (automatic defaults are resolved here).
+        loader: ``loader() -> (model, tokenizer)`` giving a fresh base model on each call;
+            default: :func:`cola.llm.load_model` of ``settings.model``.
+        progress: show tqdm progress bars (the CLI does; a library call logs instead).
+
+    Returns:
+        The results dict written to ``results.json`` (see :mod:`cola.llm.report`); with
+        ``dry_run`` the plan only. ``results["status"]`` is ``"complete"``, or ``"stopped"``
+        when ``stop_after`` ended the invocation early (continue with ``resume=True``).
+    """
+    from cola.llm import report
+
+    started = time.time()
+    settings = settings.resolved()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    task = build_task(settings)
+    out = _output_dir(settings)
+    seeds, methods = settings.seeds, settings.methods
+
+    # ---- plan (no weights needed)
+    if settings.dry_run and loader is None:
+        model, tokenizer = meta_model(settings)
+    else:
+        host = ModelHost(loader or default_loader(settings))
+        model, tokenizer = host.get()
+    max_length = _max_length(settings, model, tokenizer)
+    splits = {seed: load_data(settings, task, seed) for seed in seeds}
+    from cola.llm.objective import encode_examples
+
+    encoded_train = {seed: encode_examples(tokenizer, splits[seed].train, task, max_length) for seed in seeds}
+    n_body, vocab, width = body_parameters(model)
+    n_params = {"body": n_body, "vocab": vocab, "width": width,
+                "all": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+    shapes = lora_shapes(model, settings) if any(m != "full" for m in methods) else {}
+    sizes = example_sizes(encoded_train[seeds[0]], settings.loss)
+    n_train = len(splits[seeds[0]].train)
+    total_steps = settings.total_steps(n_train)
+    per_step = settings.batch_size * settings.grad_accum
+    plan = {
+        "model": {"name": settings.model, "class": type(model).__name__,
+                  "model_type": getattr(model.config, "model_type", None), "parameters": n_params["all"],
+                  "body_parameters": n_body, "vocab": vocab, "hidden": width, "lora_layers": len(shapes),
+                  "lora_targets": sorted({n.rsplit(".", 1)[-1] for n in shapes})},
+        "task": task.name, "answers": list(task.answers), "splits": {str(s): splits[s].sizes() for s in seeds},
+        "max_length": max_length, "tokens_per_example": sizes[0], "positions_per_example": sizes[1],
+        "total_steps": total_steps, "examples_per_step": per_step,
+        "epochs": total_steps * per_step / max(1, n_train),
+        "methods": {m: method_plan(settings, m, total_steps, seeds[0], shapes, n_params, sizes, per_step)
+                    for m in methods},
+    }
+    n_val, n_test = len(splits[seeds[0]].validation), len(splits[seeds[0]].test)
+    eval_fwd = flops_per_example(sizes[2], sizes[3], n_body, 0, 0, vocab, width, backward=False)
+    for m, p in plan["methods"].items():
+        n_evals = (1 + p["links"]) if settings.eval_links else 0
+        p["eval_flops"] = eval_fwd * (n_val * n_evals + 2 * n_test)
+    if settings.dry_run:
+        return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
+
+    # ---- output folder, settings and resume checks
+    _prepare_output(settings, out)
+    log.info("output folder: %s", out)
+    ctx = _Context(settings, out, task, host, progress, n_params, [settings.stop_after])
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION, "cola_version": cola.__version__, "versions": versions(),
+        "command": " ".join(sys.argv) if sys.argv else None, "output_dir": str(out),
+        "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA, "runs": [],
+        "status": "complete",
+    }
+    zero_shot = _zero_shot(ctx, splits, max_length)
+    results["zero_shot"] = {"test": zero_shot["test"],
+                            "validation": {str(s): v for s, v in zero_shot["validation"].items()}}
+    try:
+        for seed in seeds:
+            for method in methods:
+                record = _run_one(ctx, method, seed, splits[seed], encoded_train[seed], total_steps, max_length,
+                                  zero_shot, plan["methods"][method])
+                results["runs"].append(record)
+    except RunStopped as stop:
+        results["status"] = "stopped"
+        results["stopped"] = str(stop)
+        log.info("%s; continue with --resume (output folder %s)", stop, out)
+    results["finished"] = datetime.now().isoformat(timespec="seconds")
+    results["seconds"] = time.time() - started
+    report.finalize(results)
+    report.write_all(results, out, plots=settings.plots)
+    return results
+
+
+FLOPS_FORMULA = ("per training token: forward 2*(N+N_lora) + backward 2*(N+N_lora) (activation gradients) "
+                 "+ 2*N_trainable (weight gradients of trained parameters only), N = parameters outside the "
+                 "embeddings; LM head 2*V*d forward and backward only at answer positions; attention's "
+                 "sequence-squared terms left out; evaluation = forward only")
+
+
+def _max_length(settings: TrainSettings, model, tokenizer) -> int | None:
+    from cola.llm.objective import default_max_length
+
+    if settings.max_length is not None:
+        return settings.max_length
+    return default_max_length(model, tokenizer)
+
+
+def _output_dir(settings: TrainSettings) -> Path:
+    if settings.output_dir:
+        return Path(settings.output_dir)
+    name = settings.name or f"{'-'.join(settings.methods)}-{settings.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path("runs") / name
+
+
+def _prepare_output(settings: TrainSettings, out: Path) -> None:
+    saved_path = out / "settings.json"
+    if settings.resume:
+        if not saved_path.is_file():
+            raise ConfigError(f"resume: {out} holds no run to resume (no settings.json)")
+        saved = json.loads(saved_path.read_text())
+        current = settings.to_dict()
+        from cola.llm.settings import RUNTIME_FIELDS
+
+        differing = [f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in current
+                     if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
+        if differing:
+            raise ConfigError([f"resume: the settings differ from the run in {out}:"] + differing)
+        return
+    if saved_path.is_file():
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    settings.save(saved_path)
+
+
+def _evaluate(ctx: _Context, model, tokenizer, examples, max_length, what: str) -> dict[str, Any]:
+    from cola.llm.objective import evaluate
+
+    start = time.perf_counter()
+    result = evaluate(model, tokenizer, ctx.task, examples, ctx.settings.eval_batch_size, ctx.settings.eval_rule,
+                      max_length, progress=ctx.progress)
+    result["seconds"] = time.perf_counter() - start
+    log.info("%s: accuracy %.4f (rule %s; acc_mean %.4f, acc_sum %.4f, acc_norm %.4f; n=%d) in %.1f s", what,
+             result["accuracy"], result["rule"], result["acc_mean"], result["acc_sum"], result["acc_norm"],
+             result["n"], result["seconds"])
+    return result
+
+
+def _zero_shot(ctx: _Context, splits, max_length) -> dict[str, Any]:
+    """Zero-shot scores of the base model: test once (the same for every seed), validation per seed."""
+    path = ctx.out / "zero_shot.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {"test": None, "validation": {}}
+    model, tokenizer = ctx.host.get()
+    seeds = list(splits)
+    if cached["test"] is None:
+        cached["test"] = _evaluate(ctx, model, tokenizer, splits[seeds[0]].test, max_length, "zero-shot test")
+        _write_json(path, cached)
+    if ctx.settings.eval_links:
+        for seed in seeds:
+            if str(seed) not in cached["validation"]:
+                cached["validation"][str(seed)] = _evaluate(ctx, model, tokenizer, splits[seed].validation,
+                                                            max_length, f"zero-shot validation (seed {seed})")
+                _write_json(path, cached)
+    return {"test": cached["test"], "validation": {int(s): v for s, v in cached["validation"].items()}}
+
+
+# ============================================================================ one run
+
+def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps: int, max_length,
+             zero_shot, plan: dict[str, Any]) -> dict[str, Any]:
+    settings = ctx.settings
+    key = f"{method}-seed{seed}"
+    run_dir = ctx.out / "runs" / key
+    record_path = run_dir / "run.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("status") == "complete":
+            log.info("%s: already complete, skipped", key)
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    chain = optimizer = scheduler = None
+    if method == "full":
+        model, tokenizer = ctx.host.for_full()
+        params = [p for p in {id(p): p for p in model.parameters()}.values()]
+        optimizer = torch.optim.AdamW(params, lr=settings.full_lr, weight_decay=settings.weight_decay)
+        cfg = settings.chain_config("lora", total_steps, seed)  # for its base LR schedule only
+        from cola.config import schedule_multiplier
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda taken: schedule_multiplier(cfg.lr_schedule, taken, total_steps, cfg.warmup_steps))
+        trainable = sum(p.numel() for p in params)
+    else:
+        ctx.host.inject(settings)
+        model, tokenizer = ctx.host.get()
+        config = settings.chain_config(method, total_steps, seed)
+        chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=settings.lr, weight_decay=settings.weight_decay),
+                           config)
+        trainable = sum(p.numel() for p in chain.params)
+    record: dict[str, Any] = {
+        "method": method, "seed": seed, "status": "running", "total_steps": total_steps,
+        "chain_config": chain.config.to_dict() if chain else None,
+        "knots": chain.planned_knots() if chain else [], "ranks": chain.planned_ranks() if chain else [],
+        "trainable_params": trainable, "trainable_params_per_link": plan["trainable_params"],
+        "lr": settings.full_lr if method == "full" else settings.lr,
+        "data": splits.sizes(), "train_loss": [], "lr_per_step": [], "curve": [], "knot_reports": [],
+        "seconds": {"train": 0.0, "eval": 0.0, "export": 0.0}, "position": 0, "nonfinite_steps": 0,
+    }
+    if settings.eval_links:
+        record["curve"].append({"after_link": 0, "step": 0, "validation": zero_shot["validation"][seed]})
+    if ckpt_path.is_file() and settings.resume:
+        state = cola.load_checkpoint(ckpt_path)
+        _check_checkpoint(state, key)
+        if chain is not None:
+            chain.load_state_dict(state["chain"])
+        else:
+            model.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        record = state["record"]
+        log.info("%s: resumed at step %d of %d", key, _steps_taken(chain, record), total_steps)
+    try:
+        _train(ctx, key, model, tokenizer, chain, optimizer, scheduler, encoded, splits, record, total_steps,
+               seed, max_length, ckpt_path)
+    except BaseException:
+        ctx.host.restore()
+        raise
+    # ---- final evaluation
+    t0 = time.perf_counter()
+    if settings.eval_links:
+        links_done = (len(chain.history) + 1) if chain else 1
+        val = _evaluate(ctx, model, tokenizer, splits.validation, max_length, f"{key} validation after link {links_done}")
+        record["curve"].append({"after_link": links_done, "step": total_steps, "validation": val})
+    record["test"] = _evaluate(ctx, model, tokenizer, splits.test, max_length, f"{key} test")
+    record["zero_shot"] = {"test": zero_shot["test"], "validation": zero_shot["validation"].get(seed)}
+    record["seconds"]["eval"] += time.perf_counter() - t0
+    # ---- outputs
+    t0 = time.perf_counter()
+    record["outputs"] = _save_outputs(ctx, run_dir, model, tokenizer, chain, method)
+    record["seconds"]["export"] = time.perf_counter() - t0
+    if chain is not None:
+        record["knot_reports"] = [r.to_dict() for r in chain.history]
+        record["nonfinite_steps"] = chain.nonfinite_steps
+    record["status"] = "complete"
+    record["seconds"]["total"] = sum(v for k, v in record["seconds"].items() if k != "total")
+    record["flops"] = {"train": plan["train_flops"], "eval_estimate": plan.get("eval_flops")}
+    if settings.keep_checkpoints:
+        _save_checkpoint(ckpt_path, key, chain, model, optimizer, scheduler, record)
+        record["outputs"]["checkpoint"] = str(ckpt_path)
+    else:
+        ckpt_path.unlink(missing_ok=True)
+    _write_json(record_path, record)
+    ctx.host.restore()
+    log.info("%s: test accuracy %.4f (zero-shot %.4f) in %.0f s", key, record["test"]["accuracy"],
+             zero_shot["test"]["accuracy"], time.perf_counter() - start)
+    return record
+
+
+def _steps_taken(chain, record) -> int:
+    return chain.step_count if chain is not None else len(record["train_loss"])
+
+
+def _train(ctx: _Context, key: str, model, tokenizer, chain, optimizer, scheduler, encoded, splits, record,
+           total_steps: int, seed: int, max_length, ckpt_path: Path) -> None:
+    from cola.llm.objective import training_loss
+
+    settings = ctx.settings
+    pad = tokenizer.pad_token_id or 0
+    per_epoch = math.ceil(len(encoded) / settings.batch_size)
+    batches_epoch, batches = -1, []
+    bar = None
+    if ctx.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=_steps_taken(chain, record), desc=f"training {key}", unit="step",
+                   dynamic_ncols=True)
+    knots_seen = len(chain.history) if chain else 0
+    model.train()
+    tic = time.perf_counter()
+    try:
+        while _steps_taken(chain, record) < total_steps:
+            if ctx.steps_left[0] is not None and ctx.steps_left[0] <= 0:  # spent on an earlier run
+                raise RunStopped(f"{key}: stopped before step {_steps_taken(chain, record) + 1} of {total_steps} "
+                                 "(stop_after)")
+            loss_total = 0.0
+            for _ in range(settings.grad_accum):
+                epoch, index = divmod(record["position"], per_epoch)
+                if epoch != batches_epoch:
+                    batches, batches_epoch = epoch_batches(encoded, settings.batch_size, seed, epoch), epoch
+                loss = training_loss(model, batches[index], settings.loss, pad) / settings.grad_accum
+                loss.backward()
+                loss_total += float(loss.detach())
+                record["position"] += 1
+            lr_now = _current_lr(chain, optimizer, settings)
+            if chain is not None:
+                took = chain.step(loss_total)
+                chain.zero_grad()
+                if not took:
+                    if chain.nonfinite_in_row >= settings.max_nonfinite:
+                        raise ColaError(f"{key}: {chain.nonfinite_in_row} steps in a row with a non-finite loss or "
+                                        f"gradient at step {chain.step_count}; lower --lr (now {settings.lr})")
+                    continue
+            else:
+                if not _finite_step(model, loss_total, record, settings, key):
+                    continue
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step = _steps_taken(chain, record) if chain is not None else len(record["train_loss"]) + 1
+            record["train_loss"].append(loss_total)
+            record["lr_per_step"].append(lr_now)
+            elapsed = time.perf_counter() - tic
+            tic = time.perf_counter()
+            record["seconds"]["train"] += elapsed
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_total:.4f}", link=(chain.link if chain else 0))
+            if step % settings.log_every == 0 or step == total_steps:
+                recent = record["train_loss"][-settings.log_every:]
+                log.info("%s step %d/%d link %d: loss %.4f (mean of last %d %.4f), lr %.3g", key, step, total_steps,
+                         chain.link if chain else 0, loss_total, len(recent), float(np.mean(recent)), lr_now)
+            knot = chain is not None and len(chain.history) > knots_seen
+            if knot:
+                knots_seen = len(chain.history)
+                if settings.eval_links:
+                    t0 = time.perf_counter()
+                    val = _evaluate(ctx, model, tokenizer, splits.validation, max_length,
+                                    f"{key} validation after link {knots_seen}")
+                    record["curve"].append({"after_link": knots_seen, "step": step, "validation": val})
+                    record["seconds"]["eval"] += time.perf_counter() - t0
+                    model.train()
+                    tic = time.perf_counter()
+            budget = ctx.steps_left
+            if budget[0] is not None:
+                budget[0] -= 1
+            stop = budget[0] is not None and budget[0] <= 0 and step < total_steps
+            if step < total_steps and (knot or stop or (settings.checkpoint_every
+                                                        and step % settings.checkpoint_every == 0)):
+                _save_checkpoint(ckpt_path, key, chain, model, optimizer, scheduler, record)
+                tic = time.perf_counter()
+            if stop:
+                raise RunStopped(f"{key}: stopped after step {step} of {total_steps} (stop_after)")
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+
+
+def _current_lr(chain, optimizer, settings: TrainSettings) -> float:
+    if chain is not None:
+        return chain.optimizer.param_groups[0]["lr"] * chain.lr_multiplier()
+    return optimizer.param_groups[0]["lr"]
+
+
+def _finite_step(model, loss: float, record, settings: TrainSettings, key: str) -> bool:
+    """Full fine-tuning's version of the chain's non-finite guard."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+    if finite:
+        record["nonfinite_in_row"] = 0
+        return True
+    for p in model.parameters():
+        p.grad = None
+    record["nonfinite_steps"] += 1
+    record["nonfinite_in_row"] = record.get("nonfinite_in_row", 0) + 1
+    log.warning("%s: step skipped: non-finite loss or gradient (%d in a row)", key, record["nonfinite_in_row"])
+    if record["nonfinite_in_row"] >= settings.max_nonfinite:
+        raise ColaError(f"{key}: {record['nonfinite_in_row']} steps in a row with a non-finite loss or gradient; "
+                        f"lower --full-lr (now {settings.full_lr})")
+    return False
+
+
+def _save_checkpoint(path: Path, key: str, chain, model, optimizer, scheduler, record) -> None:
+    state: dict[str, Any] = {"version": CHECKPOINT_VERSION, "key": key, "record": record}
+    if chain is not None:
+        state["chain"] = chain.state_dict()
+    else:
+        state["model"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state["optimizer"] = optimizer.state_dict()
+        state["scheduler"] = scheduler.state_dict()
+        state["rng"] = torch.get_rng_state()
+    t0 = time.perf_counter()
+    cola.save_checkpoint(path, state)
+    log.debug("%s: checkpoint at step %d in %.2f s", key, len(record["train_loss"]), time.perf_counter() - t0)
+
+
+def _check_checkpoint(state: dict[str, Any], key: str) -> None:
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("key") != key:
+        raise ColaError(f"checkpoint of {key} is not one this version of cola train wrote "
+                        f"(version {state.get('version') if isinstance(state, dict) else None}, "
+                        f"run {state.get('key') if isinstance(state, dict) else None})")
+
+
+def _save_outputs(ctx: _Context, run_dir: Path, model, tokenizer, chain, method: str) -> dict[str, Any]:
+    """The PEFT adapter of the whole chain, each link's adapter, and (optionally) the merged model."""
+    settings = ctx.settings
+    outputs: dict[str, Any] = {}
+    if chain is not None and (settings.save_adapter or settings.save_links):
+        try:
+            from cola import export
+        except ImportError as exc:
+            export = None
+            log.warning("adapters not saved: cola.export is not available (%s)", exc)
+            outputs["adapter_error"] = f"cola.export not available: {exc}"
+        if export is not None:
+            base = _base_name(settings)
+            if settings.save_adapter:
+                outputs["adapter"] = str(export.save_peft_adapter(chain, run_dir / "adapter",
+                                                                  base_model_name_or_path=base))
+            if settings.save_links:
+                outputs["links"] = str(export.save_link_adapters(chain, run_dir / "links",
+                                                                 base_model_name_or_path=base))
+    if settings.save_merged:
+        merged = run_dir / "merged"
+        if chain is not None:
+            cola.merge_and_unload(model)
+        model.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        outputs["merged"] = str(merged)
+    return outputs
+
+
+def _base_name(settings: TrainSettings) -> str:
+    from cola.llm.models import EMBEDDED_MODEL, embedded_model_dir
+
+    return str(embedded_model_dir()) if settings.model == EMBEDDED_MODEL else settings.model
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, the platform and the libraries a result depends on."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform(),
+                                  "torch_threads": str(torch.get_num_threads())}
+    for dist in ("chain-of-lora", "torch", "transformers", "peft", "numpy", "tokenizers", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    out["cuda"] = torch.version.cuda
+    return out

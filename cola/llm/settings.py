@@ -1,0 +1,507 @@
+"""The settings of a ``cola train`` run: one typed dataclass, from flags and/or a config file.
+
+Every field has a help text (shown by ``cola train --help``) and a kind that a config file's
+value is checked against. A config file (TOML or YAML, ``--config``) uses the field names as
+keys (``-`` and ``_`` both accepted) and a nested ``[chain]`` table for the fields of
+:class:`cola.ChainConfig` (strategies and their options, ``lr_schedule``, ``warmup_steps``,
+``knots``, ...; ``total_steps`` and ``seed`` follow from ``steps``/``epochs`` and ``seeds``)::
+
+    model = "facebook/opt-1.3b"
+    task = "rte"
+    method = "cola"
+    links = 3
+    seeds = [0, 1, 2, 3, 4]
+
+    [chain]
+    rank_schedule = "step-down"
+    rank_schedule_options = { later_rank = 4 }
+    lr_policy = "restart"
+
+Flags given on the command line win over the file, which wins over the defaults. Unknown
+keys, wrong types and bad names are all reported at once in one :class:`cola.ConfigError`,
+with the closest known name for each unknown one.
+
+A few defaults depend on the model ("auto", shown as ``None`` here and resolved by
+:meth:`TrainSettings.resolved`): the embedded model gets a small CPU budget that runs in
+minutes; any other model gets the paper's protocol (1000 train / 500 validation / 1000 test
+examples, 5 epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from cola.config import STRATEGY_KINDS, ChainConfig
+from cola.errors import ConfigError, closest
+
+METHODS = ("lora", "cola", "full")
+"""``lora``: one link; ``cola``: ``links`` links over the same steps; ``full``: every weight trained."""
+
+LOSSES = ("classification", "lm")
+RULES = ("mean", "sum", "norm")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+
+#: [chain] keys the run sets itself (from steps/epochs, seeds and method/links)
+CHAIN_DERIVED = ("total_steps", "seed")
+CHAIN_KEYS = tuple(f.name for f in fields(ChainConfig) if f.name not in CHAIN_DERIVED)
+
+#: ChainConfig defaults of this command that differ from ChainConfig's own
+CHAIN_DEFAULTS = {"lr_schedule": "linear"}
+#: quick CPU budget of the embedded default (``cola train`` with no arguments)
+EMBEDDED_PROFILE = {"n_train": 240, "n_val": 64, "n_test": 200, "steps": 60, "max_length": 96}
+#: the paper's protocol (MeZO splits, 5 epochs) for every other model
+PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "max_length": None}
+
+#: fields that may differ when a run is resumed (they do not change the numbers)
+RUNTIME_FIELDS = ("resume", "output_dir", "dry_run", "threads", "stop_after", "keep_checkpoints",
+                  "plots", "log_every", "name", "config")
+
+
+def _f(default: Any, kind: str, help: str, **extra: Any) -> Any:
+    """A dataclass field with its kind (for type checks) and help text."""
+    meta = {"kind": kind, "help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a ``cola train`` run depends on. ``None`` means "automatic" where the help says so."""
+
+    # -- model and task ---------------------------------------------------------------------
+    model: str = _f("embedded", "str", "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)",
+                    group="model and data")
+    task: str = _f("tweets", "str", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc) or "
+                   "'custom' with --template/--answers/--train-file", group="model and data")
+    data_dir: str | None = _f(None, "str?", "folder (or file) with the task's data: <dir>/<task>/train.jsonl "
+                              "and validation.jsonl; default: built-in source (tweets: offline; others: hub)",
+                              group="model and data")
+    train_file: str | None = _f(None, "str?", "file of training examples (jsonl/json/csv/parquet); train and "
+                                "validation are drawn from it", group="model and data")
+    test_file: str | None = _f(None, "str?", "file of test examples; without it the test set is set aside "
+                               "from --train-file", group="model and data")
+    template: str | None = _f(None, "str?", "prompt template of --task custom, e.g. '{text} It was {answer}' "
+                              "(\\n in a command-line template is a newline)", group="model and data")
+    answers: list[str] | None = _f(None, "strs?", "answer words of --task custom in label order, "
+                                   "comma-separated: terrible,great", group="model and data")
+    label_field: str | None = _f(None, "str?", "label column (default: the task's own; 'label' for custom)",
+                                 group="model and data")
+    n_train: int | None = _f(None, "int?", f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
+                             f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's)", group="model and data")
+    n_val: int | None = _f(None, "int?", f"validation examples, scored after every link (default "
+                           f"{EMBEDDED_PROFILE['n_val']} / {PAPER_PROFILE['n_val']})",
+                           group="model and data")
+    n_test: int | None = _f(None, "int?", f"test examples (default {EMBEDDED_PROFILE['n_test']} / "
+                            f"{PAPER_PROFILE['n_test']})", group="model and data")
+    test_seed: int = _f(0, "int", "seed of the test draw (fixed so every run is scored on the same examples)",
+                        group="model and data")
+    max_length: int | None = _f(None, "int?", "longest prompt+answer in tokens; longer prompts are cut from "
+                                f"the left (default {EMBEDDED_PROFILE['max_length']} for the embedded model, "
+                                "else the model's context)",
+                                group="model and data")
+    dtype: str | None = _f(None, "str?", "float32, bfloat16, float16 or auto (default: float32 on CPU, "
+                           "bfloat16 on CUDA)", group="model and data", choices=DTYPE_NAMES)
+    device: str | None = _f(None, "str?", "cpu, cuda, cuda:1, ... (default: CUDA when available)",
+                            group="model and data")
+
+    # -- method ------------------------------------------------------------------------------
+    method: str = _f("cola", "str", "lora (one link), cola (--links links over the same steps) or full "
+                     "(full fine-tuning, no LoRA)", group="method", choices=METHODS)
+    compare: list[str] | None = _f(None, "strs?", "methods to compare on the same data, seeds and steps, "
+                                   "comma-separated (lora,cola[,full]); overrides --method", group="method")
+    links: int = _f(3, "int", "links of --method cola; the knots split the same total steps evenly",
+                    group="method")
+    rank: int = _f(8, "int", "LoRA rank r of each link (a rank schedule may change later links)", group="method")
+    alpha: float = _f(16.0, "float", "LoRA alpha; scaling alpha/r", group="method")
+    targets: list[str] | None = _f(None, "strs?", "module name patterns to put LoRA on (default: q_proj v_proj "
+                                   "for OPT/Llama)", group="method")
+    dropout: float = _f(0.0, "float", "dropout on the LoRA path's input", group="method")
+    chain: dict[str, Any] = _f({}, "dict", "cola.ChainConfig fields ([chain] table of a config file; "
+                               "strategy flags below); lr_schedule defaults to linear (the paper's)",
+                               group="method")
+
+    # -- optimisation ------------------------------------------------------------------------
+    lr: float = _f(1e-3, "float", "AdamW learning rate of the LoRA parameters", group="optimisation")
+    full_lr: float = _f(1e-5, "float", "AdamW learning rate of --method full (all weights)",
+                        group="optimisation")
+    weight_decay: float = _f(0.0, "float", "AdamW weight decay", group="optimisation")
+    batch_size: int = _f(8, "int", "examples per micro-batch", group="optimisation")
+    grad_accum: int = _f(1, "int", "micro-batches per optimizer step", group="optimisation")
+    epochs: float | None = _f(None, "float?", f"passes over the training examples (default {PAPER_PROFILE['epochs']:g} for "
+                              "models other than the embedded one); exclusive with --steps", group="optimisation")
+    steps: int | None = _f(None, "int?", f"optimizer steps in all (default {EMBEDDED_PROFILE['steps']} for the "
+                           "embedded model); exclusive with --epochs", group="optimisation")
+    loss: str = _f("classification", "str", "classification: cross-entropy over the answers' mean token "
+                   "log-likelihoods (the paper); lm: NLL of the gold answer's tokens", group="optimisation",
+                   choices=LOSSES)
+    max_nonfinite: int = _f(20, "int", "stop when this many steps in a row have a non-finite loss/gradient",
+                            group="optimisation")
+    seeds: list[int] = _f([0], "ints", "seeds: each draws its own train/validation sample, LoRA init and "
+                          "data order; results are mean and std over them", group="optimisation")
+
+    # -- evaluation --------------------------------------------------------------------------
+    eval_rule: str = _f("mean", "str", "scoring rule of the reported accuracy: mean token log-prob (the paper), "
+                        "sum (lm-eval acc) or norm (lm-eval acc_norm); all three are recorded",
+                        group="evaluation", choices=RULES)
+    eval_batch_size: int = _f(16, "int", "examples per evaluation batch", group="evaluation")
+    eval_links: bool = _f(True, "bool", "evaluate on the validation split after every link (the COLA curve)",
+                          group="evaluation")
+
+    # -- outputs -----------------------------------------------------------------------------
+    output_dir: str | None = _f(None, "str?", "where results go (default: runs/<name>)",
+                                group="outputs")
+    name: str | None = _f(None, "str?", "run name (default: <methods>-<task>-<timestamp>)", group="outputs")
+    save_merged: bool = _f(False, "bool", "save each run's merged model (save_pretrained + tokenizer)",
+                           group="outputs")
+    save_adapter: bool = _f(True, "bool", "save each run's whole chain as one PEFT adapter", group="outputs")
+    save_links: bool = _f(True, "bool", "save each link as its own PEFT adapter with a manifest",
+                          group="outputs")
+    plots: bool = _f(True, "bool", "write PNG plots (accuracy per link, training loss)", group="outputs")
+    checkpoint_every: int = _f(50, "int", "write a resumable checkpoint every this many steps (and at every "
+                               "knot); 0: only at knots", group="outputs")
+    keep_checkpoints: bool = _f(False, "bool", "keep each run's last checkpoint after it completes",
+                                group="outputs")
+    resume: bool = _f(False, "bool", "continue the runs in --output-dir from their checkpoints", group="outputs")
+    stop_after: int | None = _f(None, "int?", "stop this invocation after this many optimizer steps in all, "
+                                "checkpointed (continue with --resume); for time-sliced jobs",
+                                group="outputs")
+    dry_run: bool = _f(False, "bool", "print the plan (knots, ranks, trainable parameters, FLOPs) and stop",
+                       group="outputs")
+    threads: int | None = _f(None, "int?", "CPU threads of torch (torch.set_num_threads; default: torch's, "
+                           "one per core)", group="outputs")
+    log_every: int = _f(10, "int", "log the training loss every this many steps", group="outputs")
+    config: str | None = _f(None, "str?", "the config file these settings were read from (informational)",
+                            group="outputs", file_key=False)
+
+    # ------------------------------------------------------------------ construction
+    def __post_init__(self) -> None:
+        for f in fields(self):  # 16 in a config file means 16.0 for a float setting
+            value = getattr(self, f.name)
+            if f.metadata["kind"].startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "settings") -> "TrainSettings":
+        """Build from a mapping (e.g. a saved ``settings.json``); unknown keys and wrong types are errors."""
+        return cls(**_checked(data, source, FIELD_NAMES))
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainSettings":
+        """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file; ``overrides`` win over its keys."""
+        data = read_config_file(path)
+        merged = merge(_checked(data, str(path)), _checked(overrides or {}, "command line", FIELD_NAMES))
+        merged["config"] = str(path)
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainSettings":
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def methods(self) -> list[str]:
+        """The methods this run trains: ``compare`` if given, else ``[method]``."""
+        return list(self.compare) if self.compare else [self.method]
+
+    @property
+    def is_embedded(self) -> bool:
+        from cola.llm.models import EMBEDDED_MODEL
+
+        return self.model == EMBEDDED_MODEL
+
+    def resolved(self) -> "TrainSettings":
+        """A copy with every automatic (``None``) default filled in from the model's profile."""
+        profile = EMBEDDED_PROFILE if self.is_embedded else PAPER_PROFILE
+        changes = {}
+        for key in ("n_train", "n_val", "n_test", "max_length"):
+            if getattr(self, key) is None and profile[key] is not None:
+                changes[key] = profile[key]
+        if self.steps is None and self.epochs is None:
+            changes.update({k: profile[k] for k in ("steps", "epochs") if k in profile})
+        return replace(self, **changes) if changes else self
+
+    def total_steps(self, n_train: int) -> int:
+        """T: ``steps``, or ``ceil(epochs * batches per epoch / grad_accum)`` for ``n_train`` examples."""
+        if self.steps is not None:
+            return self.steps
+        epochs = self.epochs if self.epochs is not None else PAPER_PROFILE["epochs"]
+        batches = math.ceil(n_train / self.batch_size)
+        return max(1, math.ceil(epochs * batches / self.grad_accum))
+
+    def chain_config(self, method: str, total_steps: int, seed: int) -> ChainConfig:
+        """The :class:`cola.ChainConfig` of ``method`` (``lora``: one link, no knots; ``cola``: the chain)."""
+        if method == "full":
+            raise ConfigError("method 'full' trains without a chain")
+        opts = {**CHAIN_DEFAULTS, **self.chain}
+        if method == "lora":
+            opts.update(links=1, merge_policy="even", merge_policy_options={}, knots=None)
+        else:
+            opts.setdefault("links", self.links)
+            if opts.get("knots") is not None and "merge_policy" not in self.chain:
+                opts["merge_policy"] = "knots"
+        return ChainConfig(total_steps=total_steps, seed=seed, **opts)
+
+    # ------------------------------------------------------------------ validation
+    def problems(self) -> list[str]:
+        """Every problem of these settings (empty when valid)."""
+        p: list[str] = []
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            problem = _kind_problem(f.name, value, f.metadata["kind"])
+            if problem:  # reported; the checks below see the default instead
+                p.append(problem)
+                value = default_of(f.name)
+            values[f.name] = value
+        return p + _value_problems(SimpleNamespace(**values))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainSettings":
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    def differences(self, other: "TrainSettings") -> list[str]:
+        """Fields (other than runtime ones) where ``other`` differs, as ``name: this vs other``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]
+
+
+def _value_problems(v: Any) -> list[str]:
+    """Value checks of settings whose types are right (``v``: the field values)."""
+    p: list[str] = []
+
+    def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            p.append(f"{name}={value!r}: allowed {', '.join(allowed)} (closest: {closest(value, allowed)[0]})")
+
+    choice("method", v.method, METHODS)
+    if v.compare is not None:
+        for m in v.compare:
+            choice("compare", m, METHODS)
+        if len(set(v.compare)) < 2:
+            p.append(f"compare={','.join(v.compare)}: give at least two different methods, e.g. lora,cola")
+    choice("loss", v.loss, LOSSES)
+    choice("eval_rule", v.eval_rule, RULES)
+    if v.dtype is not None:
+        choice("dtype", v.dtype, DTYPE_NAMES)
+    for name, low in (("links", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
+                      ("max_nonfinite", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
+                      ("n_val", 0), ("n_test", 1), ("steps", 1), ("threads", 1), ("stop_after", 1),
+                      ("max_length", 8)):
+        value = getattr(v, name)
+        if value is not None and value < low:
+            p.append(f"{name}={value}: must be >= {low}")
+    for name in ("alpha", "lr", "full_lr"):
+        value = getattr(v, name)
+        if not (value > 0 and math.isfinite(value)):
+            p.append(f"{name}={value}: must be a finite number > 0")
+    if not 0 <= v.dropout < 1:
+        p.append(f"dropout={v.dropout}: must be in [0, 1)")
+    if v.weight_decay < 0:
+        p.append(f"weight_decay={v.weight_decay}: must be >= 0")
+    if v.epochs is not None and not (v.epochs > 0 and math.isfinite(v.epochs)):
+        p.append(f"epochs={v.epochs}: must be a number > 0")
+    if v.steps is not None and v.epochs is not None:
+        p.append(f"steps={v.steps} and epochs={v.epochs}: give one of them, not both")
+    if not v.seeds:
+        p.append("seeds: give at least one seed")
+    elif len(set(v.seeds)) != len(v.seeds):
+        p.append(f"seeds={v.seeds}: repeated seeds")
+    if v.n_val == 0 and v.eval_links:
+        p.append("n_val=0 with eval_links: evaluating after every link needs validation examples "
+                 "(or pass --no-eval-links)")
+    if v.targets is not None and not v.targets:
+        p.append("targets: give at least one module name pattern")
+    p += _task_problems(v)
+    p += _chain_problems(v)
+    return p
+
+
+def _task_problems(v: Any) -> list[str]:
+    from cola.llm.tasks import BUILTIN_TASKS
+
+    p = []
+    if v.task == "custom":
+        if not v.template:
+            p.append("task 'custom' needs --template, e.g. '{text} It was {answer}'")
+        if not v.answers or len(v.answers) < 2:
+            p.append("task 'custom' needs --answers with at least two answer words, e.g. terrible,great")
+        if not (v.train_file or v.data_dir):
+            p.append("task 'custom' needs --train-file (or --data-dir)")
+    else:
+        if v.task not in BUILTIN_TASKS:
+            p.append(f"task={v.task!r}: unknown; closest: {', '.join(closest(v.task, BUILTIN_TASKS))}; "
+                     f"known: {', '.join(BUILTIN_TASKS)}, or 'custom' with --template and --answers")
+        for name in ("template", "answers"):
+            if getattr(v, name) is not None:
+                p.append(f"{name} is for --task custom (task {v.task!r} has its own prompt and answers)")
+    if v.test_file and not v.train_file:
+        p.append("test_file needs train_file")
+    if v.train_file and v.data_dir:
+        p.append("give train_file or data_dir, not both")
+    for name in ("train_file", "test_file"):
+        value = getattr(v, name)
+        if value and not Path(value).is_file():
+            p.append(f"{name}={value!r}: no such file")
+    if v.data_dir and not Path(v.data_dir).exists():
+        p.append(f"data_dir={v.data_dir!r}: no such folder or file")
+    return p
+
+def _chain_problems(v: Any) -> list[str]:
+    p = []
+    unknown = [k for k in v.chain if k not in CHAIN_KEYS]
+    for k in unknown:
+        if k in CHAIN_DERIVED:
+            p.append(f"chain.{k}: set by the run ({'steps/epochs' if k == 'total_steps' else 'seeds'}); "
+                     "remove it from the chain table")
+        else:
+            p.append(f"unknown chain setting {k!r} (closest: {', '.join(closest(str(k), CHAIN_KEYS))})")
+    if unknown:
+        return p
+    try:  # types and values of the chain fields, with a placeholder T
+        ChainConfig(total_steps=max(10**9, v.links), seed=0,
+                    **{**CHAIN_DEFAULTS, "links": v.links, **v.chain})
+    except ConfigError as err:
+        p += [f"chain: {x}" for x in err.problems]
+    except TypeError as err:
+        p.append(f"chain: {err}")
+    from cola.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for kind in STRATEGY_KINDS:
+        name = v.chain.get(kind)
+        if isinstance(name, str) and name:
+            try:
+                pm.lookup(kind, name)
+            except ConfigError as err:
+                p += err.problems
+    return p
+
+
+# ------------------------------------------------------------------ config files and checks
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainSettings))
+FILE_KEYS = tuple(f.name for f in fields(TrainSettings) if f.metadata.get("file_key", True))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level table of a TOML or YAML file.
+
+    Raises:
+        ConfigError: a missing file, an unknown extension, a syntax error (with its line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {str(path)!r}: unknown extension {path.suffix!r}; "
+                              "use .toml, .yaml/.yml or .json")
+    except ConfigError:
+        raise
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError, json errors
+        raise ConfigError(f"config file {str(path)!r} is not valid {suffix.lstrip('.').upper()}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``top``; the ``chain`` tables are merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if key == "chain" and isinstance(out.get("chain"), dict) and isinstance(value, dict):
+            out["chain"] = {**out["chain"], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _checked(data: dict[str, Any], source: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``data`` with keys normalised (``-`` -> ``_``), ``chain.links`` lifted; unknown keys are errors.
+
+    ``allowed`` defaults to the keys a config file may hold.
+    """
+    allowed = FILE_KEYS if allowed is None else allowed
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of settings, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    problems = []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in allowed:
+            problems.append(f"{source}: unknown setting {key!r} (closest: {', '.join(closest(name, allowed))})")
+            continue
+        out[name] = value
+    chain = out.get("chain")
+    if isinstance(chain, dict):
+        chain = {str(k).replace("-", "_"): v for k, v in chain.items()}
+        if "links" in chain:
+            links = chain.pop("links")
+            if "links" in out and out["links"] != links:
+                problems.append(f"{source}: links={out['links']!r} and chain.links={links!r} disagree; give one")
+            out["links"] = links
+        out["chain"] = chain
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+_KIND_TEXT = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+              "strs": "a list of strings", "ints": "a list of integers", "dict": "a table"}
+
+
+def _kind_problem(name: str, value: Any, kind: str) -> str | None:
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "strs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "ints": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+        "dict": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    }[kind](value)
+    if ok:
+        return None
+    return f"{name}={value!r}: expected {_KIND_TEXT[kind]}{' or nothing' if optional else ''}, got {type(value).__name__}"
+
+
+def help_text(name: str) -> str:
+    """The help of field ``name`` (for the CLI)."""
+    return next(f.metadata["help"] for f in fields(TrainSettings) if f.name == name)
+
+
+def default_of(name: str) -> Any:
+    """The default of field ``name``."""
+    f = next(f for f in fields(TrainSettings) if f.name == name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
