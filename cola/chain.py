@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import _dtensor as dt
 from .config import STRATEGY_KINDS, ChainConfig, schedule_multiplier
 from .errors import ConfigError, NonFiniteMergeError, UnknownStrategyError
 from .inject import lora_layers
@@ -56,7 +57,7 @@ def frozen_fingerprint(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
     """
     skip = {f"{name}.{part}" for name in layers for part in ("base.weight", "lora_A", "lora_B")}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return {name: [list(t.shape), str(t.dtype), float(t.detach().double().sum()) if t.is_floating_point() else 0.0]
+    return {name: [list(t.shape), str(t.dtype), dt.sum64(t) if t.is_floating_point() else 0.0]
             for name, t in tensors if name not in skip and t is not None}
 
 
@@ -253,12 +254,20 @@ class Chain:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return True
+        sharded = dt.any_dtensor(grads)  # FSDP-sharded factors: each rank sees its shard only
         by_device: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
-            by_device.setdefault((g.device, g.dtype), []).append(g.detach())
+            g = dt.local(g.detach())
+            by_device.setdefault((g.device, g.dtype), []).append(g)
         maxima = [m.float() for group in by_device.values() for m in torch._foreach_norm(group, math.inf)]
         device = maxima[0].device
-        return bool(torch.stack([m.to(device) for m in maxima]).isfinite().all())
+        finite = torch.stack([m.to(device) for m in maxima]).isfinite().all()
+        if sharded:  # every rank must take (or skip) the step alike
+            import torch.distributed as dist
+
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -309,12 +318,13 @@ class Chain:
         factors, checks = {}, []
         for name, layer in self.layers.items():
             B, A, scale = rule.factors(layer)
-            scale = float(scale)
+            B, A, scale = dt.full(B.detach()), dt.full(A.detach()), float(scale)  # gathered if FSDP shards them
             weight = layer.base.weight.detach()
-            update = (B.detach().float() @ A.detach().float()) * scale
+            update = (B.float() @ A.float()) * scale
             limit = torch.finfo(weight.dtype).max if weight.dtype.is_floating_point else math.inf
             # |W + dW| <= max|W| + max|dW| < the dtype's largest value means no overflow is possible
-            headroom = update.abs().amax() + weight.abs().amax().float() if update.numel() else update.new_zeros(())
+            # (max|W| over every shard of an FSDP weight, so every rank refuses alike)
+            headroom = update.abs().amax() + dt.absmax(weight).to(update.device) if update.numel() else update.new_zeros(())
             norm = torch.linalg.matrix_norm(update) if update.numel() else update.new_zeros(())
             checks.append(torch.stack([norm, headroom / limit if math.isfinite(limit) else headroom * 0]))
             factors[name] = (B, A, scale)
@@ -349,7 +359,7 @@ class Chain:
                 del self.optimizer.state[p]
 
     def _grad_norm(self) -> float:
-        grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
+        grads = [dt.full(p.grad.detach()).float().norm() for p in self.params if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     def _effective_ranks(self) -> dict[str, float] | None:
@@ -365,14 +375,19 @@ class Chain:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: layers (factors, merged weights), optimizer, strategies, RNG."""
+        """Everything needed to continue exactly: layers (factors, merged weights), optimizer, strategies, RNG.
+
+        Under FSDP the sharded tensors are gathered (to CPU, one layer at a time), so the state
+        loads on any number of ranks; every rank must call this then (it is a collective).
+        """
         layers = {}
         for name, layer in self.layers.items():
+            weight = layer.base.weight
             layers[name] = {
-                "A": layer.lora_A.detach().clone(), "B": layer.lora_B.detach().clone(),
+                "A": dt.full_copy(layer.lora_A), "B": dt.full_copy(layer.lora_B),
                 "train_A": layer.lora_A.requires_grad, "train_B": layer.lora_B.requires_grad,
-                "weight": layer.base.weight.detach().clone(),
-                "residual": None if layer.residual is None else layer.residual.clone(),
+                "weight": dt.full_copy(weight),
+                "residual": dt.full_copy(layer.residual, like=weight),
                 "links": [(b.clone(), a.clone(), s) for b, a, s in layer.links],
             }
         strategies = {kind: s.state_dict() for kind, s in self.strategies.items() if hasattr(s, "state_dict")}
@@ -386,14 +401,15 @@ class Chain:
             "fingerprint": frozen_fingerprint(self.model, self.layers),
             "link": self.link, "last_knot": self.last_knot, "base_ranks": dict(self.base_ranks),
             "history": [r.to_dict() for r in self.history], "layers": layers,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": dt.gather_tree(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "strategies": strategies, "rng": rng,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` onto a chain over a freshly injected copy of the same base model."""
+        """Restore a :meth:`state_dict` onto a chain over a freshly injected copy of the same base model
+        (sharded by FSDP or not, on any number of ranks: each rank writes its own shards)."""
         problems = []
         if state.get("version") != STATE_VERSION:
             problems.append(f"chain state version {state.get('version')!r}; this library reads {STATE_VERSION}")
@@ -424,9 +440,10 @@ class Chain:
         for name, layer in self.layers.items():
             saved = saved_layers[name]
             layer.set_factors_(saved["A"], saved["B"], saved["train_A"], saved["train_B"])
-            layer.base.weight.copy_(saved["weight"])
+            dt.copy_full_(layer.base.weight, saved["weight"])
             res = saved["residual"]
-            layer.residual = None if res is None else res.to(layer.base.weight.device)
+            layer.residual = None if res is None else dt.local_chunk(res, layer.base.weight).to(
+                dt.local(layer.base.weight).device).clone()
             layer.links = [(b.clone(), a.clone(), s) for b, a, s in saved["links"]]
         self._repoint_optimizer()
         self.step_count, self.link, self.last_knot = state["step"], state["link"], state["last_knot"]
@@ -434,6 +451,7 @@ class Chain:
         self.base_ranks = dict(state["base_ranks"])
         self.history = [KnotReport(**r) for r in state["history"]]
         self.optimizer.load_state_dict(state["optimizer"])
+        dt.redistribute_optimizer_state(self.optimizer)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         for kind, s in state["strategies"].items():

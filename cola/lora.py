@@ -6,6 +6,11 @@ happen in place, one layer at a time, accumulating in float32. For low-precision
 residual together carry about 16 bits of mantissa): the accumulated weight is
 ``base.weight + residual``, so the stored weight stays the exact sum rounded once, not m times,
 for 2 extra bytes per adapted weight.
+
+Under FSDP2 (``fully_shard``) the base weight, and optionally the factors, are ``DTensor``
+shards: ``fold_`` then adds only this rank's rows of the update to the local shard (the
+factors are small and gathered when sharded), the compensation buffer holds the local shard's
+residual, and ``set_factors_`` writes each rank's chunk. See :mod:`cola.distributed`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ._dtensor import full, is_dtensor, local, local_chunk, low_rank_chunk, from_local_like
 from .errors import ConfigError
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -89,23 +95,30 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ operations
     def delta_weight(self) -> torch.Tensor:
         """The live link's update ``scaling * B @ A`` in float32 (out x in)."""
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        B, A = full(self.lora_B.detach()), full(self.lora_A.detach())
+        return (B.float() @ A.float()) * self.scaling
 
     def exact_weight(self) -> torch.Tensor:
-        """The base weight as accumulated in float32 (including the compensation buffer)."""
-        w = self.base.weight.detach().float()
-        return w + self.residual.float() if self.residual is not None else w
+        """The base weight as accumulated in float32 (including the compensation buffer); gathered
+        (this one layer) when the weight is an FSDP shard."""
+        weight = self.base.weight.detach()
+        w = local(weight).float()
+        if self.residual is not None:
+            w = w + self.residual.float()
+        return from_local_like(w, weight).full_tensor() if is_dtensor(weight) else w
 
     @torch.no_grad()
     def fold_(self, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
         """Add ``scale * B @ A`` into the base weight, in place, in float32.
 
         Callers check finiteness first (the chain refuses a non-finite knot before writing);
-        this method writes unconditionally.
+        this method writes unconditionally. When the weight is an FSDP shard (a DTensor) only
+        this rank's part of the update is computed and added to the local shard.
         """
-        weight = self.base.weight
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        update = (B.detach().to(acc) @ A.detach().to(acc)).mul_(float(scale))
+        B, A = full(B.detach()), full(A.detach())
+        acc = torch.float64 if self.base.weight.dtype == torch.float64 else torch.float32
+        update = low_rank_chunk(B.to(acc), A.to(acc), self.base.weight).mul_(float(scale))
+        weight = local(self.base.weight)
         if weight.dtype in _LOW_PRECISION:
             exact = weight.float()
             if self.residual is not None:
@@ -126,18 +139,29 @@ class LoRALinear(nn.Module):
         With an unchanged rank the Parameter objects stay the same (their data is replaced), so
         an optimizer built over them stays attached; a new rank needs new Parameter objects
         (autograd caches a leaf's shape), which :class:`cola.Chain` re-points its optimizer to.
+        A factor that FSDP shards (a DTensor) gets this rank's chunk written into its shard; its
+        rank cannot change (FSDP owns the Parameter), which is refused before anything is written.
         """
         r = A.shape[0]
         problems = _rank_problems(r, self.in_features, self.out_features)
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
             problems.append(f"factor shapes A{tuple(A.shape)} B{tuple(B.shape)} do not fit a rank-{r} "
                             f"link of a {self.out_features}x{self.in_features} weight")
+        for attr, value in (("lora_A", A), ("lora_B", B)):
+            param = getattr(self, attr)
+            if is_dtensor(param) and param.shape != value.shape:
+                problems.append(f"{attr}: cannot change the rank of a LoRA factor that FSDP shards "
+                                f"({tuple(param.shape)} -> {tuple(value.shape)}); keep the factors replicated "
+                                "(cola.distributed.fsdp(model), shard_lora=False) to change ranks")
         if problems:
             raise ConfigError(problems)
         for attr, value, train in (("lora_A", A, train_A), ("lora_B", B, train_B)):
             param = getattr(self, attr)
             value = value.to(device=param.device, dtype=param.dtype)
-            if param.shape == value.shape:
+            if is_dtensor(param):
+                local(param).copy_(local_chunk(value, param))
+                param.grad = None
+            elif param.shape == value.shape:
                 param.copy_(value)
                 param.grad = None
             else:
@@ -165,6 +189,7 @@ def stacked_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     ``W_0 + B_cat @ A_cat`` is the layer's effective weight; the rank is the sum of the links'
     ranks. Needs ``record_links`` to have been on since the start.
     """
-    Bs = [B.cpu() * scale for B, _, scale in layer.links] + [layer.lora_B.detach().float().cpu() * layer.scaling]
-    As = [A.cpu() for _, A, _ in layer.links] + [layer.lora_A.detach().float().cpu()]
+    B_live, A_live = full(layer.lora_B.detach()), full(layer.lora_A.detach())
+    Bs = [B.cpu() * scale for B, _, scale in layer.links] + [B_live.float().cpu() * layer.scaling]
+    As = [A.cpu() for _, A, _ in layer.links] + [A_live.float().cpu()]
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
