@@ -406,6 +406,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         results["status"] = "stopped"
         results["stopped"] = str(stop)
         log.info("%s; continue with --resume (output folder %s)", stop, out)
+    results["nonfinite_steps"] = {f"{r['method']}-seed{r['seed']}": r.get("nonfinite_steps", 0)
+                                  for r in results["runs"]}  # skipped steps (non-finite loss/gradient)
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     results["seconds"] = time.time() - started
     report.finalize(results)
@@ -532,7 +534,11 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
     if settings.eval_links:
         record["curve"].append({"after_link": 0, "step": 0, "validation": zero_shot["validation"][seed]})
     if ckpt_path.is_file() and settings.resume:
-        state = cola.load_checkpoint(ckpt_path)
+        try:
+            state = cola.load_checkpoint(ckpt_path)
+        except ColaError as err:
+            raise ColaError(f"{key}: cannot resume: {err}. Move the file away to restart this run from step 0 "
+                            "(the other runs keep their progress)") from None
         _check_checkpoint(state, key)
         if chain is not None:
             chain.load_state_dict(state["chain"])
@@ -542,6 +548,7 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
         record = state["record"]
+        record["nonfinite_in_row"] = 0  # a resumed run gets a fresh max_nonfinite_in_row budget (as the chain does)
         log.info("%s: resumed at step %d of %d", key, _steps_taken(chain, record), total_steps)
     try:
         _train(ctx, key, model, tokenizer, chain, optimizer, scheduler, encoded, splits, record, total_steps,
@@ -620,12 +627,16 @@ def _train(ctx: _Context, key: str, model, tokenizer, chain, optimizer, schedule
                 took = chain.step(loss_total)
                 chain.zero_grad()
                 if not took:
-                    if chain.nonfinite_in_row >= settings.max_nonfinite:
-                        raise ColaError(f"{key}: {chain.nonfinite_in_row} steps in a row with a non-finite loss or "
-                                        f"gradient at step {chain.step_count}; lower --lr (now {settings.lr})")
+                    record["nonfinite_steps"] = chain.nonfinite_steps
+                    if chain.nonfinite_in_row >= settings.max_nonfinite_in_row:
+                        _stop_nonfinite(ckpt_path, key, chain, model, optimizer, scheduler, record,
+                                        chain.nonfinite_in_row, f"--lr (now {settings.lr})")
                     continue
             else:
-                if not _finite_step(model, loss_total, record, settings, key):
+                if not _finite_step(model, loss_total, record, key):
+                    if record["nonfinite_in_row"] >= settings.max_nonfinite_in_row:
+                        _stop_nonfinite(ckpt_path, key, chain, model, optimizer, scheduler, record,
+                                        record["nonfinite_in_row"], f"--full-lr (now {settings.full_lr})")
                     continue
                 optimizer.step()
                 scheduler.step()
@@ -676,8 +687,8 @@ def _current_lr(chain, optimizer, settings: TrainSettings) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def _finite_step(model, loss: float, record, settings: TrainSettings, key: str) -> bool:
-    """Full fine-tuning's version of the chain's non-finite guard."""
+def _finite_step(model, loss: float, record, key: str) -> bool:
+    """Full fine-tuning's version of the chain's non-finite guard (the caller stops the run)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     finite = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
     if finite:
@@ -688,10 +699,19 @@ def _finite_step(model, loss: float, record, settings: TrainSettings, key: str) 
     record["nonfinite_steps"] += 1
     record["nonfinite_in_row"] = record.get("nonfinite_in_row", 0) + 1
     log.warning("%s: step skipped: non-finite loss or gradient (%d in a row)", key, record["nonfinite_in_row"])
-    if record["nonfinite_in_row"] >= settings.max_nonfinite:
-        raise ColaError(f"{key}: {record['nonfinite_in_row']} steps in a row with a non-finite loss or gradient; "
-                        f"lower --full-lr (now {settings.full_lr})")
     return False
+
+
+def _stop_nonfinite(ckpt_path: Path, key: str, chain, model, optimizer, scheduler, record, in_row: int,
+                    lr_hint: str) -> None:
+    """``in_row`` non-finite steps in a row: checkpoint the last good state (with the data position
+    past the bad batches) and end the run with a :class:`ColaError` naming both."""
+    _save_checkpoint(ckpt_path, key, chain, model, optimizer, scheduler, record)
+    good = _steps_taken(chain, record)
+    raise ColaError(f"{key}: {in_row} steps in a row with a non-finite loss or gradient "
+                    f"({record['nonfinite_steps']} skipped in all); stopped after the last good step {good}, "
+                    f"checkpoint {ckpt_path}. Lower {lr_hint} or check the data, then continue with "
+                    f"cola train --resume (max_nonfinite_in_row={in_row})")
 
 
 def _save_checkpoint(path: Path, key: str, chain, model, optimizer, scheduler, record) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,8 +141,8 @@ class TrainSettings:
     loss: str = _f("classification", "str", "classification: cross-entropy over the answers' mean token "
                    "log-likelihoods (the paper); lm: NLL of the gold answer's tokens", group="optimisation",
                    choices=LOSSES)
-    max_nonfinite: int = _f(20, "int", "stop when this many steps in a row have a non-finite loss/gradient",
-                            group="optimisation")
+    max_nonfinite_in_row: int = _f(20, "int", "steps with a non-finite loss/gradient are skipped; after this many "
+                                   "in a row the run is checkpointed and stopped", group="optimisation")
     seeds: list[int] = _f([0], "ints", "seeds: each draws its own train/validation sample, LoRA init and "
                           "data order; results are mean and std over them", group="optimisation")
 
@@ -268,7 +269,11 @@ class TrainSettings:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write ``settings.json`` atomically (a crash leaves no half-written file)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainSettings":
@@ -299,7 +304,7 @@ def _value_problems(v: Any) -> list[str]:
     if v.dtype is not None:
         choice("dtype", v.dtype, DTYPE_NAMES)
     for name, low in (("links", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
-                      ("max_nonfinite", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
+                      ("max_nonfinite_in_row", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
                       ("n_val", 0), ("n_test", 1), ("steps", 1), ("threads", 1), ("stop_after", 1),
                       ("max_length", 8)):
         value = getattr(v, name)

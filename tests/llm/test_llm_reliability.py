@@ -1,0 +1,277 @@
+"""``cola train`` when things go wrong: non-finite steps, crashes (SIGKILL), damaged checkpoints.
+
+Tiny OPT (tests/llm/conftest.py) on the fixture files. The crash test runs the training in a
+subprocess (tests/llm/reliability_train_script.py), kills it with SIGKILL at several points
+(before training, while a checkpoint file is being written, right after a knot's checkpoint,
+after random delays), resumes each to completion and compares with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cola
+from cola.errors import ColaError
+from cola.llm import objective
+from cola.llm.runner import run_experiment
+from cola.llm.settings import TrainSettings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SCRIPT = Path(__file__).parent / "reliability_train_script.py"
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer):
+    return copy.deepcopy(tokenizer)
+
+
+@pytest.fixture
+def loader(tok, make_model):
+    return lambda: (make_model("opt"), tok)
+
+
+def tiny_fields(out: Path, **changes) -> dict:
+    base = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6,
+                batch_size=2, eval_batch_size=4, links=3, rank=2, lr=5e-3, full_lr=1e-3, plots=False,
+                save_adapter=False, save_links=False, output_dir=str(out), log_every=1)
+    base.update(changes)
+    return base
+
+
+def nan_after(monkeypatch, good: int, bad: int | None = None) -> None:
+    """From the ``good``-th call on (for ``bad`` calls, or for ever), the training loss is NaN."""
+    real = objective.training_loss
+    calls = [0]
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] > good and (bad is None or calls[0] <= good + bad):
+            return value * float("nan")  # NaN loss and NaN gradients
+        return value
+
+    monkeypatch.setattr(objective, "training_loss", loss)
+
+
+# ------------------------------------------------------------------------------ non-finite steps
+
+@pytest.mark.parametrize("method", ["cola", "full"])
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, loader, monkeypatch, method):
+    nan_after(monkeypatch, good=2, bad=2)  # micro-batches 3 and 4 are NaN: two steps skipped
+    results = run_experiment(TrainSettings(**tiny_fields(tmp_path / "run", method=method)), loader=loader)
+    (run,) = results["runs"]
+    assert results["status"] == "complete" and run["nonfinite_steps"] == 2
+    assert len(run["train_loss"]) == 6 and all(torch.isfinite(torch.tensor(run["train_loss"])))
+    assert run["position"] == 8  # the skipped steps' batches were consumed
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["nonfinite_steps"] == {f"{method}-seed0": 2}
+
+
+@pytest.mark.parametrize("method", ["cola", "full"])
+def test_too_many_nonfinite_steps_in_a_row_checkpoint_and_stop_then_resume(tmp_path, loader, monkeypatch, method):
+    out = tmp_path / "run"
+    settings = TrainSettings(**tiny_fields(out, method=method, max_nonfinite_in_row=3, checkpoint_every=0))
+    nan_after(monkeypatch, good=3)  # steps 1-3 fine, then NaN for ever
+    with pytest.raises(ColaError) as info:
+        run_experiment(settings, loader=loader)
+    ckpt = out / "runs" / f"{method}-seed0" / "checkpoint.pt"
+    text = str(info.value)
+    assert "3 steps in a row with a non-finite loss" in text and "last good step 3" in text
+    assert str(ckpt) in text and "--resume" in text
+    state = cola.load_checkpoint(ckpt)
+    assert len(state["record"]["train_loss"]) == 3 and state["record"]["position"] == 6
+    assert state["record"]["nonfinite_steps"] == 3
+    if method == "cola":
+        assert state["chain"]["step"] == 3 and state["chain"]["nonfinite_steps"] == 3
+
+    monkeypatch.undo()  # the cause is fixed: resume from the checkpoint
+    resumed = run_experiment(settings.replace(resume=True), loader=loader)
+    (run,) = resumed["runs"]
+    assert resumed["status"] == "complete" and len(run["train_loss"]) == 6
+    assert run["nonfinite_steps"] == 3 and resumed["nonfinite_steps"] == {f"{method}-seed0": 3}
+    assert run["position"] == 9  # 3 good, 3 skipped, 3 more good: the data order just continued
+    assert run["test"]["accuracy"] >= 0
+
+
+def test_max_nonfinite_in_row_is_checked():
+    with pytest.raises(cola.ConfigError, match="max_nonfinite_in_row=0: must be >= 1"):
+        TrainSettings(max_nonfinite_in_row=0)
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated-half":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "truncated-trailer":
+        path.write_bytes(data[:-5])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "bit-flip":
+        i = len(data) // 3
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif how == "garbage":
+        path.write_bytes(os.urandom(len(data)))
+    elif how == "plain-torch-save":  # a valid torch file, but not written by cola.save_checkpoint
+        torch.save({"hello": 1}, path)
+
+
+BAD_CHECKPOINTS = ("truncated-half", "truncated-trailer", "empty", "bit-flip", "garbage", "plain-torch-save")
+
+
+def test_resume_refuses_a_damaged_checkpoint(tmp_path, loader):
+    out = tmp_path / "run"
+    settings = TrainSettings(**tiny_fields(out, stop_after=3))
+    assert run_experiment(settings, loader=loader)["status"] == "stopped"
+    ckpt = out / "runs" / "cola-seed0" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    tried = 0
+    for how in BAD_CHECKPOINTS:
+        ckpt.write_bytes(good)
+        _damage(ckpt, how)
+        with pytest.raises(ColaError, match=r"cola-seed0: cannot resume: checkpoint .*checkpoint\.pt.* "
+                                            r"(truncated|corrupted|checksum)") as info:
+            run_experiment(settings.replace(stop_after=None, resume=True), loader=loader)
+        assert "Move the file away to restart this run" in str(info.value), how
+        tried += 1
+    # another run's checkpoint, intact: refused too
+    ckpt.write_bytes(good)
+    state = cola.load_checkpoint(ckpt)
+    state["key"] = "lora-seed0"
+    cola.save_checkpoint(ckpt, state)
+    with pytest.raises(ColaError, match="not one this version of cola train wrote"):
+        run_experiment(settings.replace(stop_after=None, resume=True), loader=loader)
+    tried += 1
+    print(f"\ndamaged checkpoints tried: {tried}, all refused")
+    ckpt.write_bytes(good)  # the intact one resumes
+    assert run_experiment(settings.replace(stop_after=None, resume=True), loader=loader)["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------ SIGKILL
+
+KILL_FIELDS = dict(steps=20, links=4, checkpoint_every=3, dropout=0.1, keep_checkpoints=True, threads=1)
+# knots at 5, 10, 15; checkpoints at 3, 5, 6, 9, 10, 12, 15, 18
+
+
+def _wait_for(predicate, proc, timeout: float = 120.0, poll: float = 0.0005) -> bool:
+    """Poll until ``predicate()`` or the process exits; True if the predicate came true first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def _tmp_files(run_dir: Path) -> list[str]:
+    return [p.name for p in run_dir.glob(".checkpoint.pt.*.tmp")] if run_dir.is_dir() else []
+
+
+class _CheckpointCounter:
+    """Counts how often ``checkpoint.pt`` was replaced (each atomic write gives it a new inode)."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen, self.count = path, None, 0
+
+    def __call__(self, n: int) -> bool:
+        try:
+            ino = self.path.stat().st_ino
+        except FileNotFoundError:
+            return False
+        if ino != self.seen:
+            self.seen, self.count = ino, self.count + 1
+        return self.count >= n
+
+
+def _kill_at(out: Path, point: tuple, rng: random.Random) -> dict:
+    """Start the training subprocess, SIGKILL it at ``point``; what happened."""
+    fields = tiny_fields(out, **KILL_FIELDS)
+    run_dir = out / "runs" / "cola-seed0"
+    ckpt = run_dir / "checkpoint.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(fields)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    kind, arg = point
+    try:
+        if kind == "settings":  # as soon as the run folder exists: before or during zero-shot scoring
+            reached = _wait_for(lambda: (out / "settings.json").is_file(), proc)
+        elif kind == "writing":  # while the arg-th checkpoint file is being written
+            counter = _CheckpointCounter(ckpt)
+            reached = _wait_for(lambda: counter(arg - 1) and bool(_tmp_files(run_dir)), proc)
+        elif kind == "after-checkpoint":  # right after the arg-th checkpoint (2nd: the knot at step 5)
+            counter = _CheckpointCounter(ckpt)
+            reached = _wait_for(lambda: counter(arg), proc)
+        else:  # "delay": a random time after the first checkpoint
+            reached = _wait_for(ckpt.is_file, proc)
+            if reached:
+                time.sleep(rng.uniform(0.0, arg))
+        finished = proc.poll() is not None
+        if not finished:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if finished and proc.returncode != 0:
+        raise AssertionError(f"training subprocess failed:\n{err.decode()[-3000:]}")
+    state = None
+    if ckpt.is_file():
+        state = cola.load_checkpoint(ckpt)  # a checkpoint that exists is always whole
+    return {"point": f"{kind}:{arg}", "reached": reached, "killed": not finished,
+            "left_tmp": bool(_tmp_files(run_dir)), "checkpoint_step": state["chain"]["step"] if state else None}
+
+
+def _same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> bool:
+    ra, rb = a["runs"][0], b["runs"][0]
+    if ra["train_loss"] != rb["train_loss"] or ra["knots"] != rb["knots"]:
+        return False
+    if {k: v for k, v in ra["test"].items() if k != "seconds"} != {k: v for k, v in rb["test"].items()
+                                                                  if k != "seconds"}:
+        return False
+    if [c["validation"]["accuracy"] for c in ra["curve"]] != [c["validation"]["accuracy"] for c in rb["curve"]]:
+        return False
+    sa = cola.load_checkpoint(out_a / "runs/cola-seed0/checkpoint.pt")["chain"]
+    sb = cola.load_checkpoint(out_b / "runs/cola-seed0/checkpoint.pt")["chain"]
+    return sa["step"] == sb["step"] == 20 and all(
+        torch.equal(layer[p], sb["layers"][name][p]) for name, layer in sa["layers"].items() for p in ("A", "B", "weight"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loader):
+    reference_out = tmp_path / "reference"
+    reference = run_experiment(TrainSettings(**tiny_fields(reference_out, **KILL_FIELDS)), loader=loader)
+    assert reference["status"] == "complete"
+    train_seconds = reference["runs"][0]["seconds"]["train"] + reference["runs"][0]["seconds"]["eval"]
+    rng = random.Random(20240607)
+    points = [("settings", None), ("writing", 1), ("writing", 4), ("after-checkpoint", 2),
+              ("after-checkpoint", 5), ("delay", train_seconds), ("delay", train_seconds), ("delay", 2 * train_seconds)]
+    rows = []
+    for i, point in enumerate(points):
+        out = tmp_path / f"kill{i}"
+        row = _kill_at(out, point, rng)
+        resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True)), loader=loader)
+        row["identical"] = resumed["status"] == "complete" and _same_run(reference, resumed, reference_out, out)
+        rows.append(row)
+    killed = [r for r in rows if r["killed"]]
+    print(f"\nSIGKILL points tried: {len(rows)}; killed mid-run: {len(killed)}; "
+          f"killed mid-checkpoint-write (temp file left): {sum(r['left_tmp'] for r in rows)}; "
+          f"resumed identically: {sum(r['identical'] for r in rows)}/{len(rows)}")
+    for r in rows:
+        print("  ", r)
+    assert all(r["identical"] for r in rows), rows
+    assert len(killed) >= len(rows) // 2  # a fast run may end before a poll sees its point: not a failure
