@@ -279,6 +279,7 @@ class Chain:
         start = time.perf_counter()
         merged_link, step = self.link, self.step_count
         self.pm.notify("cola_before_merge", chain=self, link=merged_link, step=step)
+        dt.reshard_fsdp(self.model)  # FSDP: merge into the shards, never into a transient unsharded copy
         grad_norm = self._grad_norm() if self.config.diagnostics else None
         updates = self._checked_updates(merged_link, step)
         for name, layer in self.layers.items():            # nothing is written before this loop
@@ -324,7 +325,8 @@ class Chain:
             limit = torch.finfo(weight.dtype).max if weight.dtype.is_floating_point else math.inf
             # |W + dW| <= max|W| + max|dW| < the dtype's largest value means no overflow is possible
             # (max|W| over every shard of an FSDP weight, so every rank refuses alike)
-            headroom = update.abs().amax() + dt.absmax(weight).to(update.device) if update.numel() else update.new_zeros(())
+            headroom = (update.abs().amax() + dt.absmax(weight).to(update.device) if update.numel()
+                        else update.new_zeros(()))
             norm = torch.linalg.matrix_norm(update) if update.numel() else update.new_zeros(())
             checks.append(torch.stack([norm, headroom / limit if math.isfinite(limit) else headroom * 0]))
             factors[name] = (B, A, scale)
