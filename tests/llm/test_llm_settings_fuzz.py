@@ -38,3 +38,14 @@ def test_typical_mistakes_are_library_errors(tmp_path, text):
     path.write_text(text)
     with pytest.raises(cola.ConfigError):
         TrainSettings.from_file(path)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    import torch
+
+    from cola.llm.models import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(cola.ConfigError, match="has 0 CUDA device"):
+        resolve_device("cuda")
