@@ -5,7 +5,8 @@ The layer under the ``cola train`` command:
 * :mod:`cola.llm.models`: :func:`load_model` (OPT / Llama, or the embedded SmolLM2-135M);
 * :mod:`cola.llm.tasks`: the paper's tasks with MeZO's prompts, :func:`make_task` for your own;
 * :mod:`cola.llm.data`: :func:`load_splits` (local files, the embedded tweets, the hub);
-* :mod:`cola.llm.objective`: :func:`encode_examples`, :func:`training_loss`, :func:`evaluate`.
+* :mod:`cola.llm.objective`: :func:`encode_examples`, :func:`training_loss`, :func:`evaluate`;
+* :mod:`cola.llm.runner`: :func:`run_experiment` (what ``cola train`` runs) with :class:`TrainSettings`.
 
 Importing this package does not import transformers or datasets.
 """
@@ -13,6 +14,8 @@ Importing this package does not import transformers or datasets.
 from cola.llm.data import Splits, load_splits
 from cola.llm.models import EMBEDDED_MODEL, load_model
 from cola.llm.objective import EncodedExample, encode_examples, evaluate, training_loss
+from cola.llm.runner import run_experiment
+from cola.llm.settings import TrainSettings
 from cola.llm.tasks import DEFAULT_TASK, DataError, Task, get_task, make_task, task_names
 
 __all__ = [
@@ -30,4 +33,6 @@ __all__ = [
     "make_task",
     "task_names",
     "training_loss",
+    "run_experiment",
+    "TrainSettings",
 ]
