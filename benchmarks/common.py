@@ -9,9 +9,9 @@ slow drift of the shared machine does not favour whoever goes first), after ``wa
 rounds. Each call is timed with ``time.perf_counter`` (with ``torch.cuda.synchronize`` around it
 on CUDA). We report the median and min-max over rounds, and ratios of medians; never one
 absolute time as a claim. On a shared CPU, the CPU time other processes used during each call
-is read from ``/proc/stat``; rounds where they used more than 0.2 cores are re-run (up to as
-many extra rounds again), and the JSON records every round's contention and which were kept
-(see :func:`alternate`).
+is read from ``/proc/stat``; rounds where they used more than 0.1 cores during any call are
+re-run (up to as many extra rounds again), and the JSON records every call's contention and
+which rounds were kept (see :func:`alternate`).
 
 FLOP counting (documented formula)
 ----------------------------------
@@ -263,7 +263,7 @@ def timed_with_load(fn: Callable[[], Any], device: str | torch.device = "cpu") -
 
 def alternate(tasks: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
               device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
-              max_contention: float | None = 0.2, extra_rounds: int | None = None,
+              max_contention: float | None = 0.1, extra_rounds: int | None = None,
               info: dict[str, Any] | None = None, flip: bool = True) -> dict[str, list[float]]:
     """Time each task once per round, alternating the tasks (order flips every round unless
     ``flip`` is False).
@@ -271,13 +271,14 @@ def alternate(tasks: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
     ``warmup`` untimed rounds first. Returns, per task, ``rounds`` timings in seconds.
 
     On a shared machine, other processes' CPU use during each call is measured from
-    ``/proc/stat`` (:func:`timed_with_load`); a call during which they used more than
-    ``max_contention`` cores on average is *contended*. Up to ``extra_rounds`` (default
-    ``rounds``) more rounds are run until every task has ``rounds`` uncontended calls; each
-    task keeps its first ``rounds`` uncontended calls (or, when there are not enough, its
-    ``rounds`` least contended ones). ``info`` (when given) receives the bookkeeping: rounds
-    run, each call's contention, the kept round indices per task (use :func:`ratio` with them
-    to pair rounds). ``max_contention=None`` (and CUDA) keeps the first ``rounds`` rounds.
+    ``/proc/stat`` (:func:`timed_with_load`); a round is *clean* when during each of its calls
+    they used at most ``max_contention`` cores on average. Up to ``extra_rounds`` (default
+    ``rounds``) more rounds are run to collect ``rounds`` clean rounds, which are kept (every
+    task keeps the same rounds, so they pair). If there are not enough, each task keeps its
+    ``rounds`` least contended calls instead (``info["paired"]`` is then False). ``info``
+    (when given) receives the bookkeeping: rounds run, each call's contention, the kept round
+    indices per task (pass them to :func:`ratio`). ``max_contention=None`` (and CUDA) keeps the
+    first ``rounds`` rounds.
     """
     names = list(tasks)
     for w in range(warmup):
@@ -293,26 +294,27 @@ def alternate(tasks: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
         return max_contention is None or load is None or load <= max_contention
 
     collected: list[dict[str, tuple[float, float | None]]] = []
-    while len(collected) < rounds + extra:
-        if len(collected) >= rounds and all(sum(clean(c[n][1]) for c in collected) >= rounds for n in names):
-            break
+    clean_rounds: list[int] = []
+    while len(clean_rounds) < rounds and len(collected) < rounds + extra:
         r = len(collected)
         order = names if r % 2 == 0 or not flip else names[::-1]
         calls = {name: timed_with_load(tasks[name], device) for name in order}
         collected.append(calls)
+        if all(clean(load) for _, load in calls.values()):
+            clean_rounds.append(r)
         if log:
             log(f"  round {r + 1}: " + ", ".join(
                 f"{n} {calls[n][0]:.3f}" + ("" if clean(calls[n][1]) else f" (others used {calls[n][1]:.2f} cores)")
                 for n in names))
+    paired = len(clean_rounds) >= rounds
     kept: dict[str, list[int]] = {}
     for n in names:
-        good = [i for i, c in enumerate(collected) if clean(c[n][1])]
-        kept[n] = good[:rounds] if len(good) >= rounds else sorted(
+        kept[n] = clean_rounds[:rounds] if paired else sorted(
             sorted(range(len(collected)), key=lambda i: collected[i][n][1] or 0.0)[:rounds])
     if info is not None:
-        info.update({"rounds_run": len(collected), "max_contention": max_contention, "kept": kept,
-                     "load": {n: [None if c[n][1] is None else round(c[n][1], 3) for c in collected] for n in names},
-                     "contended_calls_dropped": sum(len(collected) - len(kept[n]) for n in names)})
+        info.update({"rounds_run": len(collected), "clean_rounds": clean_rounds, "paired": paired,
+                     "max_contention": max_contention, "kept": kept,
+                     "load": {n: [None if c[n][1] is None else round(c[n][1], 3) for c in collected] for n in names}})
     return {n: [collected[i][n][0] for i in kept[n]] for n in names}
 
 
@@ -636,7 +638,7 @@ def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--max-contention", type=float, default=0.2,
+    parser.add_argument("--max-contention", type=float, default=0.1,
                         help="re-run a timing round when other processes used more cores than this "
                              "(see common.alternate); a large value disables it")
 

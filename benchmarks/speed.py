@@ -181,8 +181,9 @@ def render(result: dict[str, Any]) -> str:
                              "GFLOP/s", "of GEMM rate"], rows), ""]
     for shape, m in result["models"].items():
         t = m["timing"]
-        out.append(f"{shape}: {t['rounds_run']} rounds run, {t['contended_calls_dropped']} contended calls dropped "
-                   f"(other processes above {t['max_contention']} cores)")
+        out.append(f"{shape}: {t['rounds_run']} rounds run, {len(t['clean_rounds'])} clean (other processes "
+                   f"<= {t['max_contention']} cores during every call)"
+                   + ("" if t["paired"] else "; NOT ENOUGH CLEAN ROUNDS: each config kept its least contended calls"))
     out.append("")
     rows = []
     for shape, m in result["models"].items():

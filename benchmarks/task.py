@@ -12,8 +12,8 @@ examples with single-token answers, and both run the transformer body on exactly
   loss is cross-entropy over the candidates' log-likelihoods. The prompt has ``seq`` tokens.
   (When ``cola.llm.objective`` is not importable, a local minimal implementation with the same
   computation is used; the JSON says which.)
-* ``full-logits``: ``model(input_ids, attention_mask, labels=labels).loss``: transformers'
-  causal-LM loss with logits over the whole sequence (prompt of ``seq - 1`` tokens + the gold
+* ``full-logits``: ``model(input_ids, attention_mask, labels=labels, use_cache=False).loss``:
+  transformers' causal-LM loss with logits over the whole sequence (prompt of ``seq - 1`` tokens + the gold
   answer; labels -100 except the answer), i.e. the LM head and a vocabulary-wide softmax at
   every position.
 
@@ -78,7 +78,8 @@ def make_examples(vocab: int, batch: int, seq: int, n_candidates: int, seed: int
     full_ids[:, -1] = torch.tensor([cand_ids[y] for y in labels])
     full_labels = torch.full_like(full_ids, -100)
     full_labels[:, -1] = full_ids[:, -1]
-    full_batch = {"input_ids": full_ids, "attention_mask": torch.ones_like(full_ids), "labels": full_labels}
+    full_batch = {"input_ids": full_ids, "attention_mask": torch.ones_like(full_ids), "labels": full_labels,
+                  "use_cache": False}
     return examples, full_batch
 
 
