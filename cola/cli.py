@@ -1,4 +1,4 @@
-"""The ``cola`` command: ``cola train``, ``cola theory``, ``cola plugins``.
+"""The ``cola`` command: ``cola train``, ``cola sweep``, ``cola theory``, ``cola plugins``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only dispatches, importing the module lazily so that
@@ -16,6 +16,7 @@ import sys
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("cola.llm.cli", "fine-tune an OPT / Llama model with COLA, LoRA or full fine-tuning"),
+    "sweep": ("cola.llm.sweep_cli", "a grid of cola train runs with paired comparisons to a baseline"),
     "theory": ("cola_theory.cli", "numerical checks of the convergence bounds on synthetic problems"),
     "plugins": ("cola.cli", "list every plugin, its version and what it registers"),
 }

@@ -7,17 +7,30 @@ import math
 import cola
 from cola import ConfigError
 
-from ._options import positive_int
+from ._options import fraction, positive_int
 
 
 class Knots:
-    """Knots at explicit steps (``config.knots`` or the ``knots`` option)."""
+    """Knots at explicit steps (``config.knots`` or the ``knots`` option), or at fractions of the
+    run (the ``at`` option: ``at=[0.6]`` ties a knot after 60 % of ``total_steps``, rounded), so a
+    recipe such as "rank 8 for 3 of 5 epochs, then rank 4" holds for any number of steps."""
 
-    def __init__(self, config, knots=None):
-        knots = list(knots if knots is not None else (config.knots or []))
+    def __init__(self, config, knots=None, at=None):
         T = config.total_steps
+        if at is not None:
+            if knots is not None:
+                raise ConfigError("merge policy 'knots': give knot steps (knots) or fractions (at), not both")
+            if not isinstance(at, (list, tuple)) or not at:
+                raise ConfigError(f"at={at!r}: expected a non-empty list of fractions in (0, 1), e.g. at=[0.6]")
+            fractions = [fraction("at", a, low_open=True, high_open=True) for a in at]
+            knots = [int(T * a + 0.5) for a in fractions]
+            if any(b <= a for a, b in zip(knots, knots[1:])) or not all(1 <= k < T for k in knots):
+                raise ConfigError(f"at={list(at)} gives knot steps {knots} for total_steps={T}: they must be "
+                                  f"strictly increasing in [1, {T - 1}] (fewer or wider-spaced fractions, or more steps)")
+        knots = list(knots if knots is not None else (config.knots or []))
         if not knots:
-            raise ConfigError("merge policy 'knots' needs knot steps: set knots=[...] in the config")
+            raise ConfigError("merge policy 'knots' needs knot steps: set knots=[...] (steps) or at=[...] "
+                              "(fractions of the run) in the config")
         if not all(isinstance(k, int) and not isinstance(k, bool) for k in knots) \
                 or any(b <= a for a, b in zip(knots, knots[1:])) or not all(1 <= k <= T for k in knots):
             raise ConfigError(f"knots={knots}: must be strictly increasing integers in [1, total_steps={T}]")

@@ -208,6 +208,21 @@ def test_bad_strategy_options_are_config_errors():
         make_chain(cola.ChainConfig(total_steps=10, merge_policy="knots"))
 
 
+def test_knots_at_fractions_of_the_run():
+    _, chain = make_chain(cola.ChainConfig(total_steps=60, merge_policy="knots", merge_policy_options={"at": [0.6]}))
+    assert chain.planned_knots() == [36]
+    _, chain = make_chain(cola.ChainConfig(total_steps=10, merge_policy="knots",
+                                           merge_policy_options={"at": [0.25, 0.5]}))
+    assert chain.planned_knots() == [3, 5]
+    for at, match in (([1.0], r"at=1.0: must be a number in \(0, 1\)"), ([0.5, 0.52], "strictly increasing"),
+                      (0.5, "non-empty list of fractions"), ([0.01], r"in \[1, 9\]")):
+        with pytest.raises(cola.ConfigError, match=match):
+            make_chain(cola.ChainConfig(total_steps=10, merge_policy="knots", merge_policy_options={"at": at}))
+    with pytest.raises(cola.ConfigError, match="not both"):
+        make_chain(cola.ChainConfig(total_steps=10, merge_policy="knots",
+                                    merge_policy_options={"at": [0.5], "knots": [3]}))
+
+
 def test_plateau_needs_the_loss():
     model, chain = make_chain(cola.ChainConfig(total_steps=10, merge_policy="plateau"))
     x, y = next(batches(1))

@@ -1,0 +1,336 @@
+"""The files of ``cola sweep``: ``results.json``, ``results.csv``, ``results.md`` and the plots.
+
+* ``results.json``: the spec, every cell's summary (scores per seed, mean/std/n and interval,
+  the paired comparison with the baseline, validation score after each link, mean loss curve,
+  knots, ranks, trainable parameters and FLOPs per link, wall time), failures, versions.
+* ``results.csv``: one row per cell (axis values as columns).
+* ``results.md``: the table :func:`markdown` prints, with the statistics stated under it.
+* ``accuracy_vs_links.png`` (when the grid varies ``links``), ``accuracy_vs_later_rank.png``
+  (when the cells' later links differ in rank), ``loss_curves.png`` (mean training loss per
+  cell, knots dashed) and ``link_curves.png`` (validation score after each link).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cola.llm import stats
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================ text
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _score_text(score: dict[str, Any]) -> str:
+    if not score.get("n"):
+        return "–"
+    if score["std"] is None:
+        return f"{score['mean']:.3f}"
+    return f"{score['mean']:.3f} ± {score['std']:.3f}"
+
+
+def _params_text(per_link: list[int] | None) -> str:
+    if not per_link:
+        return "–"
+    if len(set(per_link)) == 1:
+        return f"{_count(per_link[0])}" + (f" ×{len(per_link)}" if len(per_link) > 1 else "")
+    return " / ".join(_count(p) for p in per_link)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The sweep's table, one row per cell, and what the statistics mean."""
+    spec = results["spec"]
+    metric = spec["metric"]
+    conf = int(round(100 * spec["confidence"]))
+    lines = [f"# cola sweep{': ' + spec['name'] if spec.get('name') else ''}", ""]
+    if spec.get("description"):
+        lines += [spec["description"].strip(), ""]
+    lines += [f"Test {metric}, mean ± std over seeds; the difference with the baseline is paired by seed "
+              f"(mean [{conf}% {spec['ci']} interval]). Baseline: {_baseline_text(spec['baseline'])}. "
+              f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", ""]
+    header = ["cell", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
+              "trainable / link", "train FLOPs", "× baseline", "s/run"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["cells"]:
+        comp = row.get("comparison")
+        compute = row.get("compute") or {}
+        if comp and comp.get("mean") is not None:
+            diff = f"{comp['mean']:+.3f}"
+            if comp.get("ci_low") is not None:
+                diff += f" [{comp['ci_low']:+.3f}, {comp['ci_high']:+.3f}]"
+            verdict, ratio = comp["verdict"], _num(comp.get("flops_ratio"), 2)
+        else:
+            diff, ratio = "–", "–"
+            verdict = "(baseline)" if row.get("is_baseline_only") or row.get("baseline_key") == row["key"] else "–"
+        curve = " → ".join(_num(p["mean"]) for p in row.get("validation_per_link") or []) or "–"
+        wall = (compute.get("wall_seconds") or {}).get("mean")
+        lines.append("| " + " | ".join([
+            row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
+            _params_text(compute.get("trainable_params_per_link")), _count(compute.get("train_flops")), ratio,
+            _num(wall, 0)]) + " |")
+    lines += ["", f"Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
+              f"\"within noise\": the {conf}% interval of the mean paired difference covers 0; "
+              "\"better\"/\"worse\": it does not. With 3 seeds a t interval is wide (t factor 4.30): "
+              "that is the honest width, not a flaw."]
+    if spec["ci"] == "bootstrap":
+        lines.append("Bootstrap intervals over fewer than about 10 seeds have few distinct resamples and come "
+                     "out too narrow; prefer --ci t for small n.")
+    lines.append("FLOPs are estimates (forward + backward of the trained model, see cola train --dry-run); "
+                 "× baseline = 1.00 means equal training compute.")
+    if results.get("failures"):
+        lines += ["", "Failed runs:"] + [f"- {f['label']} seed {f['seed']}: {f['error']}" for f in results["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _baseline_text(baseline: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in baseline.items())
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The dry run's table: per cell its knots, ranks, trainable parameters and FLOPs."""
+    lines = [f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once); output {plan['output_dir']}",
+             "", "| cell | run | method | steps | knots | ranks | trainable / link | train FLOPs | × baseline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in plan["cells"]:
+        lines.append(f"| {r['label']} | {r['key']} | {r['method']} | {r['steps']} | "
+                     f"{' '.join(map(str, r['knots'] or [])) or '–'} | {' '.join(map(str, r['ranks'] or [])) or '–'} | "
+                     f"{_params_text(r['trainable_params_per_link'])} | {_count(r['train_flops'])} | "
+                     f"{_num(r['flops_ratio'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_summary(results: dict[str, Any]) -> None:
+    for row in results["cells"]:
+        comp = row.get("comparison")
+        if comp:
+            log.info("%s vs %s: %s", row["label"], comp["baseline"], stats.format_difference(comp))
+
+
+# ============================================================================ files
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str, str]:
+    """Write the results files (and plots unless ``plots`` is false); return their paths."""
+    from cola.llm.runner import _json_default
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "csv": out / "results.csv", "markdown": out / "results.md"}
+    written = {k: str(v) for k, v in files.items()}
+    if plots:
+        try:
+            written.update({k: str(v) for k, v in write_plots(results, out).items()})
+        except ImportError as exc:
+            log.warning("plots not written: %s", exc)
+    results["files"] = written
+    _atomic_text(files["markdown"], markdown(results))
+    write_csv(results, files["csv"])
+    _atomic_text(files["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
+    return written
+
+
+def csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns and rows of ``results.csv``: one row per cell."""
+    axes = list(results["spec"]["grid"])
+    extra_axes = [a for a in results["spec"]["baseline"] if a not in axes]
+    columns = ["cell", *axes, *extra_axes, "is_baseline", "baseline", "method", "links", "knots", "ranks", "steps",
+               "n", "seeds", "mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std", "diff_ci_low",
+               "diff_ci_high", "verdict", "validation_per_link", "final_train_loss", "trainable_params_per_link",
+               "train_flops_per_link", "train_flops", "flops_ratio", "train_seconds_mean", "wall_seconds_mean"]
+    rows = []
+    for r in results["cells"]:
+        comp = r.get("comparison") or {}
+        compute = r.get("compute") or {}
+        score = r["score"]
+        row = {"cell": r["label"], **{a: _csv_value(r["values"].get(a)) for a in [*axes, *extra_axes]},
+               "is_baseline": bool(r.get("is_baseline_only") or r.get("baseline_key") == r["key"]),
+               "baseline": r.get("baseline"), "method": r.get("method"), "links": r.get("links"),
+               "knots": " ".join(map(str, r.get("knots") or [])), "ranks": " ".join(map(str, r.get("ranks") or [])),
+               "steps": r.get("steps"), "n": score["n"], "seeds": " ".join(map(str, r["seeds"])),
+               "mean": score["mean"], "std": score["std"], "ci_low": score["ci"][0], "ci_high": score["ci"][1],
+               "diff_mean": comp.get("mean"), "diff_std": comp.get("std"), "diff_ci_low": comp.get("ci_low"),
+               "diff_ci_high": comp.get("ci_high"), "verdict": comp.get("verdict"),
+               "validation_per_link": " ".join(f"{p['mean']:.4f}" for p in r.get("validation_per_link") or []),
+               "final_train_loss": (r.get("final_train_loss") or {}).get("mean"),
+               "trainable_params_per_link": " ".join(map(str, compute.get("trainable_params_per_link") or [])),
+               "train_flops_per_link": " ".join(f"{f:.4g}" for f in compute.get("train_flops_per_link") or []),
+               "train_flops": compute.get("train_flops"), "flops_ratio": comp.get("flops_ratio"),
+               "train_seconds_mean": (compute.get("train_seconds") or {}).get("mean"),
+               "wall_seconds_mean": (compute.get("wall_seconds") or {}).get("mean")}
+        rows.append(row)
+    return columns, rows
+
+
+def _csv_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    columns, rows = csv_rows(results)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ============================================================================ plots
+
+def _others(row: dict[str, Any], exclude: set[str], axes: list[str]) -> str:
+    from cola.llm.sweep import label_of
+
+    return label_of({a: row["values"][a] for a in axes if a not in exclude and a in row["values"]})
+
+
+def _errors(rows: list[dict[str, Any]]) -> np.ndarray:
+    low = [r["score"]["mean"] - r["score"]["ci"][0] if r["score"]["ci"][0] is not None else 0.0 for r in rows]
+    high = [r["score"]["ci"][1] - r["score"]["mean"] if r["score"]["ci"][1] is not None else 0.0 for r in rows]
+    return np.array([low, high])
+
+
+def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """The sweep's plots (see the module docstring); raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    spec = results["spec"]
+    axes = list(spec["grid"])
+    metric = spec["metric"]
+    conf = int(round(100 * spec["confidence"]))
+    cells = [r for r in results["cells"] if r["score"]["n"]]
+    grid_cells = [r for r in cells if not r.get("is_baseline_only")]
+    paths: dict[str, Path] = {}
+    by_key = {r["key"]: r for r in cells}
+
+    # ---- accuracy vs chain length
+    if "links" in axes and len({r["values"]["links"] for r in grid_cells}) > 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        groups: dict[str, list] = {}
+        for r in grid_cells:
+            groups.setdefault(_others(r, {"links"}, axes), []).append(r)
+        for i, (name, rows) in enumerate(groups.items()):
+            rows = sorted(rows, key=lambda r: r["values"]["links"])
+            x = [r["values"]["links"] for r in rows]
+            ax.errorbar(np.array(x) + 0.04 * (i - (len(groups) - 1) / 2), [r["score"]["mean"] for r in rows],
+                        yerr=_errors(rows), marker="o", capsize=3, label=name, color=f"C{i}")
+        ax.set_xticks(sorted({r["values"]["links"] for r in grid_cells}))
+        ax.set_xlabel("chain length (links; same total steps)")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{metric} vs chain length (mean, {conf}% t interval over seeds)")
+        ax.grid(alpha=0.3)
+        if len(groups) > 1 or next(iter(groups)) != "(base settings)":
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["links_plot"] = out / "accuracy_vs_links.png"
+        fig.savefig(paths["links_plot"], dpi=120)
+        plt.close(fig)
+
+    # ---- accuracy vs rank of the later links
+    chained = [r for r in grid_cells if (r.get("links") or 1) > 1 and r.get("ranks")]
+    if len({r["ranks"][-1] for r in chained}) > 1:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        rank_axes = {a for a in axes if "rank" in a}
+        groups = {}
+        for r in chained:
+            groups.setdefault(_others(r, rank_axes, axes), []).append(r)
+        for i, (name, rows) in enumerate(groups.items()):
+            rows = sorted(rows, key=lambda r: r["ranks"][-1])
+            ax.errorbar([r["ranks"][-1] for r in rows], [r["score"]["mean"] for r in rows], yerr=_errors(rows),
+                        marker="o", capsize=3, color=f"C{i}", label=f"chain {name}".strip())
+            base = by_key.get(rows[0].get("baseline_key"))
+            if base is not None:
+                ax.axhline(base["score"]["mean"], color=f"C{i}", linestyle="--", alpha=0.8,
+                           label=f"{rows[0]['baseline']}")
+                if base["score"]["ci"][0] is not None:
+                    ax.axhspan(base["score"]["ci"][0], base["score"]["ci"][1], color=f"C{i}", alpha=0.08)
+        ax.set_xlabel("rank of the later links")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{metric} vs later-link rank (baseline dashed; {conf}% t intervals)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths["rank_plot"] = out / "accuracy_vs_later_rank.png"
+        fig.savefig(paths["rank_plot"], dpi=120)
+        plt.close(fig)
+
+    # ---- loss curves and per-link validation curves, one panel per value of the other axes
+    runs = list({r["key"]: r for r in cells}.values())
+    if runs:
+        first = axes[0] if axes else None
+        panels: dict[str, list] = {}
+        for r in runs:
+            panels.setdefault(_others(r, {first} if first else set(), axes), []).append(r)
+        names = list(panels)[:12]
+        if len(panels) > 12:
+            log.warning("loss and link plots: %d panels, only the first 12 drawn", len(panels))
+        cols = min(3, len(names))
+        rows_n = math.ceil(len(names) / cols)
+        for kind in ("loss", "link"):
+            fig, grid = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+            for p, name in enumerate(names):
+                ax = grid[p // cols][p % cols]
+                for i, r in enumerate(panels[name]):
+                    color = f"C{i}"
+                    label = r["label"] if not first else (
+                        f"{_short_axis(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
+                        else r["label"])
+                    if kind == "loss" and r.get("train_loss_mean"):
+                        y = np.array(r["train_loss_mean"])
+                        window = max(1, len(y) // 20)
+                        smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+                        ax.plot(np.arange(window, len(y) + 1), smooth, color=color, label=label)
+                        for knot in r.get("knots") or []:
+                            ax.axvline(knot, color=color, linestyle="--", alpha=0.5)
+                    elif kind == "link" and r.get("validation_per_link"):
+                        curve = r["validation_per_link"]
+                        ax.errorbar([c["after_link"] for c in curve], [c["mean"] for c in curve],
+                                    yerr=[c["std"] or 0.0 for c in curve], marker="o", capsize=2, color=color,
+                                    label=label)
+                ax.set_title(name, fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.set_xlabel("optimizer step (knots dashed)" if kind == "loss" else "after link (0: zero-shot)")
+                ax.set_ylabel("training loss (mean over seeds)" if kind == "loss" else f"validation {metric}")
+                ax.legend(fontsize=7)
+            for p in range(len(names), rows_n * cols):
+                grid[p // cols][p % cols].axis("off")
+            fig.tight_layout()
+            key = "loss_plot" if kind == "loss" else "link_plot"
+            paths[key] = out / ("loss_curves.png" if kind == "loss" else "link_curves.png")
+            fig.savefig(paths[key], dpi=110)
+            plt.close(fig)
+    return paths
+
+
+def _short_axis(path: str) -> str:
+    from cola.llm.sweep import _short
+
+    return _short(path)

@@ -1,0 +1,272 @@
+"""``cola sweep``: grid expansion, shared runs, resume of a half-finished sweep, the statistics, the CLI.
+
+Tiny Llama models on the fixture files (each run well under a second); the statistics are
+checked on synthetic result sets whose answers are known.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cola.errors import ConfigError
+from cola.llm import stats
+from cola.llm.runner import run_experiment
+from cola.llm.sweep import (SweepSpec, axis_path, build_cells, effective, expand, load_recipe, recipe_names,
+                            run_status, run_sweep)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,
+            eval_batch_size=4, rank=2, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer):
+    return copy.deepcopy(tokenizer)
+
+
+@pytest.fixture
+def loader(tok, make_model):
+    return lambda: (make_model("llama"), tok)
+
+
+def spec(**changes) -> SweepSpec:
+    base = dict(settings=dict(TINY), grid={"links": [1, 2, 3], "lr": [5e-3, 1e-2]}, seeds=[0, 1])
+    base.update(changes)
+    return SweepSpec(**base)
+
+
+# ------------------------------------------------------------------------------ the grid
+
+def test_grid_expands_in_order_with_short_axis_names():
+    s = spec(grid={"links": [1, 2], "reinit": ["lora", "pissa"], "later_rank": [2, 4]})
+    cells = expand(s)
+    assert len(cells) == 8
+    assert list(s.grid) == ["links", "chain.reinit", "chain.rank_schedule_options.later_rank"]
+    assert cells[0] == {"links": 1, "chain.reinit": "lora", "chain.rank_schedule_options.later_rank": 2}
+    assert cells[1]["chain.rank_schedule_options.later_rank"] == 4  # the last axis varies fastest
+    assert cells[-1] == {"links": 2, "chain.reinit": "pissa", "chain.rank_schedule_options.later_rank": 4}
+    assert [c.label for c in build_cells(spec(grid={"links": [1, 3], "lr": [1e-3]}))[0]] == \
+        ["links=1 lr=0.001", "links=3 lr=0.001"]
+
+
+def test_one_link_cells_are_the_lora_baseline_run():
+    cells, extra = build_cells(spec(grid={"links": [1, 2, 3], "lr": [5e-3, 1e-2], "lr_policy": ["continue", "restart"]}))
+    assert not extra  # the baseline (method=lora at each LR) is the links=1 cell
+    by_label = {c.label: c for c in cells}
+    one = by_label["links=1 lr=0.005 lr_policy=continue"]
+    assert one.key == by_label["links=1 lr=0.005 lr_policy=restart"].key  # no knot: the LR policy cannot matter
+    assert effective(one.settings).method == "lora"
+    three = by_label["links=3 lr=0.005 lr_policy=restart"]
+    assert three.baseline_key == one.key and three.key != by_label["links=3 lr=0.005 lr_policy=continue"].key
+    assert by_label["links=3 lr=0.01 lr_policy=restart"].baseline_key == by_label["links=1 lr=0.01 lr_policy=continue"].key
+
+
+def test_a_baseline_outside_the_grid_is_run_once_for_all_cells():
+    s = spec(settings={**TINY, "method": "cola", "chain": {"merge_policy": "knots",
+                                                          "merge_policy_options": {"at": [0.5]},
+                                                          "rank_schedule": "step-down"}},
+             grid={"later_rank": [1, 2]})
+    cells, extra = build_cells(s)
+    assert len(cells) == 2 and len(extra) == 1
+    assert {c.baseline_key for c in cells} == {extra[0].key}
+    assert extra[0].label == "baseline method=lora"
+    assert effective(extra[0].settings).rank == 2  # link 0's rank of the step-down schedule
+
+
+def test_bad_axes_and_values_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        SweepSpec(settings=dict(TINY), grid={"linkz": [1], "seeds": [0], "lr": 1e-3, "reinit": []}, seeds=[0, 0],
+                  metric="f1", ci="bayes")
+    text = str(err.value)
+    for part in ("'linkz'", "links", "sets seeds itself", "lr=0.001: expected a non-empty list", "seeds=[0, 0]",
+                 "metric='f1'", "ci='bayes'"):
+        assert part in text, part
+    with pytest.raises(ConfigError) as err:
+        build_cells(spec(grid={"links": [2, 0], "reinit": ["lora", "pisa"]}))
+    text = str(err.value)
+    assert "cell links=0 reinit=lora: links=0: must be >= 1" in text and "'pisa'" in text
+    assert axis_path("chain.rank_schedule_options.later_rank") == "chain.rank_schedule_options.later_rank"
+    with pytest.raises(ConfigError, match="only a strategy's options table has parts"):
+        axis_path("chain.reinit.x")
+
+
+# ------------------------------------------------------------------------------ running and resuming
+
+def test_sweep_writes_table_intervals_plots_and_compute(tmp_path, loader):
+    s = spec(grid={"links": [1, 3]}, seeds=[0, 1, 2])
+    results = run_sweep(s, tmp_path / "sw", loader=loader)
+    assert results["status"] == "complete" and results["runs_finished"] == results["runs_expected"] == 6
+    one, three = results["cells"]
+    assert one["comparison"] is None and three["baseline"] == "links=1"
+    comp = three["comparison"]
+    assert comp["n"] == 3 and comp["seeds"] == [0, 1, 2]
+    assert comp["differences"] == pytest.approx([three["scores"][k] - one["scores"][k] for k in (0, 1, 2)])
+    assert comp["verdict"] in ("better", "worse", "within noise")
+    assert comp["flops_ratio"] == pytest.approx(1.0, abs=0.01) and comp["equal_compute"]
+    assert three["knots"] == [2, 4] and three["ranks"] == [2, 2, 2]
+    assert len(three["validation_per_link"]) == 4 and len(three["train_loss_mean"]) == 6
+    compute = three["compute"]
+    assert len(compute["train_flops_per_link"]) == 3 and compute["train_flops"] == pytest.approx(
+        sum(compute["train_flops_per_link"]))
+    assert compute["trainable_params_per_link"] == one["compute"]["trainable_params_per_link"] * 3
+    assert compute["wall_seconds"]["n"] == 3
+    out = tmp_path / "sw"
+    for name in ("results.json", "results.csv", "results.md", "accuracy_vs_links.png", "loss_curves.png",
+                 "link_curves.png", "sweep.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["cell"] for r in rows] == ["links=1", "links=3"] and rows[1]["n"] == "3"
+    assert float(rows[1]["diff_mean"]) == pytest.approx(comp["mean"])
+    md = (out / "results.md").read_text()
+    assert "| links=3 | 3 |" in md and comp["verdict"] in md
+    assert json.loads((out / "results.json").read_text())["cells"][1]["comparison"]["verdict"] == comp["verdict"]
+    # zero-shot scores are computed once per seed and shared
+    assert len(list((out / "zero_shot").glob("*.json"))) == 1
+
+
+def test_half_finished_sweep_resumes_to_the_same_results(tmp_path, loader):
+    s = spec(grid={"links": [1, 2]}, seeds=[0, 1])
+    whole = run_sweep(s, tmp_path / "whole", loader=loader)
+
+    out = tmp_path / "cut"
+    first = run_sweep(s, out, loader=loader, max_runs=1)
+    assert first["status"] == "partial" and first["runs_finished"] == 1
+    done = [p for p in (out / "runs").glob("*/seed*") if run_status(p) == "complete"]
+    stamp = {p: (p / "results.json").stat().st_mtime_ns for p in done}
+    # a run cut short inside (as by a kill between checkpoints): the next unit, stopped after 3 steps
+    cells, _ = build_cells(s)
+    two = next(c for c in cells if c.values["links"] == 2)
+    part = effective(two.settings).replace(seeds=[0], output_dir=str(out / "runs" / two.key / "seed0"), stop_after=3)
+    assert run_experiment(part, loader=loader)["status"] == "stopped"
+    assert run_status(out / "runs" / two.key / "seed0") == "partial"
+
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        run_sweep(s, out, loader=loader)
+    with pytest.raises(ConfigError, match="base settings differ"):
+        run_sweep(spec(settings={**TINY, "rank": 4}, grid={"links": [1, 2]}, seeds=[0, 1]), out, loader=loader,
+                  resume=True)
+    resumed = run_sweep(s, out, loader=loader, resume=True)
+    assert resumed["status"] == "complete" and resumed["runs_finished"] == 4
+    assert all((p / "results.json").stat().st_mtime_ns == t for p, t in stamp.items())  # skipped, not rerun
+    for a, b in zip(whole["cells"], resumed["cells"]):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-9)
+        assert a["train_loss_mean"] == pytest.approx(b["train_loss_mean"], rel=1e-6)
+
+    grown = run_sweep(spec(grid={"links": [1, 2, 3]}, seeds=[0, 1]), out, loader=loader, resume=True)
+    assert grown["runs_finished"] == 6 and [c["label"] for c in grown["cells"]] == ["links=1", "links=2", "links=3"]
+    assert grown["cells"][1]["scores"] == resumed["cells"][1]["scores"]
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, loader):
+    s = spec(grid={"links": [1, 2]}, seeds=[0], settings={**TINY, "lr": 1e30, "max_nonfinite_in_row": 1})
+    results = run_sweep(s, tmp_path / "sw", loader=loader)
+    assert results["status"] == "partial" and len(results["failures"]) == 2
+    assert "non-finite" in results["failures"][0]["error"]
+    assert "Failed runs" in (tmp_path / "sw" / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------ statistics
+
+@pytest.mark.parametrize("df,expected", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157),
+                                         (30, 2.042272), (1000, 1.962339)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-6)
+    assert stats.t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-6)
+    assert stats.t_cdf(stats.t_quantile(0.9, df), df) == pytest.approx(0.9, abs=1e-9)
+
+
+def test_paired_difference_on_known_sets():
+    comp = stats.paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    half = 4.302653 / math.sqrt(3)
+    assert comp["mean"] == pytest.approx(2.0) and comp["std"] == pytest.approx(1.0)
+    assert (comp["ci_low"], comp["ci_high"]) == pytest.approx((2 - half, 2 + half), abs=1e-5)
+    assert comp["verdict"] == "within noise"
+    # the same shift on every seed is certain, however small
+    shift = stats.paired_difference({s: 0.5 + 0.01 for s in range(3)}, {s: 0.5 for s in range(3)})
+    assert shift["verdict"] == "better" and shift["ci_low"] == pytest.approx(0.01)
+    # pairing: a large seed effect shared by both methods cancels
+    base = {s: 0.5 + 0.1 * s for s in range(5)}
+    worse = {s: v - 0.02 for s, v in base.items()}
+    assert stats.paired_difference(worse, base)["verdict"] == "worse"
+    # unpaired seeds do not count; one paired seed gives no interval
+    one = stats.paired_difference({0: 0.7, 1: 0.9}, {0: 0.6, 2: 0.1})
+    assert one["n"] == 1 and one["unpaired_seeds"] == [1, 2] and one["verdict"] == "no interval"
+    assert "no interval" in stats.format_difference(one)
+    with pytest.raises(ConfigError, match="confidence=1.5"):
+        stats.paired_difference({0: 1}, {0: 1}, confidence=1.5)
+
+
+@pytest.mark.parametrize("ci,n,low,high", [("t", 5, 0.93, 0.97), ("bootstrap", 30, 0.90, 0.97)])
+def test_intervals_cover_the_true_difference_at_their_level(ci, n, low, high):
+    rng = np.random.default_rng(0)
+    hits, reps = 0, 1000 if ci == "t" else 300
+    for r in range(reps):
+        base = rng.normal(0.7, 0.05, n)
+        method = base + 0.01 + rng.normal(0, 0.02, n)  # true mean paired difference: 0.01
+        comp = stats.paired_difference(dict(enumerate(method)), dict(enumerate(base)), ci=ci, n_boot=2000, seed=r)
+        hits += comp["ci_low"] <= 0.01 <= comp["ci_high"]
+    assert low <= hits / reps <= high
+
+
+# ------------------------------------------------------------------------------ recipes and the CLI
+
+def test_shipped_recipes_parse_and_keep_equal_compute():
+    names = recipe_names()
+    for required in ("chain-length-cpu", "rank-step-down-cpu", "chain-length-opt-1.3b", "chain-length-llama-2-7b",
+                     "rank-step-down-opt-1.3b", "rank-step-down-llama-2-7b"):
+        assert required in names
+    for name in names:
+        s = load_recipe(name)
+        cells, extra = build_cells(s)
+        assert cells and s.description
+        assert all(c.settings.rank == 8 and c.settings.alpha == 16.0 for c in cells)
+        assert all(c.settings.targets == ["q_proj", "v_proj"] for c in cells)
+        assert all(c.settings.epochs == 5.0 for c in cells)
+    assert load_recipe("chain-length-cpu").grid["links"] == [1, 2, 3]
+    step_down = load_recipe("rank-step-down-llama-2-7b")
+    assert step_down.grid["chain.rank_schedule_options.later_rank"] == [2, 4, 6, 8]
+    cells, extra = build_cells(step_down)
+    assert len(extra) == 1 and effective(extra[0].settings).method == "lora"
+
+
+def _cli(*argv: str) -> int:
+    from cola.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_sweep_dry_run_run_and_resume(tmp_path, tok, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "sw"
+    common = ["--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6", "--n-val", "2",
+              "--n-test", "4", "--steps", "6", "--batch-size", "2", "--rank", "2", "--threads", "1",
+              "--output-dir", str(out)]
+    assert _cli("-q", "sweep", *common, "--links", "1", "2", "--axis", "chain.reinit=lora,gaussian",
+                "--seeds", "0", "1", "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "4 rows, 8 runs" in text and "| links=2 reinit=gaussian |" in text and not out.exists()
+    assert _cli("-q", "sweep", *common, "--links", "1", "2", "--seeds", "0", "1", "--max-runs", "2") == 0
+    text = capsys.readouterr().out
+    assert "2 of 4 runs finished" in text and f"cola sweep --resume {out}" in text
+    assert _cli("-q", "sweep", "--resume", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "Status: complete (4/4 runs)" in text and "| links=2 | 2 |" in text
+    assert _cli("-q", "sweep", "--list-recipes") == 0
+    assert "rank-step-down-cpu" in capsys.readouterr().out
+    assert _cli("-q", "sweep", *common, "--axis", "linkz=1,2") == 2
+    assert "not a cola train setting" in capsys.readouterr().err
