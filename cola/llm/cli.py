@@ -5,6 +5,8 @@
     cola train --model meta-llama/Llama-2-7b-hf --task boolq --config my-chain.toml
     cola train --compare lora,cola --task sst2      # same data, seeds and budget; prints the gain
     cola train --dry-run                            # the plan: knots, ranks, parameters, FLOPs
+    torchrun --nproc_per_node 8 -m cola train --model meta-llama/Llama-2-7b-hf --task rte --batch-size 32 [--fsdp]
+                                                    # data-parallel on 8 GPUs; --batch-size is the global one
 
 Every flag is a field of :class:`cola.llm.settings.TrainSettings`; a config file (``--config``,
 TOML or YAML) holds the same keys and a ``[chain]`` table of :class:`cola.ChainConfig` fields.
@@ -166,20 +168,50 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``cola train``; print the plan (``--dry-run``) or the results table."""
+    """Run ``cola train``; print the plan (``--dry-run``) or the results table.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank runs this; rank 0 alone prints, shows
+    progress bars and logs at INFO (the other ranks log warnings and errors only), and the process
+    group is shut down at the end.
+    """
+    import cola.distributed as cd
+    from cola.errors import ColaError
+
+    main = cd.is_main_process()
+    try:
+        return _run(args, main)
+    except ColaError:
+        if main:
+            raise       # printed once, by rank 0 (the other ranks raised the same error)
+        return 2
+    finally:
+        cd.shutdown()
+
+
+def _run(args: argparse.Namespace, main: bool) -> int:
     from cola.llm import report
     from cola.llm.runner import run_experiment
 
+    if not main:  # rank 0 alone reports progress
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars
+        except ImportError:
+            pass
     settings = settings_from_args(args)
     if settings.dry_run:
         results = run_experiment(settings)
-        print(report.format_plan(results["plan"], results["settings"], results["flops_formula"]), end="")
+        if main:
+            print(report.format_plan(results["plan"], results["settings"], results["flops_formula"]), end="")
         return 0
-    from cola.llm.runner import _output_dir
+    from cola.llm.runner import _output_dir, on_main, start_distributed
 
     if settings.output_dir is None:
-        settings = settings.replace(output_dir=str(_output_dir(settings)))
-    progress = not getattr(args, "quiet", False)
+        start_distributed(settings)  # so that every rank takes rank 0's (time-stamped) folder name
+        settings = settings.replace(output_dir=str(on_main(lambda: _output_dir(settings))))
+    progress = main and not getattr(args, "quiet", False)
     try:
         if progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -189,9 +221,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             results = run_experiment(settings)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue from the last checkpoint with: cola train --resume {settings.output_dir}",
-              file=sys.stderr)
+        if main:
+            print(f"\ninterrupted: continue from the last checkpoint with: cola train --resume {settings.output_dir}",
+                  file=sys.stderr)
         return 130
+    if not main:
+        return 0
     print()
     print(report.markdown(results), end="")
     if results.get("summary"):

@@ -336,6 +336,11 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: T
         scores = score_examples(model, encoded, batch_size, tokenizer.pad_token_id or 0, progress, fast_path)
     finally:
         model.train(was_training)
+    return metrics(scores, encoded, task, rule)
+
+
+def metrics(scores: CandidateScores, encoded: Sequence[Any], task: Task, rule: str) -> dict[str, Any]:
+    """The metrics :func:`evaluate` reports, from the candidates' ``scores`` of the ``encoded`` examples."""
     labels = [e.label for e in encoded]
     chars = [len(c) for c in task.candidates]
     by_rule = {r: predictions(scores, chars, r) for r in RULES}

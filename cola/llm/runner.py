@@ -16,6 +16,22 @@ from which the data order follows; the loss and evaluation records so far) every
 and continues the others from their checkpoints; the result is the same as an uninterrupted
 run (bit for bit on CPU with the same thread count).
 
+Data-parallel (``torchrun --nproc_per_node N -m cola train ...`` or ``accelerate launch``): the
+process group is started from the launcher's environment (:mod:`cola.distributed`: gloo on CPU,
+nccl on GPU) and each rank trains on its own device (``cuda:LOCAL_RANK``). ``batch_size`` is the
+*global* micro-batch: every rank draws the same global batches from the seed and trains on its
+contiguous slice (losses weighted by the slice's share of examples, or of answer tokens for the
+``lm`` loss), the LoRA gradients are averaged before each optimizer step, and the chain sees the
+global mean loss, so the knots, the LR schedule and the re-inits are the same on every rank
+(checked at every knot by :func:`cola.distributed.attach`) and the run follows, to float rounding,
+the trajectory of one process with the same settings. Evaluation is sharded over the ranks and
+gathered. Only rank 0 writes files and logs progress; the decisions that read the output folder
+(resume, cached zero-shot scores, completed runs) are taken on rank 0 and broadcast. With
+``fsdp`` the frozen base model is sharded with FSDP2 (a fresh model is loaded for each run, as a
+sharded model cannot be restored), knots merge shard-locally, checkpoints hold the gathered state:
+a checkpoint resumes on any number of ranks, sharded or not. Every rank needs the output folder
+(one node, or a shared filesystem).
+
 FLOPs (plan and results) are estimates, per token of a training example::
 
     forward   2 * (N + N_lora)          N: parameters of the transformer body (embedding lookups free)
@@ -48,6 +64,7 @@ import numpy as np
 import torch
 
 import cola
+import cola.distributed as cd
 from cola.errors import ColaError, ConfigError
 from cola.llm.settings import TrainSettings
 
@@ -113,11 +130,19 @@ def epoch_batches(encoded: list, batch_size: int, seed: int, epoch: int) -> list
 
 # ============================================================================ models
 
-def default_loader(settings: TrainSettings) -> Loader:
-    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call."""
-    from cola.llm.models import load_model
+def default_loader(settings: TrainSettings, device: torch.device | None = None, fsdp: bool = False) -> Loader:
+    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call.
 
-    return lambda: load_model(settings.model, settings.dtype, settings.device)
+    ``device`` (a distributed run: this rank's device) replaces ``settings.device``. With ``fsdp``
+    the model is loaded on the CPU, in the dtype ``device`` calls for, and FSDP moves each rank's
+    shard to ``device``.
+    """
+    from cola.llm.models import load_model, resolve_dtype
+
+    if fsdp and device is not None:
+        dtype = resolve_dtype(settings.dtype, device)
+        return lambda: load_model(settings.model, dtype, "cpu")
+    return lambda: load_model(settings.model, settings.dtype, device if device is not None else settings.device)
 
 
 def meta_model(settings: TrainSettings):
@@ -161,10 +186,16 @@ class ModelHost:
     LoRA runs change only the wrapped layers' weights: their originals are kept on CPU and put
     back afterwards (no second copy of the model). A full fine-tuning run changes every weight:
     the model is reloaded for the next run.
+
+    In a distributed run ``device`` is this rank's device: each model the loader returns is moved
+    there. With ``fsdp`` :meth:`inject` also shards the model (FSDP2, LoRA factors replicated) and
+    every run gets a freshly loaded model: a sharded model cannot be put back.
     """
 
-    def __init__(self, loader: Loader):
+    def __init__(self, loader: Loader, device: torch.device | None = None, fsdp: bool = False):
         self.loader = loader
+        self.device = device
+        self.fsdp = fsdp
         self.model = None
         self.tokenizer = None
         self._originals: dict[str, torch.Tensor] = {}
@@ -178,6 +209,8 @@ class ModelHost:
 
             self.tokenizer = prepare_tokenizer(tokenizer)
             self._stale = False
+            if self.device is not None and not self.fsdp:   # under FSDP the shards go to the device
+                self.model.to(self.device)
         return self.model, self.tokenizer
 
     def inject(self, settings: TrainSettings) -> list[str]:
@@ -187,8 +220,17 @@ class ModelHost:
         low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
         names = cola.inject_lora(model, targets, settings.rank, settings.alpha, settings.dropout,
                                  lora_dtype=torch.float32 if low else None)  # train A, B in fp32 (as PEFT does)
-        self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
+        if self.fsdp:
+            shard_model(model)
+        else:
+            self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
         return names
+
+    def sharded_base(self, settings: TrainSettings):
+        """Under FSDP: the base model sharded, for zero-shot scoring. It gets zero LoRA factors
+        (``B = 0``: the outputs are the base model's, bit for bit); call :meth:`restore` after."""
+        self.inject(settings)
+        return self.model, self.tokenizer
 
     def for_full(self):
         model, tokenizer = self.get()
@@ -199,8 +241,12 @@ class ModelHost:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo a LoRA run: plain ``nn.Linear`` layers with their original weights, all frozen."""
+        """Undo a LoRA run: plain ``nn.Linear`` layers with their original weights, all frozen.
+        (Under FSDP the model is stale instead: the next :meth:`get` loads a fresh one.)"""
         if self.model is None or self._stale:
+            return
+        if self.fsdp:
+            self._stale = True
             return
         for name, weight in self._originals.items():
             module = self.model.get_submodule(name)
@@ -306,6 +352,119 @@ def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: in
             "chain": config.to_dict()}
 
 
+# ============================================================================ distributed
+
+def start_distributed(settings: TrainSettings) -> torch.device | None:
+    """Under torchrun / ``accelerate launch`` with several ranks (or one rank and ``fsdp``): start
+    the process group and return this rank's device; ``None`` for a plain single process.
+
+    The backend is gloo when ``settings.device`` is ``cpu``, else :func:`cola.distributed.init`'s
+    choice (nccl with CUDA, gloo without; ``$COLA_DIST_BACKEND`` overrides). ``device=cuda`` (or
+    unset) means each rank's own GPU, ``cuda:LOCAL_RANK``; one named GPU (``cuda:1``) is refused
+    with several ranks. Calling it again does nothing more.
+    """
+    env = cd.detect()
+    if not env.launched or (env.world_size <= 1 and not settings.fsdp):
+        return None
+    from cola.llm.models import resolve_device
+
+    requested = resolve_device(settings.device) if settings.device is not None else None
+    if requested is not None and requested.type == "cuda" and requested.index is not None and env.world_size > 1:
+        raise ConfigError(f"device={settings.device!r} names one GPU but {env.world_size} processes were launched: "
+                          "leave --device unset or pass 'cuda' (each rank then uses cuda:LOCAL_RANK)")
+    cd.init(backend="gloo" if requested is not None and requested.type == "cpu" else None)
+    if requested is None:
+        return cd.device()
+    if requested.type == "cuda":
+        return torch.device("cuda", cd.local_rank() % torch.cuda.device_count())
+    return requested
+
+
+def shard_model(model) -> None:
+    """FSDP2 over ``model`` (LoRA injected; factors replicated), in place, and make
+    :func:`as_forward` run FSDP's root hooks: the objective calls the decoder and the LM head
+    directly, not ``model.forward``, so without them the root's own weights (embeddings, final
+    norm, LM head) would stay sharded. A no-op without a process group."""
+    cd.fsdp(model)
+    if not cd.is_initialized():
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model._cola_forward = _call
+    register_fsdp_forward_method(model, "_cola_forward")
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def as_forward(model, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run as ``model``'s forward: under FSDP inside the root's pre- and post-forward hooks
+    (all-gathering its weights, registering its backward hooks on the output), else a plain call."""
+    wrapped = getattr(model, "_cola_forward", None)
+    return fn() if wrapped is None else wrapped(fn)
+
+
+def is_sharded(model) -> bool:
+    """True when ``model`` was sharded by :func:`shard_model` (its forwards are collectives)."""
+    return getattr(model, "_cola_forward", None) is not None
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only, its result (or its error) handed to every rank.
+
+    The decisions that read the output folder (resume checks, completed runs, cached scores) are
+    taken once, so that ranks cannot disagree and then wait on each other forever; rank 0's
+    :class:`ConfigError` / :class:`ColaError` is raised on every rank. A plain call with one process.
+    """
+    if not cd.is_distributed():
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    error = None
+    if cd.is_main_process():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+            problems = err.problems if isinstance(err, ConfigError) else [str(err)]
+            box[0] = ("config" if isinstance(err, ConfigError) else "error", problems)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "error":
+        raise ColaError(f"rank 0 failed: {value[0]}")
+    return value
+
+
+def check_global_batches(settings: TrainSettings, n_train: dict[int, int], world: int) -> None:
+    """Every micro-batch, the last of an epoch included, must give each of ``world`` ranks at least
+    one example (a rank with an empty slice would have nothing to run its forward on)."""
+    problems = []
+    for seed, n in n_train.items():
+        sizes = sorted({min(settings.batch_size, n)} | ({n % settings.batch_size} - {0}), reverse=True)
+        small = [b for b in sizes if b < world]
+        if small:
+            problems.append(f"batch_size={settings.batch_size} (the global micro-batch) with {n} training examples "
+                            f"(seed {seed}) gives micro-batches of {' and '.join(map(str, sizes))} examples, "
+                            f"fewer than the {world} ranks: every rank needs at least one example of each; "
+                            f"use batch_size >= {world} with n_train a multiple of it (or leaving a last batch "
+                            f"of >= {world})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _shares(batch, loss: str) -> float:
+    """What a slice of a micro-batch weighs in its mean loss: examples, or gold-answer tokens (``lm``)."""
+    if loss == "lm":
+        return float(sum(len(ex.candidates[ex.label]) for ex in batch))
+    return float(len(batch))
+
+
 # ============================================================================ the experiment
 
 @dataclass
@@ -340,14 +499,20 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     if settings.threads:
         torch.set_num_threads(settings.threads)
     task = build_task(settings)
-    out = _output_dir(settings)
+    device = None if settings.dry_run else start_distributed(settings)
+    world = cd.world_size() if device is not None else 1
+    out = on_main(lambda: _output_dir(settings))  # a default name holds the time: rank 0's
     seeds, methods = settings.seeds, settings.methods
 
     # ---- plan (no weights needed)
     if settings.dry_run and loader is None:
         model, tokenizer = meta_model(settings)
     else:
-        host = ModelHost(loader or default_loader(settings))
+        fsdp = settings.fsdp and device is not None
+        if settings.fsdp and not fsdp and not settings.dry_run:
+            log.warning("fsdp: this is a single process (not started by torchrun or accelerate launch): "
+                        "the model is not sharded")
+        host = ModelHost(loader or default_loader(settings, device, fsdp), device, fsdp)
         model, tokenizer = host.get()
     max_length = _max_length(settings, model, tokenizer)
     splits = {seed: load_data(settings, task, seed) for seed in seeds}
@@ -381,11 +546,14 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         p["eval_flops"] = eval_fwd * (n_val * n_evals + 2 * n_test)
     if settings.dry_run:
         return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
+    if world > 1:
+        check_global_batches(settings, {seed: len(splits[seed].train) for seed in seeds}, world)
 
     # ---- output folder, settings and resume checks
-    _prepare_output(settings, out)
+    on_main(lambda: _prepare_output(settings, out))
     log.info("output folder: %s", out)
-    ctx = _Context(settings, out, task, host, progress, n_params, [settings.stop_after])
+    main = cd.is_main_process()
+    ctx = _Context(settings, out, task, host, progress and main, n_params, [settings.stop_after])
     results: dict[str, Any] = {
         "version": RESULTS_VERSION, "cola_version": cola.__version__, "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else None, "output_dir": str(out),
@@ -393,6 +561,15 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA, "runs": [],
         "status": "complete",
     }
+    if device is not None:
+        import torch.distributed as dist
+
+        results["distributed"] = {"world_size": world, "backend": dist.get_backend(), "device": str(device),
+                                  "fsdp": host.fsdp, "launcher": cd.detect().launcher}
+        log.info("data-parallel over %d ranks (%s, %s%s); global micro-batch %d, %s per rank", world,
+                 results["distributed"]["backend"], device.type, ", FSDP" if host.fsdp else "",
+                 settings.batch_size, "/".join(map(str, sorted(set(cd.shard_sizes(settings.batch_size, world)),
+                                                              reverse=True))))
     zero_shot = _zero_shot(ctx, splits, max_length)
     results["zero_shot"] = {"test": zero_shot["test"],
                             "validation": {str(s): v for s, v in zero_shot["validation"].items()}}
@@ -411,7 +588,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     results["seconds"] = time.time() - started
     report.finalize(results)
-    report.write_all(results, out, plots=settings.plots)
+    files = on_main(lambda: report.write_all(results, out, plots=settings.plots))  # written when any rank returns
+    results.setdefault("files", dict(files))
     return results
 
 
@@ -460,8 +638,11 @@ def _evaluate(ctx: _Context, model, tokenizer, examples, max_length, what: str) 
     from cola.llm.objective import evaluate
 
     start = time.perf_counter()
-    result = evaluate(model, tokenizer, ctx.task, examples, ctx.settings.eval_batch_size, ctx.settings.eval_rule,
-                      max_length, progress=ctx.progress)
+    if cd.is_distributed():
+        result = _evaluate_sharded(ctx, model, tokenizer, examples, max_length)
+    else:
+        result = as_forward(model, lambda: evaluate(model, tokenizer, ctx.task, examples, ctx.settings.eval_batch_size,
+                                                    ctx.settings.eval_rule, max_length, progress=ctx.progress))
     result["seconds"] = time.perf_counter() - start
     log.info("%s: accuracy %.4f (rule %s; acc_mean %.4f, acc_sum %.4f, acc_norm %.4f; n=%d) in %.1f s", what,
              result["accuracy"], result["rule"], result["acc_mean"], result["acc_sum"], result["acc_norm"],
@@ -469,21 +650,78 @@ def _evaluate(ctx: _Context, model, tokenizer, examples, max_length, what: str) 
     return result
 
 
+def _evaluate_sharded(ctx: _Context, model, tokenizer, examples, max_length) -> dict[str, Any]:
+    """:func:`cola.llm.objective.evaluate` with the examples split over the ranks: each scores its
+    contiguous slice (batched by length, as ``evaluate`` does), the scores are gathered, and every
+    rank computes the same metrics from all of them. Under FSDP every rank runs the same number of
+    forwards (a rank with one batch fewer runs a filler batch), since each is a collective."""
+    import torch.distributed as dist
+
+    from cola.llm.objective import CandidateScores, candidate_scores, encode_examples, metrics
+
+    settings, task = ctx.settings, ctx.task
+    if not examples:
+        raise ConfigError(f"{task.name}: no examples to evaluate")
+    encoded = encode_examples(tokenizer, examples, task, max_length)
+    mine = sorted(cd.shard(list(range(len(encoded)))), key=lambda i: len(encoded[i].context), reverse=True)
+    size = settings.eval_batch_size
+    n_batches = math.ceil(max(cd.shard_sizes(len(encoded))) / size)
+    pad = tokenizer.pad_token_id or 0
+    sharded = is_sharded(model)
+    parts = []
+
+    def score() -> None:
+        for b in range(n_batches):
+            index = mine[b * size:(b + 1) * size]
+            if index:
+                s = candidate_scores(model, [encoded[i] for i in index], pad)
+                parts.append((index, s.logprob_sum.float().cpu(), s.n_tokens.float().cpu()))
+            elif sharded:
+                candidate_scores(model, encoded[:1], pad)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            as_forward(model, score)
+    finally:
+        model.train(was_training)
+    gathered: list[Any] = [None] * cd.world_size()
+    dist.all_gather_object(gathered, parts)
+    n_cand = len(encoded[0].candidates)
+    sums, counts = torch.zeros(len(encoded), n_cand), torch.zeros(len(encoded), n_cand)
+    for rank_parts in gathered:
+        for index, s, n in rank_parts:
+            sums[index], counts[index] = s, n
+    return metrics(CandidateScores(sums, counts), encoded, task, settings.eval_rule)
+
+
 def _zero_shot(ctx: _Context, splits, max_length) -> dict[str, Any]:
-    """Zero-shot scores of the base model: test once (the same for every seed), validation per seed."""
+    """Zero-shot scores of the base model: test once (the same for every seed), validation per seed.
+
+    Under FSDP the base model is scored sharded (:meth:`ModelHost.sharded_base`), then reloaded."""
     path = ctx.out / "zero_shot.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {"test": None, "validation": {}}
-    model, tokenizer = ctx.host.get()
+    cached = on_main(lambda: json.loads(path.read_text()) if path.is_file() else {"test": None, "validation": {}})
     seeds = list(splits)
+    missing = cached["test"] is None or (ctx.settings.eval_links
+                                         and any(str(seed) not in cached["validation"] for seed in seeds))
+    if not missing:
+        return {"test": cached["test"], "validation": {int(s): v for s, v in cached["validation"].items()}}
+    model, tokenizer = ctx.host.sharded_base(ctx.settings) if ctx.host.fsdp else ctx.host.get()
+    write = cd.is_main_process()
     if cached["test"] is None:
         cached["test"] = _evaluate(ctx, model, tokenizer, splits[seeds[0]].test, max_length, "zero-shot test")
-        _write_json(path, cached)
+        if write:
+            _write_json(path, cached)
     if ctx.settings.eval_links:
         for seed in seeds:
             if str(seed) not in cached["validation"]:
                 cached["validation"][str(seed)] = _evaluate(ctx, model, tokenizer, splits[seed].validation,
                                                             max_length, f"zero-shot validation (seed {seed})")
-                _write_json(path, cached)
+                if write:
+                    _write_json(path, cached)
+    if ctx.host.fsdp:
+        ctx.host.restore()
     return {"test": cached["test"], "validation": {int(s): v for s, v in cached["validation"].items()}}
 
 
@@ -495,14 +733,24 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
     key = f"{method}-seed{seed}"
     run_dir = ctx.out / "runs" / key
     record_path = run_dir / "run.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("status") == "complete":
-            log.info("%s: already complete, skipped", key)
-            return record
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = cd.is_main_process()
+
+    def completed() -> dict[str, Any] | None:
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            if record.get("status") == "complete":
+                return record
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return None
+
+    done = on_main(completed)  # rank 0 reads and decides; every rank follows
+    if done is not None:
+        log.info("%s: already complete, skipped", key)
+        return done
     ckpt_path = run_dir / "checkpoint.pt"
     start = time.perf_counter()
+    if ctx.host.fsdp:
+        ctx.host.get()  # a fresh model for each run, loaded before the seed: LoRA draws as without FSDP
     torch.manual_seed(seed)
     chain = optimizer = scheduler = None
     if method == "full":
@@ -521,6 +769,7 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
         config = settings.chain_config(method, total_steps, seed)
         chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=settings.lr, weight_decay=settings.weight_decay),
                            config)
+        cd.attach(chain)  # ranks start alike (checked) and stay alike: every knot checked (a no-op for one process)
         trainable = sum(p.numel() for p in chain.params)
     record: dict[str, Any] = {
         "method": method, "seed": seed, "status": "running", "total_steps": total_steps,
@@ -533,12 +782,8 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
     }
     if settings.eval_links:
         record["curve"].append({"after_link": 0, "step": 0, "validation": zero_shot["validation"][seed]})
-    if ckpt_path.is_file() and settings.resume:
-        try:
-            state = cola.load_checkpoint(ckpt_path)
-        except ColaError as err:
-            raise ColaError(f"{key}: cannot resume: {err}. Move the file away to restart this run from step 0 "
-                            "(the other runs keep their progress)") from None
+    if settings.resume and on_main(ckpt_path.is_file):
+        state = _load_checkpoint_everywhere(ckpt_path, key)
         _check_checkpoint(state, key)
         if chain is not None:
             chain.load_state_dict(state["chain"])
@@ -569,6 +814,7 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
     t0 = time.perf_counter()
     record["outputs"] = _save_outputs(ctx, run_dir, model, tokenizer, chain, method)
     record["seconds"]["export"] = time.perf_counter() - t0
+    record = on_main(lambda: record)  # rank 0's timings and output paths on every rank
     if chain is not None:
         record["knot_reports"] = [r.to_dict() for r in chain.history]
         record["nonfinite_steps"] = chain.nonfinite_steps
@@ -578,9 +824,10 @@ def _run_one(ctx: _Context, method: str, seed: int, splits, encoded, total_steps
     if settings.keep_checkpoints:
         _save_checkpoint(ckpt_path, key, chain, model, optimizer, scheduler, record)
         record["outputs"]["checkpoint"] = str(ckpt_path)
-    else:
+    elif main:
         ckpt_path.unlink(missing_ok=True)
-    _write_json(record_path, record)
+    if main:
+        _write_json(record_path, record)
     ctx.host.restore()
     log.info("%s: test accuracy %.4f (zero-shot %.4f) in %.0f s", key, record["test"]["accuracy"],
              zero_shot["test"]["accuracy"], time.perf_counter() - start)
@@ -606,6 +853,7 @@ def _train(ctx: _Context, key: str, model, tokenizer, chain, optimizer, schedule
         bar = tqdm(total=total_steps, initial=_steps_taken(chain, record), desc=f"training {key}", unit="step",
                    dynamic_ncols=True)
     knots_seen = len(chain.history) if chain else 0
+    distributed = cd.is_distributed()
     model.train()
     tic = time.perf_counter()
     try:
@@ -615,13 +863,24 @@ def _train(ctx: _Context, key: str, model, tokenizer, chain, optimizer, schedule
                                  "(stop_after)")
             loss_total = 0.0
             for _ in range(settings.grad_accum):
-                epoch, index = divmod(record["position"], per_epoch)
+                epoch, index = divmod(record["position"], per_epoch)  # position: global micro-batches consumed
                 if epoch != batches_epoch:
                     batches, batches_epoch = epoch_batches(encoded, settings.batch_size, seed, epoch), epoch
-                loss = training_loss(model, batches[index], settings.loss, pad) / settings.grad_accum
+                if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
+                    batch = batches[index]
+                    mine = cd.shard(batch)
+                    scale = cd.loss_scale(_shares(mine, settings.loss), _shares(batch, settings.loss))
+                    loss = as_forward(model, lambda: training_loss(model, mine, settings.loss, pad))
+                    loss = loss * scale / settings.grad_accum
+                else:
+                    loss = as_forward(model, lambda: training_loss(model, batches[index], settings.loss, pad))
+                    loss = loss / settings.grad_accum
                 loss.backward()
                 loss_total += float(loss.detach())
                 record["position"] += 1
+            if distributed:
+                cd.sync_gradients(chain if chain is not None else model)  # the mean over the global batch
+                loss_total = cd.average(loss_total)                       # the same loss on every rank
             lr_now = _current_lr(chain, optimizer, settings)
             if chain is not None:
                 took = chain.step(loss_total)
@@ -715,6 +974,11 @@ def _stop_nonfinite(ckpt_path: Path, key: str, chain, model, optimizer, schedule
 
 
 def _save_checkpoint(path: Path, key: str, chain, model, optimizer, scheduler, record) -> None:
+    """Rank 0 writes the checkpoint (every rank holds the same state), then every rank goes on.
+    Under FSDP ``chain.state_dict()`` gathers the shards: a collective that every rank joins."""
+    if not cd.is_main_process() and not is_sharded(model):
+        cd.barrier()
+        return
     state: dict[str, Any] = {"version": CHECKPOINT_VERSION, "key": key, "record": record}
     if chain is not None:
         state["chain"] = chain.state_dict()
@@ -724,8 +988,41 @@ def _save_checkpoint(path: Path, key: str, chain, model, optimizer, scheduler, r
         state["scheduler"] = scheduler.state_dict()
         state["rng"] = torch.get_rng_state()
     t0 = time.perf_counter()
-    cola.save_checkpoint(path, state)
+    cd.save_on_main(path, state)
     log.debug("%s: checkpoint at step %d in %.2f s", key, len(record["train_loss"]), time.perf_counter() - t0)
+
+
+def _load_checkpoint_everywhere(path: Path, key: str) -> dict[str, Any]:
+    """Every rank reads the checkpoint rank 0 wrote (on any number of ranks); an error on any rank
+    is raised on all of them."""
+    state, error = None, None
+
+    def unreadable(why) -> str:
+        return (f"{key}: rank {cd.rank()} cannot read the checkpoint {path} that rank 0 sees ({why}): every rank "
+                "needs the output folder (one node, or a filesystem shared by the nodes)")
+
+    try:
+        state = cola.load_checkpoint(path)
+    except ColaError as err:
+        if cd.is_distributed() and not path.is_file():
+            error = unreadable("no such file")
+        else:
+            error = (f"{key}: cannot resume: {err}. Move the file away to restart this run from step 0 "
+                     "(the other runs keep their progress)")
+    except OSError as err:
+        if not cd.is_distributed():
+            raise
+        error = unreadable(err)
+    errors = [error]
+    if cd.is_distributed():
+        import torch.distributed as dist
+
+        errors = [None] * cd.world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise ColaError(first) from None
+    return state
 
 
 def _check_checkpoint(state: dict[str, Any], key: str) -> None:
@@ -736,10 +1033,16 @@ def _check_checkpoint(state: dict[str, Any], key: str) -> None:
 
 
 def _save_outputs(ctx: _Context, run_dir: Path, model, tokenizer, chain, method: str) -> dict[str, Any]:
-    """The PEFT adapter of the whole chain, each link's adapter, and (optionally) the merged model."""
+    """The PEFT adapter of the whole chain, each link's adapter, and (optionally) the merged model.
+
+    Rank 0 writes them (the LoRA factors are replicated on every rank; every rank merges its own
+    copy, so that all end with the same model). Under FSDP each rank merges into its shards and the
+    merged weights are gathered to rank 0's CPU memory, one tensor at a time, to be written.
+    """
     settings = ctx.settings
     outputs: dict[str, Any] = {}
-    if chain is not None and (settings.save_adapter or settings.save_links):
+    main = cd.is_main_process()
+    if main and chain is not None and (settings.save_adapter or settings.save_links):
         try:
             from cola import export
         except ImportError as exc:
@@ -758,9 +1061,20 @@ def _save_outputs(ctx: _Context, run_dir: Path, model, tokenizer, chain, method:
         merged = run_dir / "merged"
         if chain is not None:
             cola.merge_and_unload(model)
-        model.save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
-        outputs["merged"] = str(merged)
+        if is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            cd.reshard(model)   # an evaluation leaves the root unsharded; gather from the shards
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if main:
+                model.save_pretrained(merged, state_dict=full)
+            del full
+        elif main:
+            model.save_pretrained(merged)
+        if main:
+            tokenizer.save_pretrained(merged)
+            outputs["merged"] = str(merged)
+        cd.barrier()
     return outputs
 
 

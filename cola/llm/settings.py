@@ -60,7 +60,10 @@ PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "
 
 #: fields that may differ when a run is resumed (they do not change the numbers)
 RUNTIME_FIELDS = ("resume", "output_dir", "dry_run", "threads", "stop_after", "keep_checkpoints",
-                  "plots", "log_every", "name", "config")
+                  "plots", "log_every", "name", "config", "fsdp")
+"""``fsdp`` is one of them like the number of ranks, which is no setting at all: a checkpoint holds the
+gathered state, so a run may continue sharded or replicated on any number of ranks (the numbers agree to
+float rounding)."""
 
 
 def _f(default: Any, kind: str, help: str, **extra: Any) -> Any:
@@ -108,8 +111,11 @@ class TrainSettings:
                                 group="model and data")
     dtype: str | None = _f(None, "str?", "float32, bfloat16, float16 or auto (default: float32 on CPU, "
                            "bfloat16 on CUDA)", group="model and data", choices=DTYPE_NAMES)
-    device: str | None = _f(None, "str?", "cpu, cuda, cuda:1, ... (default: CUDA when available)",
-                            group="model and data")
+    device: str | None = _f(None, "str?", "cpu, cuda, cuda:1, ... (default: CUDA when available; under "
+                            "torchrun/accelerate each rank's own GPU, cuda:LOCAL_RANK)", group="model and data")
+    fsdp: bool = _f(False, "bool", "under torchrun/accelerate: shard the frozen base model over the ranks with "
+                    "FSDP2 (fully_shard), LoRA factors replicated; lora/cola only (default: replicated, "
+                    "DDP-style)", group="model and data")
 
     # -- method ------------------------------------------------------------------------------
     method: str = _f("cola", "str", "lora (one link), cola (--links links over the same steps) or full "
@@ -329,6 +335,9 @@ def _value_problems(v: Any) -> list[str]:
     if v.n_val == 0 and v.eval_links:
         p.append("n_val=0 with eval_links: evaluating after every link needs validation examples "
                  "(or pass --no-eval-links)")
+    if v.fsdp and "full" in (v.compare or [v.method]):
+        p.append("fsdp with method 'full': cola train shards LoRA runs only (the LoRA factors stay replicated); "
+                 "drop --fsdp, or drop 'full' from --method/--compare")
     if v.targets is not None and not v.targets:
         p.append("targets: give at least one module name pattern")
     p += _task_problems(v)

@@ -69,13 +69,13 @@ AXIS_ALIASES = {
 #: settings a grid may not vary: the sweep owns them, or they do not change the numbers
 NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config", "threads",
             "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter", "save_links",
-            "save_merged")
+            "save_merged", "fsdp")
 #: what a sweep's runs default to (each run's adapters and plots are rarely wanted; flags win)
 SWEEP_DEFAULTS = {"save_adapter": False, "save_links": False, "plots": False}
 #: settings that do not change what a run computes (left out of its identity)
 _NOT_IDENTITY = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config",
                  "threads", "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter",
-                 "save_links", "save_merged")
+                 "save_links", "save_merged", "fsdp")
 #: chain fields that only matter at a knot (dropped from a one-link run's identity)
 _KNOT_ONLY = ("links", "knots", "merge_policy", "merge_policy_options", "merge_rule", "merge_rule_options",
               "optimizer_policy", "optimizer_policy_options", "lr_policy", "lr_policy_options", "rank_schedule",
@@ -383,11 +383,6 @@ class _ModelCache:
     def loader(self, settings: TrainSettings) -> Callable[[], tuple[Any, Any]]:
         key = (settings.model, settings.dtype, settings.device)
 
-        if getattr(settings, "fsdp", False) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from cola.llm.models import load_model
-
-            return lambda: load_model(settings.model, settings.dtype, settings.device)  # sharded: fresh each time
-
         def load():
             if self.key != key or self.model is None or not self._pristine():
                 from cola.llm.models import load_model
@@ -490,6 +485,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
     units = _units(spec, cells, extra)
     if dry_run:
         return _plan(spec, cells, extra, out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
+                          "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
+                          "supported yet), or launch cola train per cell")
     _prepare(spec, out, resume)
     cache = _ModelCache()
     done_now, failures = 0, []
