@@ -309,8 +309,13 @@ def effective(settings: TrainSettings) -> TrainSettings:
 
 
 def run_key(settings: TrainSettings) -> str:
-    """A short hash of what :func:`effective` ``settings`` compute."""
-    data = {k: v for k, v in effective(settings).to_dict().items() if k not in _NOT_IDENTITY}
+    """A short hash of what :func:`effective` ``settings`` compute.
+
+    Settings at their default are left out, so that a setting added in a later version (at a
+    default that keeps the old behaviour) does not change the keys of finished runs.
+    """
+    data = {k: v for k, v in effective(settings).to_dict().items()
+            if k not in _NOT_IDENTITY and v != default_of(k)}
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -290,3 +290,13 @@ def test_readme_sweep_on_the_embedded_model_shortened(tmp_path, capsys):
     assert three["compute"]["trainable_params_per_link"] == [460800] * 3
     for name in ("results.md", "results.csv", "accuracy_vs_links.png", "loss_curves.png", "link_curves.png"):
         assert (out / name).is_file()
+
+
+def test_run_keys_ignore_settings_at_their_default():
+    """A setting added later at a behaviour-keeping default must not orphan finished runs."""
+    from cola.llm.settings import TrainSettings
+    from cola.llm.sweep import run_key
+
+    plain = TrainSettings(**TINY)
+    assert run_key(plain) == run_key(plain.replace(fsdp=False, weight_decay=0.0, dropout=0.0))
+    assert run_key(plain) != run_key(plain.replace(weight_decay=0.1))
