@@ -248,11 +248,9 @@ def test_an_error_on_rank_0_reaches_every_rank(launched):
 @pytest.fixture(scope="module")
 def tiny_llama_folder(tmp_path_factory):
     """The tiny Llama and tokenizer saved with save_pretrained, as `cola train --model` reads them."""
-    from conftest import build_tokenizer, tiny_llama
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(folder)
+    tok = script.build_tokenizer()  # tests/llm/conftest.py's, bound when the script was imported
+    script.tiny_llama(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
