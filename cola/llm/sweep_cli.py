@@ -137,10 +137,10 @@ def spec_from_args(args: argparse.Namespace):
     given_axes = [(k[5:], v) for k, v in given.items() if k.startswith("grid:")] + list(given.get("axes") or [])
     for key, values in given_axes:  # several values: an axis; one value: a base setting (replacing any axis)
         path = axis_path(key)
-        grid.pop(path, None)
         if len(values) > 1:
-            grid[path] = list(values)
+            grid[path] = list(values)  # an axis the recipe has keeps its place (and the labels their order)
         elif values:
+            grid.pop(path, None)
             set_path(merged, path, values[0])
     for path in grid:  # an axis replaces the same setting in the base settings
         head, _, rest = path.partition(".")
