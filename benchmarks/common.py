@@ -602,6 +602,25 @@ def write_json(data: dict[str, Any], name: str, output: str | Path | None = None
     return path
 
 
+def settings_of(args) -> dict[str, Any]:
+    """A benchmark's settings as recorded in its result: its arguments less the output options."""
+    return {k: v for k, v in vars(args).items() if k not in ("output", "quiet")}
+
+
+def publish(result: dict[str, Any], name: str, args, render, target_digits: int | None = None) -> dict[str, Any]:
+    """Write ``result`` (:func:`write_json` to ``args.output``), print ``render(result)`` and, with
+    ``target_digits``, the table of ``result["targets"]``; return ``result``."""
+    path = write_json(result, name, args.output)
+    print(render(result))
+    if target_digits is not None:
+        print()
+        print(markdown_table(["target", "measured", "met"],
+                             [[k, f"{v['value']:.{target_digits}f}", "yes" if v["met"] else "NO"]
+                              for k, v in result["targets"].items()]))
+    print(f"\nwritten: {path}")
+    return result
+
+
 def _json_default(obj):
     if isinstance(obj, (torch.dtype, torch.device, Path)):
         return str(obj)

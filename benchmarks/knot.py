@@ -196,13 +196,7 @@ def main(argv=None) -> dict[str, Any]:
         v = max(m["knot_peak_delta"] for m in mv.values()) / pb
         targets["no full-model copy in a knot (max knot peak / model size)"] = {"value": v, "met": v < 0.5}
     result["targets"] = targets
-    path = C.write_json(result, NAME, args.output)
-    print(render(result))
-    print()
-    print(C.markdown_table(["target", "measured", "met"],
-                           [[k, f"{v['value']:.4f}", "yes" if v["met"] else "NO"] for k, v in targets.items()]))
-    print(f"\nwritten: {path}")
-    return result
+    return C.publish(result, NAME, args, render, target_digits=4)
 
 
 if __name__ == "__main__":

@@ -150,12 +150,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     C.apply_threads(args)
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("output", "quiet")},
-              **run(args, C.logger(args))}
-    path = C.write_json(result, NAME, args.output)
-    print(render(result))
-    print(f"\nwritten: {path}")
-    return result
+    return C.publish({"settings": C.settings_of(args), **run(args, C.logger(args))}, NAME, args, render)
 
 
 if __name__ == "__main__":

@@ -128,13 +128,7 @@ def main(argv=None) -> dict[str, Any]:
         v = cola_["training_peak_delta"] / lora["training_peak_delta"]
         targets["COLA training peak <= 1.05 x LoRA"] = {"value": v, "met": v <= 1.05}
     result["targets"] = targets
-    path = C.write_json(result, NAME, args.output)
-    print(render(result))
-    print()
-    print(C.markdown_table(["target", "measured", "met"],
-                           [[k, f"{v['value']:.3f}", "yes" if v["met"] else "NO"] for k, v in targets.items()]))
-    print(f"\nwritten: {path}")
-    return result
+    return C.publish(result, NAME, args, render, target_digits=3)
 
 
 if __name__ == "__main__":

@@ -230,13 +230,8 @@ def main(argv=None) -> dict[str, Any]:
     for shape in shapes:
         models[shape] = bench_model(shape, args, log)
         C.free()
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("output", "quiet")},
-              "models": models}
-    result["targets"] = targets_met(models)
-    path = C.write_json(result, NAME, args.output)
-    print(render(result))
-    print(f"\nwritten: {path}")
-    return result
+    result = {"settings": C.settings_of(args), "models": models, "targets": targets_met(models)}
+    return C.publish(result, NAME, args, render)
 
 
 if __name__ == "__main__":
