@@ -286,9 +286,14 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             "train_seconds": round(r["seconds"]["train"], 2), "eval_seconds": round(r["seconds"]["eval"], 2),
             "train_flops": sum(flops) if flops else None,
         })
+    write_rows(path, CSV_COLUMNS, rows)
+
+
+def write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """``rows`` as a CSV file with a header of ``columns``, written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)

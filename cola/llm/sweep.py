@@ -412,12 +412,10 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from cola.llm.runner import _json_default
+    from cola.llm import runner
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    runner._write_json(path, obj)
 
 
 def _zero_shot_key(settings: TrainSettings) -> str:
@@ -487,9 +485,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
     started = time.time()
     out = Path(out)
     cells, extra = build_cells(spec)
-    units = _units(spec, cells, extra)
     if dry_run:
         return _plan(spec, cells, extra, out)
+    units = _units(spec, cells, extra)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "

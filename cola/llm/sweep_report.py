@@ -12,17 +12,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cola.llm import stats
+from cola.llm import report, stats
+from cola.llm.sweep import _short, label_of
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +128,6 @@ def log_summary(results: dict[str, Any]) -> None:
 
 # ============================================================================ files
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str, str]:
     """Write the results files (and plots unless ``plots`` is false); return their paths."""
     from cola.llm.runner import _json_default
@@ -149,9 +142,9 @@ def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> d
         except ImportError as exc:
             log.warning("plots not written: %s", exc)
     results["files"] = written
-    _atomic_text(files["markdown"], markdown(results))
+    report._atomic_text(files["markdown"], markdown(results))
     write_csv(results, files["csv"])
-    _atomic_text(files["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
+    report._atomic_text(files["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
     return written
 
 
@@ -192,20 +185,12 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
-    columns, rows = csv_rows(results)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    report.write_rows(path, *csv_rows(results))
 
 
 # ============================================================================ plots
 
 def _others(row: dict[str, Any], exclude: set[str], axes: list[str]) -> str:
-    from cola.llm.sweep import label_of
-
     return label_of({a: row["values"][a] for a in axes if a not in exclude and a in row["values"]})
 
 
@@ -315,7 +300,7 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
                 for i, r in enumerate(panels[name]):
                     color = f"C{i}"
                     label = r["label"] if not first else (
-                        f"{_short_axis(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
+                        f"{_short(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
                         else r["label"])
                     if kind == "loss" and r.get("train_loss_mean"):
                         y = np.array(r["train_loss_mean"])
@@ -342,9 +327,3 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
             fig.savefig(paths[key], dpi=110)
             plt.close(fig)
     return paths
-
-
-def _short_axis(path: str) -> str:
-    from cola.llm.sweep import _short
-
-    return _short(path)
