@@ -17,12 +17,13 @@ from .hookspecs import hookimpl, hookspec
 from .inject import default_target_modules, inject_lora, lora_layers, merge_and_unload
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
+from .planning import Plan, plan
 from .strategies import LRInfo, ReinitInfo, StepInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chain", "ChainConfig", "KnotReport", "LoRALinear", "PluginManager", "StepInfo", "ReinitInfo", "LRInfo",
+    "Chain", "ChainConfig", "KnotReport", "Plan", "plan", "LoRALinear", "PluginManager", "StepInfo", "ReinitInfo", "LRInfo",
     "ColaError", "ConfigError", "NonFiniteMergeError", "PluginError", "UnknownStrategyError",
     "inject_lora", "lora_layers", "merge_and_unload", "default_target_modules", "stacked_factors",
     "effective_rank", "hookimpl", "hookspec", "get_plugin_manager", "save_checkpoint", "load_checkpoint",

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from . import _dtensor as dt
-from .config import STRATEGY_KINDS, ChainConfig, schedule_multiplier
-from .errors import ConfigError, NonFiniteMergeError, UnknownStrategyError
+from .config import ChainConfig, schedule_multiplier
+from .errors import ConfigError, NonFiniteMergeError
 from .inject import lora_layers
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
+from .planning import Plan, build_strategies, check_rank, plan
 from .strategies import LRInfo, ReinitInfo, StepInfo
 
 log = logging.getLogger(__name__)
@@ -140,18 +141,12 @@ class Chain:
 
     # ------------------------------------------------------------------ set-up
     def _build_strategies(self) -> dict[str, Any]:
-        strategies, problems, error_type = {}, [], ConfigError
-        for kind in STRATEGY_KINDS:
-            try:
-                strategies[kind] = self.pm.create(kind, getattr(self.config, kind), self.config,
-                                                  self.config.options(kind))
-            except ConfigError as err:
-                problems += err.problems
-                if isinstance(err, UnknownStrategyError):
-                    error_type = UnknownStrategyError
-        if problems:
-            raise error_type(problems)
-        return strategies
+        return build_strategies(self.config, self.pm)
+
+    def plan(self) -> Plan:
+        """The chain's :class:`cola.Plan` (knots, rank per link) for the largest base rank of its layers."""
+        base = max(self.base_ranks.values())
+        return plan(self.config, base, None, strategies=self.strategies)
 
     def planned_knots(self) -> list[int] | None:
         """The knots the merge policy will tie, when it knows them in advance."""
@@ -160,35 +155,27 @@ class Chain:
 
     def planned_ranks(self) -> list[int]:
         """The rank (for the layers' base rank) of each planned link."""
-        knots = self.planned_knots()
-        n_links = len(knots) + 1 if knots is not None else self.config.links
-        base = max(self.base_ranks.values())
-        return [self.strategies["rank_schedule"].rank(k, base) for k in range(n_links)]
+        return list(self.plan().ranks)
 
     def _rank_for(self, name: str, link: int) -> int:
         rank = self.strategies["rank_schedule"].rank(link, self.base_ranks[name])
-        layer = self.layers[name]
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= layer.max_rank:
-            raise ConfigError(f"rank schedule {self.config.rank_schedule!r} gave rank {rank!r} for link {link} "
-                              f"of {name}; allowed: integers in [1, {layer.max_rank}]")
-        return rank
+        return check_rank(rank, self.layers[name].max_rank, self.config.rank_schedule, link, f" of {name}")
 
     def _check_planned_ranks(self) -> None:
-        knots = self.planned_knots()
-        n_links = len(knots) + 1 if knots is not None else self.config.links
+        """The plan holds for every layer: each (base rank, largest rank) pair is checked once."""
         problems = []
-        for link in range(n_links):
-            for name in self.layers:
-                try:
-                    self._rank_for(name, link)
-                except ConfigError as err:
-                    problems += err.problems
-                    break
+        pairs = sorted({(self.base_ranks[n], layer.max_rank) for n, layer in self.layers.items()})
+        for base, limit in pairs:
+            try:
+                plan(self.config, base, limit, strategies=self.strategies)
+            except ConfigError as err:
+                where = [n for n, layer in self.layers.items() if (self.base_ranks[n], layer.max_rank) == (base, limit)]
+                problems += [f"{p} (layers such as {where[0]})" for p in err.problems if p not in problems]
         if problems:
             raise ConfigError(problems)
 
-    def _reinit(self, name: str, layer: LoRALinear) -> None:
-        rank = self._rank_for(name, self.link)
+    def _reinit(self, name: str, layer: LoRALinear, rank: int | None = None) -> None:
+        rank = self._rank_for(name, self.link) if rank is None else rank
         self.strategies["reinit"].reinit(layer, rank, ReinitInfo(name, self.link, self.generator))
 
     # ------------------------------------------------------------------ training
@@ -281,6 +268,9 @@ class Chain:
         self.pm.notify("cola_before_merge", chain=self, link=merged_link, step=step)
         dt.reshard_fsdp(self.model)  # FSDP: merge into the shards, never into a transient unsharded copy
         grad_norm = self._grad_norm() if self.config.diagnostics else None
+        # everything the knot needs is checked before anything is written: the next link's ranks
+        # (a schedule whose plan is not known ahead may give a bad one only now) and finite updates
+        ranks = {name: self._rank_for(name, merged_link + 1) for name in self.layers}
         updates = self._checked_updates(merged_link, step)
         for name, layer in self.layers.items():            # nothing is written before this loop
             layer.fold_(*updates[name][:3])
@@ -289,7 +279,7 @@ class Chain:
         del updates
         self.link += 1
         for name, layer in self.layers.items():
-            self._reinit(name, layer)
+            self._reinit(name, layer, ranks[name])
         self._repoint_optimizer()
         info = self._step_info()
         self.strategies["optimizer_policy"].apply(self.optimizer, self.params, info)

@@ -10,6 +10,8 @@ from .errors import ConfigError, closest
 
 STRATEGY_KINDS = ("merge_policy", "rank_schedule", "reinit", "merge_rule", "optimizer_policy", "lr_policy")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_LINKS = 3
+"""The chain's length when none is given: the paper's longest chain (``cola train`` uses it too)."""
 
 
 @dataclass
@@ -17,7 +19,10 @@ class ChainConfig:
     """How a chain of LoRA links is trained. Validated on construction; all problems reported at once."""
 
     total_steps: int = field(metadata={"help": "T: optimizer steps of the whole chain"})
-    links: int = field(default=1, metadata={"help": "number of links for the 'even' merge policy"})
+    links: int = field(default=DEFAULT_LINKS, metadata={
+        "help": "number of links (1 = plain LoRA): the 'even' merge policy splits total_steps into this many; "
+                "a policy that plans its own knots ('knots', 'every') ignores it, and for one that decides while "
+                "training ('plateau') it is the number of links the rank schedule is checked for"})
     knots: list[int] | None = field(default=None, metadata={
         "help": "explicit knot steps for the 'knots' merge policy (strictly increasing, in [1, T])"})
     merge_policy: str = field(default="even", metadata={"help": "when to tie a knot"})
@@ -62,8 +67,9 @@ class ChainConfig:
             T = None
         if not is_int(self.links) or self.links < 1:
             p.append(f"links={self.links!r}: must be an integer >= 1")
-        elif T is not None and self.links > T:
-            p.append(f"links={self.links} > total_steps={T}: every link needs at least one step")
+        elif T is not None and self.links > T and self.merge_policy == "even":
+            p.append(f"links={self.links} > total_steps={T}: every link of the 'even' policy needs at least one "
+                     "step (links=1 is a single link, plain LoRA)")
         if self.knots is not None:
             knots = self.knots
             if not isinstance(knots, (list, tuple)) or not all(is_int(k) for k in knots):

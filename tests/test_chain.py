@@ -242,15 +242,15 @@ def test_plateau_ties_knots_when_loss_stalls():
 
 def test_model_without_lora_and_bad_optimizer_factory():
     with pytest.raises(cola.ConfigError, match="inject_lora"):
-        cola.Chain(MLP(), lambda p: torch.optim.SGD(p, lr=1), cola.ChainConfig(total_steps=2))
+        cola.Chain(MLP(), lambda p: torch.optim.SGD(p, lr=1), cola.ChainConfig(total_steps=2, links=1))
     model = MLP()
     cola.inject_lora(model, ["fc1"])
     with pytest.raises(cola.ConfigError, match="not a torch.optim.Optimizer"):
-        cola.Chain(model, lambda p: object(), cola.ChainConfig(total_steps=2))
+        cola.Chain(model, lambda p: object(), cola.ChainConfig(total_steps=2, links=1))
 
 
 def test_rac_freezes_one_side_and_trains_the_other():
-    model, chain = make_chain(cola.ChainConfig(total_steps=4, reinit="rac", reinit_options={"train": "A"}))
+    model, chain = make_chain(cola.ChainConfig(total_steps=4, links=1, reinit="rac", reinit_options={"train": "A"}))
     layer = chain.layers["fc1"]
     assert layer.lora_A.requires_grad and not layer.lora_B.requires_grad
     assert torch.count_nonzero(layer.lora_A) == 0 and torch.count_nonzero(layer.lora_B) > 0

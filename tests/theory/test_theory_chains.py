@@ -60,7 +60,7 @@ def test_sketched_gd_step_is_the_projected_gradient_step(probs):
     for train, seed in (("A", 0), ("B", 1)):
         model, layer = lora_model(p.W0 + 0.1, rank=3)
         gamma = 1.0 / p.beta
-        config = cola.ChainConfig(total_steps=2, reinit="rac", reinit_options={"train": train}, seed=seed)
+        config = cola.ChainConfig(total_steps=2, links=1, reinit="rac", reinit_options={"train": train}, seed=seed)
         chain = cola.Chain(model, lambda params: SketchedGD(params, gamma, [layer]), config)
         W = model.matrix()
         G = p.grad(W)
