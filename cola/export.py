@@ -3,12 +3,12 @@
 The whole chain ``W_0 + sum_j s_j B_j A_j`` is one LoRA adapter of rank ``sum_j r_j`` over the
 original base weights: ``A = [A_1; ...; A_m]``, ``B = [s_1 B_1, ..., s_m B_m]`` with
 ``lora_alpha = r`` (scale 1). ``peft.PeftModel.from_pretrained(base, folder)`` loads it. The
-files are written to a temporary folder and renamed into place.
+config is a ``peft.LoraConfig`` saved by itself; the files are written to a temporary folder and
+renamed into place.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,21 +19,21 @@ import torch
 
 from .chain import Chain
 from .errors import ColaError, ConfigError
+from .io import write_json
 from .lora import LoRALinear
 
 
 def _adapter_config(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str | None,
-                    task_type: str | None) -> dict[str, Any]:
+                    task_type: str | None) -> Any:
+    """The ``peft.LoraConfig`` of ``factors`` at scale 1: ``lora_alpha = r`` for every module."""
+    from peft import LoraConfig
+
     ranks = {name: A.shape[0] for name, (_, A) in factors.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     pattern = {name: k for name, k in ranks.items() if k != r}
-    return {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base,
-        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(factors), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
-    }
+    return LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
+                      target_modules=sorted(factors), lora_dropout=0.0, bias="none", task_type=task_type,
+                      base_model_name_or_path=base, inference_mode=True)
 
 
 def write_adapter(folder: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -52,8 +52,7 @@ def write_adapter(folder: str | os.PathLike, factors: dict[str, tuple[torch.Tens
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous().cpu()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        config = _adapter_config(factors, base_model_name_or_path, task_type)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        _adapter_config(factors, base_model_name_or_path, task_type).save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -108,7 +107,5 @@ def save_link_adapters(chain: Chain, folder: str | os.PathLike, base_model_name_
     manifest = {"base_model_name_or_path": base, "total_steps": chain.config.total_steps,
                 "steps_taken": chain.step_count, "knots": knots, "links": entries,
                 "note": "W = W_0 + sum of every link's B @ A (each adapter has scale 1)"}
-    tmp = folder / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / "manifest.json")
+    write_json(folder / "manifest.json", manifest)
     return folder

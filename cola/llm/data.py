@@ -12,20 +12,22 @@ the test set with ``test_seed`` and then draws train and validation from the res
 
 Local layout: ``<data_dir>/<task>/train.<ext>`` and ``validation.<ext>`` (``val`` and ``dev``
 also accepted), or the same files directly in ``data_dir``, or ``data_dir`` a single file;
-``<ext>`` is ``jsonl``, ``json``, ``csv`` or ``parquet``. Text must be UTF-8: rows with
-invalid bytes are dropped and counted.
+``<ext>`` is ``jsonl``, ``json``, ``csv`` or ``parquet``, read by ``datasets`` (in memory; its
+cache files go to a temporary folder removed afterwards). Text must be UTF-8: rows with invalid
+bytes are dropped and counted.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
+import contextlib
 import html
 import importlib.util
-import io
 import json
 import logging
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,24 +240,32 @@ def _load_hub(task: Task) -> tuple[list[Row], list[Row] | None, str]:
 # ------------------------------------------------------------------------------------ files
 
 def read_rows(path: Path) -> list[Row]:
-    """Rows of a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, as dicts.
+    """Rows of a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, as dicts, read by ``datasets``.
 
-    Text is decoded as UTF-8; rows holding invalid bytes are dropped and the count logged.
+    JSON: one object a line, a list of objects, ``{"data": [...]}`` or ``{"column": [values]}``.
+    CSV: every cell is a string (as written; an empty cell is ``""``). A UTF-8 byte order mark is
+    skipped. Text is decoded as UTF-8; rows holding invalid bytes are dropped and the count logged.
 
     Raises:
-        DataError: a missing file, an unknown extension, malformed content, or no readable row.
+        DataError: a missing file, an unknown extension, malformed content (naming the line of a
+            JSON file where it can), or no readable row.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower().lstrip(".")
-    if suffix == "parquet":
-        return _read_parquet(path)
     if suffix not in EXTENSIONS:
         raise DataError(f"data file {path}: unknown extension {path.suffix!r}; use one of {', '.join(EXTENSIONS)}")
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    rows = _read_csv(text) if suffix == "csv" else _read_json(text, path)
-    readable = [row for row in rows if not _has_bad_bytes(row)]
+    with datasets_session() as cache_dir:
+        try:
+            rows, marker = _load_file(path, suffix, cache_dir), None
+        except UnicodeDecodeError:
+            rows, marker = _load_marking_bad_bytes(path, suffix, cache_dir)
+    if suffix in ("json", "jsonl"):
+        rows = _unwrap_json(rows, path)
+    if marker is None:
+        return rows
+    readable = [row for row in rows if not any(isinstance(v, str) and marker in v for v in row.values())]
     if len(readable) < len(rows):
         logger.warning("%s: dropped %d of %d rows that are not valid UTF-8", path, len(rows) - len(readable),
                        len(rows))
@@ -265,52 +275,128 @@ def read_rows(path: Path) -> list[Row]:
     return readable
 
 
-def _has_bad_bytes(row: Row) -> bool:
-    return any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in row.values())
+def _load_file(path: Path, suffix: str, cache_dir: str, shown: Path | None = None,
+               encoding: str = "utf-8") -> list[Row]:
+    """``datasets.load_dataset`` on one local file, in memory, its cache files in ``cache_dir``.
 
+    Call it inside :func:`datasets_session`.
 
-def _read_csv(text: str) -> list[Row]:
-    return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+    Raises:
+        UnicodeDecodeError: the file is not valid UTF-8.
+        DataError: anything else (naming ``shown``, the file the user gave).
+    """
+    import datasets
 
-
-def _read_json(text: str, path: Path) -> list[Row]:
+    shown = shown or path
+    builder = {"jsonl": "json"}.get(suffix, suffix)
+    options: dict[str, Any] = {}
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return _read_json_lines(text, path)
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        columns = list(data)
-        data = [dict(zip(columns, values)) for values in zip(*data.values())]
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{path}: expected a list of objects, one per example")
-    return data
+        if suffix == "csv":  # strings as written: no type guessing, no "NA" -> null, no index column
+            import pandas
+
+            columns = pandas.read_csv(path, nrows=0, encoding=encoding).columns
+            options = {"features": datasets.Features({str(c): datasets.Value("string") for c in columns}),
+                       "keep_default_na": False, "index_col": False, "encoding": encoding}
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
+                                       cache_dir=cache_dir, **options)
+    except Exception as exc:  # datasets wraps the parser's error (often twice)
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise cause from None
+        if (isinstance(exc, ValueError) and "corresponds to no data" in str(exc)
+                or type(cause).__name__ == "EmptyDataError"):
+            return []  # an empty file, or a CSV header alone: check_rows says so
+        where = _json_problem(path) if suffix in ("json", "jsonl") else None
+        if where:
+            raise DataError(f"{shown}, {where}") from None
+        raise DataError(f"{shown}: could not read it as {builder.upper()} ({type(cause).__name__}: "
+                        f"{cause})") from None
+    return loaded.to_list()
 
 
-def _read_json_lines(text: str, path: Path) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _load_marking_bad_bytes(path: Path, suffix: str, cache_dir: str) -> tuple[list[Row], str]:
+    """Read a file that is not valid UTF-8: every invalid byte becomes a marker character absent from
+    the file (U+FFFD, or a Unicode noncharacter), in a UTF-8 copy that ``datasets`` reads.
+
+    Returns:
+        The rows and the marker.
+    """
+    if suffix == "parquet":  # arrow checks the strings it stores: this is not a text encoding problem
+        raise DataError(f"{path}: a parquet file holds text that is not valid UTF-8")
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    marker = next((c for c in map(chr, (0xFFFD, *range(0xFDD0, 0xFDF0))) if c not in text), None)
+    if marker is None:
+        raise DataError(f"{path} is not valid UTF-8; convert the file, e.g. iconv -f latin1 -t utf-8 {path.name}")
+    copy = Path(cache_dir) / f"utf8{path.suffix}"
+    copy.write_text(re.sub("[\udc80-\udcff]", marker, text), encoding="utf-8", newline="")
+    return _load_file(copy, suffix, cache_dir, shown=path), marker
+
+
+@contextlib.contextmanager
+def datasets_session() -> Iterator[str]:
+    """A temporary cache folder for ``datasets`` (removed afterwards, so nothing lands in the user's
+    cache), with its progress bars and log lines off (its errors come back as exceptions); both
+    settings are restored after.
+
+    Raises:
+        DataError: the ``datasets`` package is not installed.
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("reading data files needs the datasets package: pip install datasets") from exc
+    bars, level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cola-data-", ignore_cleanup_errors=True) as cache:
+            yield cache
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON file that ``datasets`` could not read goes wrong (``line N: ...``), for the error."""
+    text = path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":  # one document, broken at exc.lineno
+            return f"line {exc.lineno}: not valid JSON ({exc.msg})"
+    else:
+        return "expected objects (one per example): one a line, a list of them, or {\"data\": [...]}"
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON Lines
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            return f"line {number}: not valid JSON ({exc.msg})"
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+            return f"line {number}: expected a JSON object, got {type(row).__name__}"
+    return None
+
+
+def _unwrap_json(rows: list[Row], path: Path) -> list[Row]:
+    """A file holding one object: ``{"data": [rows]}`` or ``{"column": [values]}`` become rows."""
+    if len(rows) != 1:
+        return rows
+    only = rows[0]
+    if isinstance(only.get("data"), list):
+        rows = only["data"]
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a list of objects, one per example")
+    elif only and all(isinstance(v, list) for v in only.values()):
+        rows = [dict(zip(only, values)) for values in zip(*only.values())]
     return rows
-
-
-def _read_parquet(path: Path) -> list[Row]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
-    return pq.read_table(path).to_pylist()
 
 
 # ------------------------------------------------------------------------------------ tweets
@@ -344,8 +430,8 @@ def load_tweets(path: Path | None = None, balance: bool = True) -> list[Row]:
         Rows ``{"text": str, "sentiment": "negative" | "positive"}``.
     """
     path = path or tweets_file()
-    with open(path, encoding="latin-1", newline="") as handle:
-        raw = list(csv.DictReader(handle))
+    with datasets_session() as cache_dir:
+        raw = _load_file(path, "csv", cache_dir, encoding="latin-1")
     counts: collections.Counter[str] = collections.Counter()
     rows: list[Row] = []
     seen: set[str] = set()

@@ -12,21 +12,28 @@ every seed), so the per-seed difference removes what the two runs share. What is
 * a verdict: ``"better"`` / ``"worse"`` when the interval excludes zero, ``"within noise"`` when it
   covers zero, ``"no interval"`` with fewer than two paired seeds.
 
-Everything here is plain Python/numpy (no scipy): the t quantile comes from the regularised
-incomplete beta function, accurate to about 1e-10.
+The distributions are scipy's: the t quantile and cdf are :data:`scipy.stats.t`, the bootstrap is
+:func:`scipy.stats.bootstrap` (percentile method, seeded; it draws the same resamples as
+``rng.integers(0, n, (n_boot, n))`` on ``numpy.random.default_rng(seed)``). A sample whose values
+are all equal has the interval ``[mean, mean]`` under either method.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from cola.errors import ConfigError
 
 CI_METHODS = ("t", "bootstrap")
+
+# scipy 1.15 renamed ``random_state`` to ``rng`` (both take a numpy Generator).
+_RNG_KEYWORD = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
 
 
 # ============================================================================ summaries
@@ -43,75 +50,23 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
 
 # ============================================================================ Student's t
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+def _check_df(df: float) -> None:
+    if df <= 0:
+        raise ConfigError(f"df={df}: degrees of freedom must be > 0")
 
 
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    if df <= 0:
-        raise ConfigError(f"df={df}: degrees of freedom must be > 0")
-    tail = 0.5 * incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    _check_df(df)
+    return float(scipy.stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom."""
     if not 0.0 < p < 1.0:
         raise ConfigError(f"p={p}: a quantile needs 0 < p < 1")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-        if hi > 1e12:
-            return math.inf
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    _check_df(df)
+    return float(scipy.stats.t.ppf(p, df))
 
 
 # ============================================================================ paired comparison
@@ -136,14 +91,16 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str
     if n < 2:
         return None, None
     mean = float(x.mean())
+    if np.all(x == x[0]):  # no spread: scipy's bootstrap would warn; the t half-width is 0
+        return mean, mean
     if method == "t":
         sd = float(x.std(ddof=1))
         half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
         return mean - half, mean + half
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+    res = scipy.stats.bootstrap((x,), np.mean, n_resamples=n_boot, vectorized=True, axis=-1,
+                                confidence_level=confidence, method="percentile",
+                                **{_RNG_KEYWORD: np.random.default_rng(seed)})
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def verdict(low: float | None, high: float | None) -> str:
