@@ -10,7 +10,7 @@
 
 Every flag is a field of :class:`cola.llm.settings.TrainSettings`; a config file (``--config``,
 TOML or YAML) holds the same keys and a ``[chain]`` table of :class:`cola.ChainConfig` fields.
-Flags win over the file. The loop itself is :func:`cola.llm.runner.run_experiment`.
+Flags win over the file. The loop itself is :func:`cola.llm.experiment.run_experiment`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,20 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from cola.config import STRATEGY_KINDS, ChainConfig
-from cola.errors import ConfigError
-from cola.llm.settings import FIELD_NAMES, TrainSettings, _checked, default_of, merge, read_config_file
+import cola.distributed as cd
+from cola.errors import ColaError, ConfigError
+from cola.fieldtypes import base_type, field_types
+from cola.llm import report
+from cola.llm.config_files import checked, merge, read_config_file
+from cola.llm.experiment import output_dir, run_experiment
+from cola.llm.parallel import on_main, start_distributed
+from cola.llm.settings import FIELD_NAMES, FILE_KEYS, TrainSettings, default_of
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +77,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "fields; flags win over the file. FLOPs in the plan are estimates (see --dry-run).")
     parser.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags win over it)")
     groups: dict[str, argparse._ArgumentGroup] = {}
+    types = field_types(TrainSettings)
     for f in fields(TrainSettings):
         if f.name in _SPECIAL:
             continue
         group_name = f.metadata.get("group", "other")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        kind = f.metadata["kind"].rstrip("?")
+        tp = base_type(types[f.name])  # the annotation without its None: what one flag value is
         help_text = f.metadata["help"]
         if "default" not in help_text:
             help_text += f" (default: {_default_text(f.name)})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": f.name}
-        if kind == "bool":
+        if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name in _COMMA_LISTS:
             kwargs.update(type=_comma_list, metavar="A,B")
-        elif kind in ("strs", "ints"):
-            kwargs.update(nargs="+", type=int if kind == "ints" else str)
+        elif typing.get_origin(tp) is list:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0])
         else:
-            kwargs["type"] = {"str": str, "int": int, "float": float}[kind]
+            kwargs["type"] = tp
             if "choices" in f.metadata:  # checked with the other settings, so all problems come at once
                 kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         group.add_argument(_flag(f.name), **kwargs)
@@ -154,11 +162,11 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         saved = json.loads((folder / "settings.json").read_text())
         for key in ("stop_after", "dry_run", "resume", "config"):  # this invocation's, not the saved run's
             saved.pop(key, None)
-        layers.append(_checked(saved, str(folder / "settings.json"), FIELD_NAMES))
+        layers.append(checked(saved, str(folder / "settings.json"), FIELD_NAMES))
         flags.update(resume=True, output_dir=str(folder))
     if config:
-        layers.append(_checked(read_config_file(config), str(config)))
-    layers.append(_checked(flags, "command line", FIELD_NAMES))
+        layers.append(checked(read_config_file(config), str(config), FILE_KEYS))
+    layers.append(checked(flags, "command line", FIELD_NAMES))
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = merge(merged, layer)
@@ -174,9 +182,6 @@ def run(args: argparse.Namespace) -> int:
     progress bars and logs at INFO (the other ranks log warnings and errors only), and the process
     group is shut down at the end.
     """
-    import cola.distributed as cd
-    from cola.errors import ColaError
-
     main = cd.is_main_process()
     try:
         return _run(args, main)
@@ -189,9 +194,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, main: bool) -> int:
-    from cola.llm import report
-    from cola.llm.runner import run_experiment
-
     if not main:  # rank 0 alone reports progress
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         try:
@@ -206,11 +208,9 @@ def _run(args: argparse.Namespace, main: bool) -> int:
         if main:
             print(report.format_plan(results["plan"], results["settings"], results["flops_formula"]), end="")
         return 0
-    from cola.llm.runner import _output_dir, on_main, start_distributed
-
     if settings.output_dir is None:
         start_distributed(settings)  # so that every rank takes rank 0's (time-stamped) folder name
-        settings = settings.replace(output_dir=str(on_main(lambda: _output_dir(settings))))
+        settings = settings.replace(output_dir=str(on_main(lambda: output_dir(settings))))
     progress = main and not getattr(args, "quiet", False)
     try:
         if progress:

@@ -15,14 +15,17 @@ gain of each method over the first, with an honest noise statement) to a results
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
-import os
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from cola.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +239,6 @@ def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) ->
 
 def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str, str]:
     """Write results.json, results.csv, results.md and the plots into ``out``; return the paths."""
-    from cola.llm.runner import _json_default
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "markdown": out / "results.md"}
@@ -248,16 +249,25 @@ def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> d
         except ImportError as exc:
             log.warning("plots not written: %s", exc)
     results["files"].update({k: str(v) for k, v in paths.items()})
-    _atomic_text(paths["markdown"], markdown(results))
+    atomic_write(paths["markdown"], markdown(results))
     write_csv(results, paths["csv"])
-    _atomic_text(paths["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_json(paths["json"], results)
     return results["files"]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def versions() -> dict[str, str | None]:
+    """Versions of Python, the platform and the libraries a result depends on."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform(),
+                                  "torch_threads": str(torch.get_num_threads())}
+    for dist in ("chain-of-lora", "torch", "transformers", "peft", "numpy", "tokenizers", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    out["cuda"] = torch.version.cuda
+    return out
 
 
 CSV_COLUMNS = ["method", "seed", "status", "links", "knots", "ranks", "trainable_params", "total_steps", "lr",
@@ -291,12 +301,11 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
 
 def write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     """``rows`` as a CSV file with a header of ``columns``, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """The settings of a ``cola train`` run: one typed dataclass, from flags and/or a config file.
 
-Every field has a help text (shown by ``cola train --help``) and a kind that a config file's
-value is checked against. A config file (TOML or YAML, ``--config``) uses the field names as
+Every field has a help text (shown by ``cola train --help``) and an annotation: its type, which a
+config file's value is checked against (:mod:`cola.fieldtypes`) and from which the flag is made. A config file (TOML or YAML, ``--config``) uses the field names as
 keys (``-`` and ``_`` both accepted) and a nested ``[chain]`` table for the fields of
 :class:`cola.ChainConfig` (strategies and their options, ``lr_schedule``, ``warmup_steps``,
 ``knots``, ...; ``total_steps`` and ``seed`` follow from ``steps``/``epochs`` and ``seeds``)::
@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cola.config import STRATEGY_KINDS, ChainConfig
+from cola.config import DEFAULT_LINKS, STRATEGY_KINDS, ChainConfig
 from cola.errors import ConfigError, closest
+from cola.fieldtypes import base_type, field_types, type_problem
+from cola.llm.config_files import checked, merge, read_config_file
+from cola.io import write_json
 
 METHODS = ("lora", "cola", "full")
 """``lora``: one link; ``cola``: ``links`` links over the same steps; ``full``: every weight trained."""
@@ -66,9 +68,11 @@ gathered state, so a run may continue sharded or replicated on any number of ran
 float rounding)."""
 
 
-def _f(default: Any, kind: str, help: str, **extra: Any) -> Any:
-    """A dataclass field with its kind (for type checks) and help text."""
-    meta = {"kind": kind, "help": help, **extra}
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with its help text (its type is its annotation) and command-line extras:
+    ``group`` (the --help section), ``choices`` (shown as the metavar), ``file_key`` (False: not
+    read from config files)."""
+    meta = {"help": help, **extra}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,119 +83,119 @@ class TrainSettings:
     """Everything a ``cola train`` run depends on. ``None`` means "automatic" where the help says so."""
 
     # -- model and task ---------------------------------------------------------------------
-    model: str = _f("embedded", "str", "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)",
+    model: str = _f("embedded", "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)",
                     group="model and data")
-    task: str = _f("tweets", "str", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc) or "
+    task: str = _f("tweets", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc) or "
                    "'custom' with --template/--answers/--train-file", group="model and data")
-    data_dir: str | None = _f(None, "str?", "folder (or file) with the task's data: <dir>/<task>/train.jsonl "
+    data_dir: str | None = _f(None, "folder (or file) with the task's data: <dir>/<task>/train.jsonl "
                               "and validation.jsonl; default: built-in source (tweets: offline; others: hub)",
                               group="model and data")
-    train_file: str | None = _f(None, "str?", "file of training examples (jsonl/json/csv/parquet); train and "
+    train_file: str | None = _f(None, "file of training examples (jsonl/json/csv/parquet); train and "
                                 "validation are drawn from it", group="model and data")
-    test_file: str | None = _f(None, "str?", "file of test examples; without it the test set is set aside "
+    test_file: str | None = _f(None, "file of test examples; without it the test set is set aside "
                                "from --train-file", group="model and data")
-    template: str | None = _f(None, "str?", "prompt template of --task custom, e.g. '{text} It was {answer}' "
+    template: str | None = _f(None, "prompt template of --task custom, e.g. '{text} It was {answer}' "
                               "(\\n in a command-line template is a newline)", group="model and data")
-    answers: list[str] | None = _f(None, "strs?", "answer words of --task custom in label order, "
+    answers: list[str] | None = _f(None, "answer words of --task custom in label order, "
                                    "comma-separated: terrible,great", group="model and data")
-    label_field: str | None = _f(None, "str?", "label column (default: the task's own; 'label' for custom)",
+    label_field: str | None = _f(None, "label column (default: the task's own; 'label' for custom)",
                                  group="model and data")
-    n_train: int | None = _f(None, "int?", f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
+    n_train: int | None = _f(None, f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
                              f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's)", group="model and data")
-    n_val: int | None = _f(None, "int?", f"validation examples, scored after every link (default "
+    n_val: int | None = _f(None, f"validation examples, scored after every link (default "
                            f"{EMBEDDED_PROFILE['n_val']} / {PAPER_PROFILE['n_val']})",
                            group="model and data")
-    n_test: int | None = _f(None, "int?", f"test examples (default {EMBEDDED_PROFILE['n_test']} / "
+    n_test: int | None = _f(None, f"test examples (default {EMBEDDED_PROFILE['n_test']} / "
                             f"{PAPER_PROFILE['n_test']})", group="model and data")
-    test_seed: int = _f(0, "int", "seed of the test draw (fixed so every run is scored on the same examples)",
+    test_seed: int = _f(0, "seed of the test draw (fixed so every run is scored on the same examples)",
                         group="model and data")
-    max_length: int | None = _f(None, "int?", "longest prompt+answer in tokens; longer prompts are cut from "
+    max_length: int | None = _f(None, "longest prompt+answer in tokens; longer prompts are cut from "
                                 f"the left (default {EMBEDDED_PROFILE['max_length']} for the embedded model, "
                                 "else the model's context)",
                                 group="model and data")
-    dtype: str | None = _f(None, "str?", "float32, bfloat16, float16 or auto (default: float32 on CPU, "
+    dtype: str | None = _f(None, "float32, bfloat16, float16 or auto (default: float32 on CPU, "
                            "bfloat16 on CUDA)", group="model and data", choices=DTYPE_NAMES)
-    device: str | None = _f(None, "str?", "cpu, cuda, cuda:1, ... (default: CUDA when available; under "
+    device: str | None = _f(None, "cpu, cuda, cuda:1, ... (default: CUDA when available; under "
                             "torchrun/accelerate each rank's own GPU, cuda:LOCAL_RANK)", group="model and data")
-    fsdp: bool = _f(False, "bool", "under torchrun/accelerate: shard the frozen base model over the ranks with "
+    fsdp: bool = _f(False, "under torchrun/accelerate: shard the frozen base model over the ranks with "
                     "FSDP2 (fully_shard), LoRA factors replicated; lora/cola only (default: replicated, "
                     "DDP-style)", group="model and data")
 
     # -- method ------------------------------------------------------------------------------
-    method: str = _f("cola", "str", "lora (one link), cola (--links links over the same steps) or full "
+    method: str = _f("cola", "lora (one link), cola (--links links over the same steps) or full "
                      "(full fine-tuning, no LoRA)", group="method", choices=METHODS)
-    compare: list[str] | None = _f(None, "strs?", "methods to compare on the same data, seeds and steps, "
+    compare: list[str] | None = _f(None, "methods to compare on the same data, seeds and steps, "
                                    "comma-separated (lora,cola[,full]); overrides --method", group="method")
-    links: int = _f(3, "int", "links of --method cola; the knots split the same total steps evenly",
+    links: int = _f(DEFAULT_LINKS, "links of --method cola; the knots split the same total steps evenly",
                     group="method")
-    rank: int = _f(8, "int", "LoRA rank r of each link (a rank schedule may change later links)", group="method")
-    alpha: float = _f(16.0, "float", "LoRA alpha; scaling alpha/r", group="method")
-    targets: list[str] | None = _f(None, "strs?", "module name patterns to put LoRA on (default: q_proj v_proj "
+    rank: int = _f(8, "LoRA rank r of each link (a rank schedule may change later links)", group="method")
+    alpha: float = _f(16.0, "LoRA alpha; scaling alpha/r", group="method")
+    targets: list[str] | None = _f(None, "module name patterns to put LoRA on (default: q_proj v_proj "
                                    "for OPT/Llama)", group="method")
-    dropout: float = _f(0.0, "float", "dropout on the LoRA path's input", group="method")
-    chain: dict[str, Any] = _f({}, "dict", "cola.ChainConfig fields ([chain] table of a config file; "
+    dropout: float = _f(0.0, "dropout on the LoRA path's input", group="method")
+    chain: dict[str, Any] = _f({}, "cola.ChainConfig fields ([chain] table of a config file; "
                                "strategy flags below); lr_schedule defaults to linear (the paper's)",
                                group="method")
 
     # -- optimisation ------------------------------------------------------------------------
-    lr: float = _f(1e-3, "float", "AdamW learning rate of the LoRA parameters", group="optimisation")
-    full_lr: float = _f(1e-5, "float", "AdamW learning rate of --method full (all weights)",
+    lr: float = _f(1e-3, "AdamW learning rate of the LoRA parameters", group="optimisation")
+    full_lr: float = _f(1e-5, "AdamW learning rate of --method full (all weights)",
                         group="optimisation")
-    weight_decay: float = _f(0.0, "float", "AdamW weight decay", group="optimisation")
-    batch_size: int = _f(8, "int", "examples per micro-batch", group="optimisation")
-    grad_accum: int = _f(1, "int", "micro-batches per optimizer step", group="optimisation")
-    epochs: float | None = _f(None, "float?", f"passes over the training examples (default {PAPER_PROFILE['epochs']:g} for "
+    weight_decay: float = _f(0.0, "AdamW weight decay", group="optimisation")
+    batch_size: int = _f(8, "examples per micro-batch", group="optimisation")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", group="optimisation")
+    epochs: float | None = _f(None, f"passes over the training examples (default {PAPER_PROFILE['epochs']:g} for "
                               "models other than the embedded one); exclusive with --steps", group="optimisation")
-    steps: int | None = _f(None, "int?", f"optimizer steps in all (default {EMBEDDED_PROFILE['steps']} for the "
+    steps: int | None = _f(None, f"optimizer steps in all (default {EMBEDDED_PROFILE['steps']} for the "
                            "embedded model); exclusive with --epochs", group="optimisation")
-    loss: str = _f("classification", "str", "classification: cross-entropy over the answers' mean token "
+    loss: str = _f("classification", "classification: cross-entropy over the answers' mean token "
                    "log-likelihoods (the paper); lm: NLL of the gold answer's tokens", group="optimisation",
                    choices=LOSSES)
-    max_nonfinite_in_row: int = _f(20, "int", "steps with a non-finite loss/gradient are skipped; after this many "
+    max_nonfinite_in_row: int = _f(20, "steps with a non-finite loss/gradient are skipped; after this many "
                                    "in a row the run is checkpointed and stopped", group="optimisation")
-    seeds: list[int] = _f([0], "ints", "seeds: each draws its own train/validation sample, LoRA init and "
+    seeds: list[int] = _f([0], "seeds: each draws its own train/validation sample, LoRA init and "
                           "data order; results are mean and std over them", group="optimisation")
 
     # -- evaluation --------------------------------------------------------------------------
-    eval_rule: str = _f("mean", "str", "scoring rule of the reported accuracy: mean token log-prob (the paper), "
+    eval_rule: str = _f("mean", "scoring rule of the reported accuracy: mean token log-prob (the paper), "
                         "sum (lm-eval acc) or norm (lm-eval acc_norm); all three are recorded",
                         group="evaluation", choices=RULES)
-    eval_batch_size: int = _f(16, "int", "examples per evaluation batch", group="evaluation")
-    eval_links: bool = _f(True, "bool", "evaluate on the validation split after every link (the COLA curve)",
+    eval_batch_size: int = _f(16, "examples per evaluation batch", group="evaluation")
+    eval_links: bool = _f(True, "evaluate on the validation split after every link (the COLA curve)",
                           group="evaluation")
 
     # -- outputs -----------------------------------------------------------------------------
-    output_dir: str | None = _f(None, "str?", "where results go (default: runs/<name>)",
+    output_dir: str | None = _f(None, "where results go (default: runs/<name>)",
                                 group="outputs")
-    name: str | None = _f(None, "str?", "run name (default: <methods>-<task>-<timestamp>)", group="outputs")
-    save_merged: bool = _f(False, "bool", "save each run's merged model (save_pretrained + tokenizer)",
+    name: str | None = _f(None, "run name (default: <methods>-<task>-<timestamp>)", group="outputs")
+    save_merged: bool = _f(False, "save each run's merged model (save_pretrained + tokenizer)",
                            group="outputs")
-    save_adapter: bool = _f(True, "bool", "save each run's whole chain as one PEFT adapter", group="outputs")
-    save_links: bool = _f(True, "bool", "save each link as its own PEFT adapter with a manifest",
+    save_adapter: bool = _f(True, "save each run's whole chain as one PEFT adapter", group="outputs")
+    save_links: bool = _f(True, "save each link as its own PEFT adapter with a manifest",
                           group="outputs")
-    plots: bool = _f(True, "bool", "write PNG plots (accuracy per link, training loss)", group="outputs")
-    checkpoint_every: int = _f(50, "int", "write a resumable checkpoint every this many steps (and at every "
+    plots: bool = _f(True, "write PNG plots (accuracy per link, training loss)", group="outputs")
+    checkpoint_every: int = _f(50, "write a resumable checkpoint every this many steps (and at every "
                                "knot); 0: only at knots", group="outputs")
-    keep_checkpoints: bool = _f(False, "bool", "keep each run's last checkpoint after it completes",
+    keep_checkpoints: bool = _f(False, "keep each run's last checkpoint after it completes",
                                 group="outputs")
-    resume: bool = _f(False, "bool", "continue the runs in --output-dir from their checkpoints", group="outputs")
-    stop_after: int | None = _f(None, "int?", "stop this invocation after this many optimizer steps in all, "
+    resume: bool = _f(False, "continue the runs in --output-dir from their checkpoints", group="outputs")
+    stop_after: int | None = _f(None, "stop this invocation after this many optimizer steps in all, "
                                 "checkpointed (continue with --resume); for time-sliced jobs",
                                 group="outputs")
-    dry_run: bool = _f(False, "bool", "print the plan (knots, ranks, trainable parameters, FLOPs) and stop",
+    dry_run: bool = _f(False, "print the plan (knots, ranks, trainable parameters, FLOPs) and stop",
                        group="outputs")
-    threads: int | None = _f(None, "int?", "CPU threads of torch (torch.set_num_threads; default: torch's, "
+    threads: int | None = _f(None, "CPU threads of torch (torch.set_num_threads; default: torch's, "
                            "one per core)", group="outputs")
-    log_every: int = _f(10, "int", "log the training loss every this many steps", group="outputs")
-    config: str | None = _f(None, "str?", "the config file these settings were read from (informational)",
+    log_every: int = _f(10, "log the training loss every this many steps", group="outputs")
+    config: str | None = _f(None, "the config file these settings were read from (informational)",
                             group="outputs", file_key=False)
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
-        for f in fields(self):  # 16 in a config file means 16.0 for a float setting
-            value = getattr(self, f.name)
-            if f.metadata["kind"].startswith("float") and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
+        for name, tp in field_types(TrainSettings).items():  # 16 in a config file means 16.0 for a float
+            value = getattr(self, name)
+            if base_type(tp) is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
         problems = self.problems()
         if problems:
             raise ConfigError(problems)
@@ -199,13 +203,13 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "settings") -> "TrainSettings":
         """Build from a mapping (e.g. a saved ``settings.json``); unknown keys and wrong types are errors."""
-        return cls(**_checked(data, source, FIELD_NAMES))
+        return cls(**checked(data, source, FIELD_NAMES))
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainSettings":
         """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON file; ``overrides`` win over its keys."""
         data = read_config_file(path)
-        merged = merge(_checked(data, str(path)), _checked(overrides or {}, "command line", FIELD_NAMES))
+        merged = merge(checked(data, str(path), FILE_KEYS), checked(overrides or {}, "command line", FIELD_NAMES))
         merged["config"] = str(path)
         return cls(**merged)
 
@@ -264,22 +268,19 @@ class TrainSettings:
         """Every problem of these settings (empty when valid)."""
         p: list[str] = []
         values = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            problem = _kind_problem(f.name, value, f.metadata["kind"])
+        for name, tp in field_types(TrainSettings).items():
+            value = getattr(self, name)
+            problem = type_problem(name, value, tp)
             if problem:  # reported; the checks below see the default instead
                 p.append(problem)
-                value = default_of(f.name)
-            values[f.name] = value
+                value = default_of(name)
+            values[name] = value
         return p + _value_problems(SimpleNamespace(**values))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Write ``settings.json`` atomically (a crash leaves no half-written file)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainSettings":
@@ -410,104 +411,6 @@ def _chain_problems(v: Any) -> list[str]:
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainSettings))
 FILE_KEYS = tuple(f.name for f in fields(TrainSettings) if f.metadata.get("file_key", True))
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The top-level table of a TOML or YAML file.
-
-    Raises:
-        ConfigError: a missing file, an unknown extension, a syntax error (with its line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {str(path)!r}: unknown extension {path.suffix!r}; "
-                              "use .toml, .yaml/.yml or .json")
-    except ConfigError:
-        raise
-    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError, json errors
-        raise ConfigError(f"config file {str(path)!r} is not valid {suffix.lstrip('.').upper()}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a table of settings, got {type(data).__name__}")
-    return data
-
-
-def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``top``; the ``chain`` tables are merged key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        if key == "chain" and isinstance(out.get("chain"), dict) and isinstance(value, dict):
-            out["chain"] = {**out["chain"], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def _checked(data: dict[str, Any], source: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """``data`` with keys normalised (``-`` -> ``_``), ``chain.links`` lifted; unknown keys are errors.
-
-    ``allowed`` defaults to the keys a config file may hold.
-    """
-    allowed = FILE_KEYS if allowed is None else allowed
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a table of settings, got {type(data).__name__}")
-    out: dict[str, Any] = {}
-    problems = []
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in allowed:
-            problems.append(f"{source}: unknown setting {key!r} (closest: {', '.join(closest(name, allowed))})")
-            continue
-        out[name] = value
-    chain = out.get("chain")
-    if isinstance(chain, dict):
-        chain = {str(k).replace("-", "_"): v for k, v in chain.items()}
-        if "links" in chain:
-            links = chain.pop("links")
-            if "links" in out and out["links"] != links:
-                problems.append(f"{source}: links={out['links']!r} and chain.links={links!r} disagree; give one")
-            out["links"] = links
-        out["chain"] = chain
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-_KIND_TEXT = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-              "strs": "a list of strings", "ints": "a list of integers", "dict": "a table"}
-
-
-def _kind_problem(name: str, value: Any, kind: str) -> str | None:
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None and optional:
-        return None
-    ok = {
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "strs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "ints": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-        "dict": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-    }[kind](value)
-    if ok:
-        return None
-    return f"{name}={value!r}: expected {_KIND_TEXT[kind]}{' or nothing' if optional else ''}, got {type(value).__name__}"
 
 
 def help_text(name: str) -> str:

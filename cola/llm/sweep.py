@@ -32,347 +32,39 @@ parameters and training FLOPs per link and in all, the FLOPs ratio to the baseli
 compute" is checked, not assumed) and the wall time.
 """
 
+
+
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 import cola
-from cola.errors import ColaError, ConfigError, closest
-from cola.llm import stats
-from cola.llm.settings import (CHAIN_KEYS, FIELD_NAMES, TrainSettings, _checked, default_of, merge,
-                               read_config_file)
+from cola.errors import ColaError, ConfigError
+from cola.io import write_json
+from cola.llm import report, sweep_report
+from cola.llm.experiment import run_experiment
+from cola.llm.settings import TrainSettings
+from cola.llm.sweep_cells import Cell, build_cells, effective
+from cola.llm.sweep_results import aggregate, read_json, run_status
+from cola.llm.sweep_spec import SweepSpec, load_recipe, recipe_names
+
+__all__ = ["SweepSpec", "load_recipe", "recipe_names", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_VERSION = 1
 
-#: short axis names -> their setting path
-AXIS_ALIASES = {
-    "rank_schedule": "chain.rank_schedule", "reinit": "chain.reinit", "optimizer_policy": "chain.optimizer_policy",
-    "lr_policy": "chain.lr_policy", "merge_policy": "chain.merge_policy", "merge_rule": "chain.merge_rule",
-    "lr_schedule": "chain.lr_schedule", "warmup_steps": "chain.warmup_steps",
-    "later_rank": "chain.rank_schedule_options.later_rank",
-}
-#: settings a grid may not vary: the sweep owns them, or they do not change the numbers
-NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config", "threads",
-            "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter", "save_links",
-            "save_merged", "fsdp")
-#: what a sweep's runs default to (each run's adapters and plots are rarely wanted; flags win)
-SWEEP_DEFAULTS = {"save_adapter": False, "save_links": False, "plots": False}
-#: settings that do not change what a run computes (left out of its identity)
-_NOT_IDENTITY = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config",
-                 "threads", "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter",
-                 "save_links", "save_merged", "fsdp")
-#: chain fields that only matter at a knot (dropped from a one-link run's identity)
-_KNOT_ONLY = ("links", "knots", "merge_policy", "merge_policy_options", "merge_rule", "merge_rule_options",
-              "optimizer_policy", "optimizer_policy_options", "lr_policy", "lr_policy_options", "rank_schedule",
-              "rank_schedule_options")
 #: settings the zero-shot scores depend on
 _ZERO_SHOT_KEYS = ("model", "task", "data_dir", "train_file", "test_file", "template", "answers", "label_field",
                    "n_train", "n_val", "n_test", "test_seed", "max_length", "dtype", "eval_rule", "eval_batch_size",
                    "eval_links", "loss")
-#: test metrics a sweep can compare on (``results["runs"][i]["test"][metric]``)
-METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm")
-
-
-# ============================================================================ the spec
-
-@dataclass
-class SweepSpec:
-    """What a sweep runs. ``settings`` is a ``cola train`` settings table (as in a config file)."""
-
-    settings: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    baseline: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
-    name: str | None = None
-    description: str | None = None
-    metric: str = "accuracy"
-    ci: str = "t"
-    confidence: float = 0.95
-
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
-
-    def problems(self) -> list[str]:
-        p: list[str] = []
-        if not isinstance(self.settings, dict):
-            return [f"settings: expected a table of cola train settings, got {type(self.settings).__name__}"]
-        try:
-            self.settings = _checked(self.settings, "sweep settings")
-        except ConfigError as err:
-            p += err.problems
-        for key in self.settings:
-            if key in ("seeds", "compare"):
-                p.append(f"settings.{key}: a sweep sets this itself (seeds: the sweep's `seeds`; compare: "
-                         "the `baseline`)")
-        if not isinstance(self.grid, dict):
-            p.append(f"grid: expected a table of axis = [values], got {type(self.grid).__name__}")
-        else:
-            grid = {}
-            for axis, values in self.grid.items():
-                try:
-                    path = axis_path(axis)
-                except ConfigError as err:
-                    p += err.problems
-                    continue
-                if not isinstance(values, list) or not values:
-                    p.append(f"grid.{axis}={values!r}: expected a non-empty list of values")
-                    continue
-                if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-                    p.append(f"grid.{axis}={values!r}: a value is listed twice")
-                if path in grid:
-                    p.append(f"grid: axis {axis!r} is given twice (as {path})")
-                grid[path] = list(values)
-            if not p:
-                self.grid = grid
-        if (not isinstance(self.seeds, list) or not self.seeds
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
-            p.append(f"seeds={self.seeds!r}: expected a non-empty list of integers")
-        elif len(set(self.seeds)) != len(self.seeds):
-            p.append(f"seeds={self.seeds}: a seed is listed twice")
-        if not isinstance(self.baseline, dict) or not self.baseline:
-            p.append(f"baseline={self.baseline!r}: expected overrides such as {{method = \"lora\"}} or {{links = 1}}")
-        else:
-            base = {}
-            for axis, value in self.baseline.items():
-                try:
-                    base[axis_path(axis)] = value
-                except ConfigError as err:
-                    p += err.problems
-            if not p:
-                self.baseline = base
-        if self.metric not in METRICS:
-            p.append(f"metric={self.metric!r}: allowed {', '.join(METRICS)}")
-        try:
-            stats.check_ci(self.ci, self.confidence)
-        except ConfigError as err:
-            p += err.problems
-        return p
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "sweep") -> "SweepSpec":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a table, got {type(data).__name__}")
-        data = {str(k).replace("-", "_"): v for k, v in data.items()}
-        data.pop("version", None)
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ConfigError([f"{source}: unknown key {k!r} (closest: {', '.join(closest(k, known))})"
-                               for k in unknown])
-        try:
-            return cls(**data)
-        except ConfigError as err:
-            raise ConfigError([f"{source}: {p}" for p in err.problems]) from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "SweepSpec":
-        """A TOML or YAML sweep file: ``name``, ``description``, ``seeds``, ``metric``, ``ci``,
-        ``confidence``, and the tables ``[settings]`` (with ``[settings.chain]``), ``[grid]`` and
-        ``[baseline]``."""
-        return cls.from_dict(read_config_file(path), str(path))
-
-
-def axis_path(axis: str) -> str:
-    """The setting path of ``axis`` (short names resolved); a :class:`ConfigError` if it is not one."""
-    if not isinstance(axis, str) or not axis:
-        raise ConfigError(f"axis {axis!r}: expected a setting name such as lr, links or chain.reinit")
-    name = axis.replace("-", "_")
-    name = AXIS_ALIASES.get(name, name)
-    parts = name.split(".")
-    head = parts[0]
-    allowed = sorted(set(FIELD_NAMES) - set(NOT_AXES) - {"chain"}) + sorted(AXIS_ALIASES)
-    if head in NOT_AXES:
-        raise ConfigError(f"axis {axis!r}: the sweep sets {head} itself; it cannot be a grid axis")
-    if head not in FIELD_NAMES:
-        raise ConfigError(f"axis {axis!r}: not a cola train setting (closest: {', '.join(closest(head, allowed))})")
-    if head != "chain":
-        if len(parts) > 1:
-            raise ConfigError(f"axis {axis!r}: {head} has no parts")
-        return name
-    if len(parts) < 2 or parts[1] not in CHAIN_KEYS:
-        sub = parts[1] if len(parts) > 1 else ""
-        raise ConfigError(f"axis {axis!r}: expected chain.<field> with a cola.ChainConfig field "
-                          f"(closest: {', '.join(closest(sub, CHAIN_KEYS))})")
-    if len(parts) > 2 and not (parts[1].endswith("_options") and len(parts) == 3):
-        raise ConfigError(f"axis {axis!r}: only a strategy's options table has parts "
-                          "(chain.<kind>_options.<option>)")
-    return name
-
-
-def set_path(settings: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    if parts[0] != "chain":
-        settings[path] = value
-        return
-    chain = dict(settings.get("chain") or {})
-    if len(parts) == 2:
-        chain[parts[1]] = value
-    else:
-        options = dict(chain.get(parts[1]) or {})
-        options[parts[2]] = value
-        chain[parts[1]] = options
-    settings["chain"] = chain
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def _short(path: str) -> str:
-    reverse = {v: k for k, v in AXIS_ALIASES.items()}
-    return reverse.get(path, path.rsplit(".", 1)[-1] if path.startswith("chain.") and path.count(".") == 2 else path)
-
-
-def label_of(values: dict[str, Any]) -> str:
-    """``links=3 lr=0.001``: a cell's axis values, short names."""
-    return " ".join(f"{_short(k)}={_format_value(v)}" for k, v in values.items()) or "(base settings)"
-
-
-# ============================================================================ cells and runs
-
-@dataclass
-class Cell:
-    """One grid cell: its axis ``values``, ``label``, the settings it runs and the run's ``key``."""
-
-    values: dict[str, Any]
-    label: str
-    settings: TrainSettings
-    key: str
-    baseline_key: str | None = None
-    baseline_label: str | None = None
-    is_baseline_only: bool = False
-
-
-def expand(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in order (the last axis varies fastest)."""
-    axes = list(spec.grid)
-    return [dict(zip(axes, combo)) for combo in itertools.product(*(spec.grid[a] for a in axes))]
-
-
-def cell_settings(spec: SweepSpec, values: dict[str, Any]) -> TrainSettings:
-    """The :class:`TrainSettings` of the cell with axis ``values`` (all seeds)."""
-    merged = merge(dict(SWEEP_DEFAULTS), copy.deepcopy(spec.settings))
-    for path, value in values.items():
-        set_path(merged, path, copy.deepcopy(value))
-    merged["seeds"] = list(spec.seeds)
-    return TrainSettings(**merged)
-
-
-def effective(settings: TrainSettings) -> TrainSettings:
-    """``settings`` reduced to what the run computes, so that equal runs get equal keys.
-
-    A one-link run (``lora``, or ``cola`` whose merge policy plans no knot) is LoRA: the
-    knot-only chain settings are dropped and the rank schedule's rank for link 0 becomes the
-    rank. Full fine-tuning ignores every LoRA and chain setting.
-    """
-    s = settings.resolved()
-    if s.method == "full":
-        return s.replace(chain={}, links=default_of("links"), rank=default_of("rank"), alpha=default_of("alpha"),
-                         targets=default_of("targets"), dropout=default_of("dropout"), lr=default_of("lr"))
-    s = s.replace(full_lr=default_of("full_lr"))
-    total = s.total_steps(s.n_train)
-    config = s.chain_config(s.method, total, 0)
-    pm = cola.get_plugin_manager()
-    policy = pm.create("merge_policy", config.merge_policy, config, config.options("merge_policy"))
-    planned = getattr(policy, "planned_knots", None)
-    knots = planned() if planned is not None else None
-    if knots is None or knots:  # a chain with knots (or knots decided while training)
-        return s
-    schedule = pm.create("rank_schedule", config.rank_schedule, config, config.options("rank_schedule"))
-    rank0 = schedule.rank(0, s.rank)
-    chain = {k: v for k, v in s.chain.items() if k not in _KNOT_ONLY}
-    return s.replace(method="lora", links=default_of("links"), rank=rank0, chain=chain)
-
-
-def run_key(settings: TrainSettings) -> str:
-    """A short hash of what :func:`effective` ``settings`` compute.
-
-    Settings at their default are left out, so that a setting added in a later version (at a
-    default that keeps the old behaviour) does not change the keys of finished runs.
-    """
-    data = {k: v for k, v in effective(settings).to_dict().items()
-            if k not in _NOT_IDENTITY and v != default_of(k)}
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def build_cells(spec: SweepSpec) -> tuple[list[Cell], list[Cell]]:
-    """The grid's cells and the baseline runs they need that are not cells themselves.
-
-    Every problem of every cell (bad values, impossible rank schedules, ...) is reported at once.
-    """
-    cells: list[Cell] = []
-    problems: list[str] = []
-    for values in expand(spec):
-        label = label_of(values)
-        resolved = _resolve(spec, values, f"cell {label}", problems)
-        if resolved:
-            cells.append(Cell(values, label, *resolved))
-    if problems:
-        raise ConfigError(problems)
-    by_key = {c.key: c for c in cells}
-    extra: dict[str, Cell] = {}
-    for cell in cells:
-        values = {**cell.values, **spec.baseline}
-        resolved = _resolve(spec, values, f"baseline of cell {cell.label}", problems)
-        if not resolved:
-            continue
-        settings, key = resolved
-        cell.baseline_key = key
-        if key in by_key:
-            cell.baseline_label = by_key[key].label
-        else:
-            label = "baseline " + label_of({k: v for k, v in values.items()
-                                            if k in spec.baseline or _matters(k, settings)})
-            if key not in extra:
-                extra[key] = Cell(values, label, settings, key, is_baseline_only=True)
-            cell.baseline_label = extra[key].label
-    if problems:
-        raise ConfigError(problems)
-    return cells, list(extra.values())
-
-
-def _resolve(spec: SweepSpec, values: dict[str, Any], what: str, problems: list[str]):
-    """``(settings, run key)`` of the cell with ``values``, or None with its problems added."""
-    try:
-        settings = cell_settings(spec, values)
-        return settings, run_key(settings)
-    except ConfigError as err:
-        problems += [f"{what}: {p}" for p in err.problems]
-        return None
-
-
-def _matters(path: str, settings: TrainSettings) -> bool:
-    """Whether axis ``path`` still changes a baseline run (e.g. not ``links`` for LoRA)."""
-    if settings.method == "full":
-        return path not in ("lr", "links", "rank", "alpha", "dropout", "targets") and not path.startswith("chain.")
-    if effective(settings).method == "lora":
-        return path != "links" and not any(path.startswith(f"chain.{k}") for k in _KNOT_ONLY)
-    return True
-
 
 # ============================================================================ running
 
@@ -407,17 +99,6 @@ class _ModelCache:
             self.model = self.tokenizer = None
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from cola.llm import runner
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runner._write_json(path, obj)
-
-
 def _zero_shot_key(settings: TrainSettings) -> str:
     s = settings.resolved().to_dict()
     data = {k: s[k] for k in _ZERO_SHOT_KEYS}
@@ -427,7 +108,7 @@ def _zero_shot_key(settings: TrainSettings) -> str:
 def _share_zero_shot(out: Path, settings: TrainSettings, seed: int, run_dir: Path, direction: str) -> None:
     """Copy the shared zero-shot scores into a new run's folder (``in``) or collect a run's (``out``)."""
     shared_path = out / "zero_shot" / f"{_zero_shot_key(settings)}.json"
-    shared = _read_json(shared_path) or {"test": None, "validation": {}}
+    shared = read_json(shared_path) or {"test": None, "validation": {}}
     local_path = run_dir / "zero_shot.json"
     if direction == "in":
         if shared["test"] is None or local_path.is_file():
@@ -435,9 +116,9 @@ def _share_zero_shot(out: Path, settings: TrainSettings, seed: int, run_dir: Pat
         local = {"test": shared["test"], "validation": {}}
         if str(seed) in shared["validation"]:
             local["validation"][str(seed)] = shared["validation"][str(seed)]
-        _write_json(local_path, local)
+        write_json(local_path, local)
         return
-    local = _read_json(local_path)
+    local = read_json(local_path)
     if not local:
         return
     changed = shared["test"] is None and local.get("test") is not None
@@ -448,15 +129,7 @@ def _share_zero_shot(out: Path, settings: TrainSettings, seed: int, run_dir: Pat
             shared["validation"][s] = v
             changed = True
     if changed:
-        _write_json(shared_path, shared)
-
-
-def run_status(run_dir: Path) -> str:
-    """``complete``, ``partial`` (started: resumable) or ``new``."""
-    results = _read_json(run_dir / "results.json")
-    if results and results.get("status") == "complete" and results.get("runs"):
-        return "complete"
-    return "partial" if (run_dir / "settings.json").is_file() else "new"
+        write_json(shared_path, shared)
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Callable[[], Any] | None = None,
@@ -479,9 +152,6 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
     Returns:
         The results dict (see :mod:`cola.llm.sweep_report`).
     """
-    from cola.llm import sweep_report
-    from cola.llm.runner import run_experiment
-
     started = time.time()
     out = Path(out)
     cells, extra = build_cells(spec)
@@ -560,7 +230,7 @@ def _units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[
 
 def _prepare(spec: SweepSpec, out: Path, resume: bool) -> None:
     saved_path = out / "sweep.json"
-    saved = _read_json(saved_path)
+    saved = read_json(saved_path)
     if saved is not None and not resume:
         raise ConfigError(f"{out} already holds a sweep: pass --resume to continue (or grow) it, or another "
                           "--output-dir")
@@ -576,14 +246,12 @@ def _prepare(spec: SweepSpec, out: Path, resume: bool) -> None:
         if old.grid != spec.grid or old.seeds != spec.seeds or old.baseline != spec.baseline:
             log.info("resume: the grid, seeds or baseline changed; finished runs are reused where they match")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(saved_path, {"version": SWEEP_VERSION, "cola_version": cola.__version__, "spec": spec.to_dict(),
+    write_json(saved_path, {"version": SWEEP_VERSION, "cola_version": cola.__version__, "spec": spec.to_dict(),
                              "updated": datetime.now().isoformat(timespec="seconds")})
 
 
 def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path) -> dict[str, Any]:
     """The dry run: per cell its run key, knots, ranks, trainable parameters and FLOPs."""
-    from cola.llm.runner import run_experiment
-
     plans: dict[str, Any] = {}
     rows = []
     for cell in [*extra, *cells]:
@@ -605,92 +273,9 @@ def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path) -> d
     return {"dry_run": True, "spec": spec.to_dict(), "output_dir": str(out), "cells": rows, "runs": runs}
 
 
-# ============================================================================ results
-
-def _seed_records(out: Path, key: str, seeds: list[int]) -> dict[int, dict[str, Any]]:
-    """``{seed: (record, plan, settings)}`` of the complete runs of ``key``."""
-    found = {}
-    for seed in seeds:
-        results = _read_json(out / "runs" / key / f"seed{seed}" / "results.json")
-        if not results or results.get("status") != "complete" or not results.get("runs"):
-            continue
-        record = results["runs"][0]
-        found[seed] = {"record": record, "plan": results["plan"]["methods"][record["method"]],
-                       "total_steps": results["plan"]["total_steps"], "settings": results["settings"]}
-    return found
-
-
-def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
-    """Mean/std/n of the score, the per-link validation curve, the loss curve, and compute."""
-    metric = spec.metric
-    seeds = sorted(found)
-    scores = {s: float(found[s]["record"]["test"][metric]) for s in seeds}
-    entry: dict[str, Any] = {
-        "label": cell.label, "values": cell.values, "key": cell.key, "is_baseline_only": cell.is_baseline_only,
-        "baseline": cell.baseline_label, "baseline_key": cell.baseline_key, "seeds": seeds, "scores": scores,
-        "score": stats.describe(list(scores.values())),
-    }
-    low, high = stats.mean_interval(list(scores.values()), spec.confidence, "t") if len(scores) > 1 else (None, None)
-    entry["score"]["ci"] = [low, high]
-    if not seeds:
-        return entry
-    first = found[seeds[0]]
-    record, plan = first["record"], first["plan"]
-    entry.update(method=record["method"], links=len(record.get("knots") or []) + 1, knots=record.get("knots") or [],
-                 ranks=record.get("ranks") or [], steps=first["total_steps"], lr=record.get("lr"))
-    curves = [found[s]["record"].get("curve") or [] for s in seeds]
-    n_points = min(len(c) for c in curves)
-    entry["validation_per_link"] = [
-        {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
-         **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)]
-    losses = [found[s]["record"]["train_loss"] for s in seeds if found[s]["record"].get("train_loss")]
-    if losses:
-        n = min(len(x) for x in losses)
-        entry["train_loss_mean"] = [float(v) for v in np.mean([x[:n] for x in losses], axis=0)]
-        entry["final_train_loss"] = stats.describe([float(np.mean(x[-10:])) for x in losses])
-    per_link = plan.get("train_flops")
-    entry["compute"] = {
-        "trainable_params_per_link": plan.get("trainable_params"),
-        "trainable_params_max": max(plan["trainable_params"]) if plan.get("trainable_params") else None,
-        "train_flops_per_link": per_link, "train_flops": sum(per_link) if per_link else None,
-        "eval_flops": plan.get("eval_flops"),
-        "train_seconds": stats.describe([found[s]["record"]["seconds"]["train"] for s in seeds]),
-        "wall_seconds": stats.describe([found[s]["record"]["seconds"].get("total", 0.0) for s in seeds]),
-    }
-    return entry
-
-
-def aggregate(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell]) -> list[dict[str, Any]]:
-    """One summary per cell and baseline run, each cell with its paired comparison."""
-    entries = {}
-    for cell in [*extra, *cells]:
-        entries.setdefault(id(cell), summarize_cell(cell, _seed_records(out, cell.key, spec.seeds), spec))
-    by_key = {}
-    for cell in [*extra, *cells]:
-        by_key.setdefault(cell.key, entries[id(cell)])
-    rows = []
-    for cell in [*extra, *cells]:
-        entry = entries[id(cell)]
-        base = by_key.get(cell.baseline_key) if cell.baseline_key else None
-        if cell.is_baseline_only or base is None or cell.baseline_key == cell.key:
-            entry["comparison"] = None
-        else:
-            comp = stats.paired_difference(entry["scores"], base["scores"], spec.confidence, spec.ci)
-            mine = (entry.get("compute") or {}).get("train_flops")
-            theirs = (base.get("compute") or {}).get("train_flops")
-            comp["flops_ratio"] = mine / theirs if mine and theirs else None
-            comp["equal_compute"] = abs(comp["flops_ratio"] - 1.0) <= 0.01 if comp["flops_ratio"] else None
-            comp["baseline"] = cell.baseline_label
-            entry["comparison"] = comp
-        rows.append(entry)
-    return rows
-
 
 def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], started: float, status: str,
             failures: list[dict[str, Any]]) -> dict[str, Any]:
-    from cola.llm import sweep_report
-    from cola.llm.runner import versions
-
     rows = aggregate(spec, out, cells, extra)
     expected = len({(c.key, s) for c in [*extra, *cells] for s in spec.seeds})
     finished = sum(1 for key in {c.key for c in [*extra, *cells]} for s in spec.seeds
@@ -698,7 +283,7 @@ def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], st
     if finished < expected:
         status = "partial"
     results = {
-        "version": SWEEP_VERSION, "cola_version": cola.__version__, "versions": versions(), "status": status,
+        "version": SWEEP_VERSION, "cola_version": cola.__version__, "versions": report.versions(), "status": status,
         "output_dir": str(out), "spec": spec.to_dict(), "runs_finished": finished, "runs_expected": expected,
         "failures": failures, "seconds_this_invocation": time.time() - started,
         "finished": datetime.now().isoformat(timespec="seconds"), "cells": rows,
@@ -707,28 +292,3 @@ def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], st
     return results
 
 
-# ============================================================================ recipes
-
-RECIPE_PACKAGE = "cola.llm.recipes"
-
-
-def recipe_names() -> list[str]:
-    """The shipped recipes (``cola/llm/recipes/*.toml``), by name."""
-    return sorted(p.name[:-5] for p in resources.files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".toml"))
-
-
-def recipe_path(name_or_path: str) -> Path:
-    """A shipped recipe's file, or ``name_or_path`` itself when it is a file."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    names = recipe_names()
-    if name_or_path not in names:
-        raise ConfigError(f"recipe {name_or_path!r}: no such file and not a shipped recipe (shipped: "
-                          f"{', '.join(names)}; closest: {', '.join(closest(name_or_path, names))})")
-    return Path(str(resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml"))
-
-
-def load_recipe(name_or_path: str) -> SweepSpec:
-    """The :class:`SweepSpec` of a shipped recipe name or a sweep file."""
-    return SweepSpec.from_file(recipe_path(name_or_path))

@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from cola.errors import ConfigError
+from cola.llm import cli as train_cli
+from cola.llm import sweep_report
+from cola.llm.cli import flags_of
+from cola.llm.config_files import checked, merge, read_config_file
+from cola.llm.settings import FIELD_NAMES, FILE_KEYS
+from cola.llm.stats import CI_METHODS
+from cola.llm.sweep import run_sweep
+from cola.llm.sweep_spec import METRICS, SweepSpec, axis_path, load_recipe, recipe_names, set_path
 
 #: grid flags: name -> (axis path, value type)
 GRID_FLAGS = {
@@ -61,10 +69,6 @@ def _override(text: str) -> tuple[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cola.llm import cli as train_cli
-    from cola.llm.stats import CI_METHODS
-    from cola.llm.sweep import METRICS
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n")[0]
     parser.epilog = __doc__.split("\n\n", 1)[1]
@@ -99,10 +103,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace):
     """The :class:`~cola.llm.sweep.SweepSpec`: recipe (or the resumed sweep), then config file, then flags."""
-    from cola.llm.cli import flags_of
-    from cola.llm.settings import FIELD_NAMES, _checked, merge, read_config_file
-    from cola.llm.sweep import SweepSpec, set_path, axis_path, load_recipe
-
     given = vars(args)
     data: dict[str, Any] = {}
     resume = given.get("resume")
@@ -121,15 +121,15 @@ def spec_from_args(args: argparse.Namespace):
     elif args.recipe:
         data = load_recipe(args.recipe).to_dict()
     settings = dict(data.get("settings") or {})
-    layers = [_checked(settings, "sweep settings")]
+    layers = [checked(settings, "sweep settings", FILE_KEYS)]
     if given.get("config"):
-        layers.append(_checked(read_config_file(given["config"]), str(given["config"])))
+        layers.append(checked(read_config_file(given["config"]), str(given["config"]), FILE_KEYS))
     flags = flags_of(args)
     for key in ("output_dir", "dry_run"):  # the sweep's own
         flags.pop(key, None)
     if "stop_after" in flags:
         raise ConfigError("--stop-after: a sweep stops between runs: use --max-runs N, then --resume")
-    layers.append(_checked(flags, "command line", FIELD_NAMES))
+    layers.append(checked(flags, "command line", FIELD_NAMES))
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = merge(merged, layer)
@@ -160,9 +160,6 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cola.llm import sweep_report
-    from cola.llm.sweep import load_recipe, recipe_names, run_sweep
-
     if args.list_recipes:
         for name in recipe_names():
             spec = load_recipe(name)

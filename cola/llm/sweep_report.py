@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from cola.io import atomic_write, write_json
 from cola.llm import report, stats
-from cola.llm.sweep import _short, label_of
+from cola.llm.sweep_spec import label_of, short_name
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ def log_summary(results: dict[str, Any]) -> None:
 
 def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> dict[str, str]:
     """Write the results files (and plots unless ``plots`` is false); return their paths."""
-    from cola.llm.runner import _json_default
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "results.json", "csv": out / "results.csv", "markdown": out / "results.md"}
@@ -142,9 +141,9 @@ def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> d
         except ImportError as exc:
             log.warning("plots not written: %s", exc)
     results["files"] = written
-    report._atomic_text(files["markdown"], markdown(results))
+    atomic_write(files["markdown"], markdown(results))
     write_csv(results, files["csv"])
-    report._atomic_text(files["json"], json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_json(files["json"], results)
     return written
 
 
@@ -300,7 +299,7 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
                 for i, r in enumerate(panels[name]):
                     color = f"C{i}"
                     label = r["label"] if not first else (
-                        f"{_short(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
+                        f"{short_name(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
                         else r["label"])
                     if kind == "loss" and r.get("train_loss_mean"):
                         y = np.array(r["train_loss_mean"])

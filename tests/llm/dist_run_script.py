@@ -1,4 +1,4 @@
-"""``cola train``'s loop (:func:`cola.llm.runner.run_experiment`) under torchrun, on the tiny Llama of conftest.py.
+"""``cola train``'s loop (:func:`cola.llm.experiment.run_experiment`) under torchrun, on the tiny Llama of conftest.py.
 
 Run by tests/llm/test_llm_distributed.py, and importable for the one-process references:
 
@@ -27,15 +27,15 @@ from conftest import build_tokenizer, tiny_llama  # noqa: E402
 
 import cola  # noqa: E402
 import cola.distributed as cd  # noqa: E402
-from cola.llm import runner  # noqa: E402
+from cola.llm import experiment  # noqa: E402
 from cola.llm.settings import TrainSettings  # noqa: E402
 
 _captured: list[dict[str, torch.Tensor]] = []
 _weight_types: list[str] = []
-_original_save_outputs = runner._save_outputs
+_original_save_outputs = experiment.save_outputs
 
 
-def _capture_and_save(ctx, run_dir, model, tokenizer, chain, method):
+def _capture_and_save(settings, run_dir, model, tokenizer, chain):
     """The effective weight of each LoRA layer (every rank calls it: under FSDP it gathers)."""
     weights = {}
     layers = cola.lora_layers(model)
@@ -45,7 +45,7 @@ def _capture_and_save(ctx, run_dir, model, tokenizer, chain, method):
     if not layers:   # full fine-tuning: every weight
         weights = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
     _captured.append(weights)
-    return _original_save_outputs(ctx, run_dir, model, tokenizer, chain, method)
+    return _original_save_outputs(settings, run_dir, model, tokenizer, chain)
 
 
 def tiny_loader():
@@ -59,11 +59,11 @@ def run(fields: dict, loader=None) -> tuple[dict, list[dict[str, torch.Tensor]]]
     """``run_experiment`` of ``fields``; returns the results and each run's captured weights."""
     _captured.clear()
     _weight_types.clear()
-    runner._save_outputs = _capture_and_save
+    experiment.save_outputs = _capture_and_save
     try:
-        results = runner.run_experiment(TrainSettings(**fields), loader=loader or tiny_loader())
+        results = experiment.run_experiment(TrainSettings(**fields), loader=loader or tiny_loader())
     finally:
-        runner._save_outputs = _original_save_outputs
+        experiment.save_outputs = _original_save_outputs
     return results, list(_captured)
 
 

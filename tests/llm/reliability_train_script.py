@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from conftest import build_tokenizer, tiny_opt  # noqa: E402
 
-from cola.llm.runner import run_experiment  # noqa: E402
+from cola.llm.experiment import run_experiment  # noqa: E402
 from cola.llm.settings import TrainSettings  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cola.errors import ConfigError
-from cola.llm.runner import check_global_batches
+from cola.llm.parallel import check_global_batches
 from cola.llm.settings import TrainSettings
 
 HERE = Path(__file__).resolve().parent

@@ -1,0 +1,122 @@
+"""Evaluation inside ``cola train``: one timed, logged scoring call, sharded over the ranks when
+data-parallel, and the zero-shot scores of the base model (computed once per output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cola.distributed as cd
+from cola.errors import ConfigError
+from cola.io import write_json
+from cola.llm.objective import CandidateScores, candidate_scores, encode_examples, evaluate, metrics
+from cola.llm.parallel import as_forward, is_sharded, on_main
+from cola.llm.settings import TrainSettings
+from cola.llm.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluator:
+    """Scores examples of ``task`` the way ``settings`` asks (batch size, rule, max length)."""
+
+    settings: TrainSettings
+    task: Task
+    max_length: int | None
+    progress: bool = False
+
+    def __call__(self, model, tokenizer, examples, what: str) -> dict[str, Any]:
+        """The task's metrics on ``examples`` (plus ``seconds``), logged as ``what``."""
+        start = time.perf_counter()
+        if cd.is_distributed():
+            result = self.sharded(model, tokenizer, examples)
+        else:
+            s = self.settings
+            result = as_forward(model, lambda: evaluate(model, tokenizer, self.task, examples, s.eval_batch_size,
+                                                        s.eval_rule, self.max_length, progress=self.progress))
+        result["seconds"] = time.perf_counter() - start
+        log.info("%s: accuracy %.4f (rule %s; acc_mean %.4f, acc_sum %.4f, acc_norm %.4f; n=%d) in %.1f s", what,
+                 result["accuracy"], result["rule"], result["acc_mean"], result["acc_sum"], result["acc_norm"],
+                 result["n"], result["seconds"])
+        return result
+
+    def sharded(self, model, tokenizer, examples) -> dict[str, Any]:
+        """:func:`cola.llm.objective.evaluate` with the examples split over the ranks: each scores its
+        contiguous slice (batched by length), the scores are gathered, and every rank computes the same
+        metrics from all of them. Under FSDP every rank runs the same number of forwards (a rank with
+        one batch fewer runs a filler batch), since each is a collective."""
+        import torch.distributed as dist
+
+        if not examples:
+            raise ConfigError(f"{self.task.name}: no examples to evaluate")
+        encoded = encode_examples(tokenizer, examples, self.task, self.max_length)
+        mine = sorted(cd.shard(list(range(len(encoded)))), key=lambda i: len(encoded[i].context), reverse=True)
+        size = self.settings.eval_batch_size
+        n_batches = math.ceil(max(cd.shard_sizes(len(encoded))) / size)
+        pad = tokenizer.pad_token_id or 0
+        sharded = is_sharded(model)
+        parts = []
+
+        def score() -> None:
+            for b in range(n_batches):
+                index = mine[b * size:(b + 1) * size]
+                if index:
+                    s = candidate_scores(model, [encoded[i] for i in index], pad)
+                    parts.append((index, s.logprob_sum.float().cpu(), s.n_tokens.float().cpu()))
+                elif sharded:
+                    candidate_scores(model, encoded[:1], pad)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                as_forward(model, score)
+        finally:
+            model.train(was_training)
+        gathered: list[Any] = [None] * cd.world_size()
+        dist.all_gather_object(gathered, parts)
+        n_cand = len(encoded[0].candidates)
+        sums, counts = torch.zeros(len(encoded), n_cand), torch.zeros(len(encoded), n_cand)
+        for rank_parts in gathered:
+            for index, s, n in rank_parts:
+                sums[index], counts[index] = s, n
+        return metrics(CandidateScores(sums, counts), encoded, self.task, self.settings.eval_rule)
+
+
+def zero_shot(evaluator: Evaluator, host, out: Path, splits: dict) -> dict[str, Any]:
+    """Zero-shot scores of the base model: test once (the same for every seed), validation per seed.
+
+    Cached in ``out/zero_shot.json`` (rank 0 reads and writes it). Under FSDP the base model is
+    scored sharded (:meth:`ModelHost.sharded_base`), then reloaded.
+    """
+    settings = evaluator.settings
+    path = out / "zero_shot.json"
+    cached = on_main(lambda: json.loads(path.read_text()) if path.is_file() else {"test": None, "validation": {}})
+    seeds = list(splits)
+    missing = cached["test"] is None or (settings.eval_links
+                                         and any(str(seed) not in cached["validation"] for seed in seeds))
+    if missing:
+        model, tokenizer = host.sharded_base(settings) if host.fsdp else host.get()
+        write = cd.is_main_process()
+        if cached["test"] is None:
+            cached["test"] = evaluator(model, tokenizer, splits[seeds[0]].test, "zero-shot test")
+            if write:
+                write_json(path, cached)
+        for seed in seeds if settings.eval_links else []:
+            if str(seed) not in cached["validation"]:
+                cached["validation"][str(seed)] = evaluator(model, tokenizer, splits[seed].validation,
+                                                            f"zero-shot validation (seed {seed})")
+                if write:
+                    write_json(path, cached)
+        if host.fsdp:
+            host.restore()
+    return {"test": cached["test"], "validation": {int(s): v for s, v in cached["validation"].items()}}

@@ -1,0 +1,291 @@
+"""``cola train`` as a library function: :func:`run_experiment`, every (seed, method) of the settings.
+
+For each seed and each method (``lora``, ``cola``, ``full``) one *run*: fresh model, LoRA
+injected (not for ``full``), AdamW, the chain ties its knots by itself; the validation split is
+scored zero-shot and after every link (the COLA curve), the test split zero-shot and at the end.
+Every method of a comparison sees the same data, seeds, batches and number of optimizer steps.
+Results (``results.json``, ``results.csv``, ``results.md``, plots; :mod:`cola.llm.report`) and
+per-run outputs (``runs/<method>-seed<k>/``: ``run.json``, the adapters, optionally the merged
+model; :mod:`cola.llm.artifacts`) go to the output folder.
+
+``resume=True`` skips the runs that completed and continues the others from their checkpoints
+(:mod:`cola.llm.loop`). Under torchrun / ``accelerate launch`` every rank runs this function
+(:mod:`cola.llm.parallel`); rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cola
+import cola.distributed as cd
+from cola.errors import ConfigError
+from cola.io import write_json
+from cola.llm import report
+from cola.llm.artifacts import save_outputs
+from cola.llm.evaluation import Evaluator, zero_shot
+from cola.llm.host import Loader, ModelHost, default_loader, meta_model
+from cola.llm.inputs import build_task, load_data
+from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
+from cola.llm.objective import default_max_length, encode_examples
+from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
+from cola.llm.plan import FLOPS_FORMULA, build_plan, example_sizes
+from cola.llm.records import RunRecord
+from cola.llm.settings import RUNTIME_FIELDS, TrainSettings
+
+log = logging.getLogger(__name__)
+
+RESULTS_VERSION = 1
+
+
+@dataclass
+class Inputs:
+    """What every run of an experiment shares: the task, each seed's splits and encoded training set."""
+
+    task: Any
+    splits: dict[int, Any]
+    encoded: dict[int, list]
+    max_length: int | None
+    total_steps: int
+
+
+@dataclass
+class Experiment:
+    """The shared state of one ``run_experiment`` call."""
+
+    settings: TrainSettings
+    out: Path
+    inputs: Inputs
+    host: ModelHost
+    evaluate: Evaluator
+    budget: StepBudget
+    progress: bool
+    plan: dict[str, Any]
+
+
+def run_experiment(settings: TrainSettings, loader: Loader | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train and evaluate every (seed, method) of ``settings``; return the results.
+
+    Args:
+        settings: the run's :class:`TrainSettings` (automatic defaults are resolved here).
+        loader: ``loader() -> (model, tokenizer)`` giving a fresh base model on each call;
+            default: :func:`cola.llm.load_model` of ``settings.model``.
+        progress: show tqdm progress bars (the CLI does; a library call logs instead).
+
+    Returns:
+        The results dict written to ``results.json`` (see :mod:`cola.llm.report`); with
+        ``dry_run`` the plan only. ``results["status"]`` is ``"complete"``, or ``"stopped"``
+        when ``stop_after`` ended the invocation early (continue with ``resume=True``).
+    """
+    started = time.time()
+    settings = settings.resolved()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = None if settings.dry_run else start_distributed(settings)
+    out = on_main(lambda: output_dir(settings))  # a default name holds the time: rank 0's
+    host = None
+    if settings.dry_run and loader is None:
+        model, tokenizer = meta_model(settings)
+    else:
+        fsdp = settings.fsdp and device is not None
+        if settings.fsdp and not fsdp and not settings.dry_run:
+            log.warning("fsdp: this is a single process (not started by torchrun or accelerate launch): "
+                        "the model is not sharded")
+        host = ModelHost(loader or default_loader(settings, device, fsdp), device, fsdp)
+        model, tokenizer = host.get()
+    inputs = prepare_inputs(settings, model, tokenizer)
+    sizes = example_sizes(inputs.encoded[settings.seeds[0]], settings.loss)
+    plan = build_plan(settings, model, inputs.task, inputs.splits, sizes, inputs.max_length, inputs.total_steps)
+    if settings.dry_run:
+        return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
+    world = cd.world_size() if device is not None else 1
+    if world > 1:
+        check_global_batches(settings, {s: len(inputs.splits[s].train) for s in settings.seeds}, world)
+    on_main(lambda: prepare_output(settings, out))
+    log.info("output folder: %s", out)
+    main = cd.is_main_process()
+    evaluate = Evaluator(settings, inputs.task, inputs.max_length, progress and main)
+    exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan)
+    results = _results_header(settings, out, plan, started)
+    if device is not None:
+        results["distributed"] = describe(device, host.fsdp)
+        log.info("data-parallel over %d ranks (%s, %s%s); global micro-batch %d, %s per rank", world,
+                 results["distributed"]["backend"], device.type, ", FSDP" if host.fsdp else "", settings.batch_size,
+                 "/".join(map(str, sorted(set(cd.shard_sizes(settings.batch_size, world)), reverse=True))))
+    scores = zero_shot(evaluate, host, out, inputs.splits)
+    results["zero_shot"] = {"test": scores["test"], "validation": {str(s): v for s, v in scores["validation"].items()}}
+    try:
+        for seed in settings.seeds:
+            for method in settings.methods:
+                results["runs"].append(run_one(exp, method, seed, scores).to_dict())
+    except RunStopped as stop:
+        results["status"] = "stopped"
+        results["stopped"] = str(stop)
+        log.info("%s; continue with --resume (output folder %s)", stop, out)
+    results["nonfinite_steps"] = {f"{r['method']}-seed{r['seed']}": r.get("nonfinite_steps", 0)
+                                  for r in results["runs"]}  # skipped steps (non-finite loss/gradient)
+    results["finished"] = datetime.now().isoformat(timespec="seconds")
+    results["seconds"] = time.time() - started
+    report.finalize(results)
+    files = on_main(lambda: report.write_all(results, out, plots=settings.plots))  # written when any rank returns
+    results.setdefault("files", dict(files))
+    return results
+
+
+def prepare_inputs(settings: TrainSettings, model, tokenizer) -> Inputs:
+    """The task, every seed's splits and encoded training examples, the max length and T."""
+    task = build_task(settings)
+    max_length = settings.max_length if settings.max_length is not None else default_max_length(model, tokenizer)
+    splits = {seed: load_data(settings, task, seed) for seed in settings.seeds}
+    encoded = {seed: encode_examples(tokenizer, splits[seed].train, task, max_length) for seed in settings.seeds}
+    total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
+    return Inputs(task, splits, encoded, max_length, total_steps)
+
+
+def _results_header(settings: TrainSettings, out: Path, plan: dict[str, Any], started: float) -> dict[str, Any]:
+    return {
+        "version": RESULTS_VERSION, "cola_version": cola.__version__, "versions": report.versions(),
+        "command": " ".join(sys.argv) if sys.argv else None, "output_dir": str(out),
+        "started": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA, "runs": [],
+        "status": "complete",
+    }
+
+
+def output_dir(settings: TrainSettings) -> Path:
+    """``settings.output_dir``, or ``runs/<name>`` (default name: methods, task and the time)."""
+    if settings.output_dir:
+        return Path(settings.output_dir)
+    name = settings.name or f"{'-'.join(settings.methods)}-{settings.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path("runs") / name
+
+
+def prepare_output(settings: TrainSettings, out: Path) -> None:
+    """A new folder with ``settings.json``, or (``resume``) a check that the saved settings are these."""
+    saved_path = out / "settings.json"
+    if settings.resume:
+        if not saved_path.is_file():
+            raise ConfigError(f"resume: {out} holds no run to resume (no settings.json)")
+        saved = json.loads(saved_path.read_text())
+        current = settings.to_dict()
+        differing = [f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in current
+                     if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
+        if differing:
+            raise ConfigError([f"resume: the settings differ from the run in {out}:"] + differing)
+        return
+    if saved_path.is_file():
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    settings.save(saved_path)
+
+
+# ============================================================================ one run
+
+def run_one(exp: Experiment, method: str, seed: int, scores: dict[str, Any]) -> RunRecord:
+    """Train (or continue, or skip when complete) the run of ``method`` and ``seed``; its record."""
+    key = f"{method}-seed{seed}"
+    run_dir = exp.out / "runs" / key
+    done = on_main(lambda: _completed(run_dir))  # rank 0 reads and decides; every rank follows
+    if done is not None:
+        log.info("%s: already complete, skipped", key)
+        return RunRecord.from_dict(done)
+    start = time.perf_counter()
+    run = start_run(exp, method, seed, run_dir, scores)
+    if exp.settings.resume and on_main(run.checkpoint.is_file):
+        resume(run)
+    try:
+        Training(exp.settings, run, exp.evaluate, exp.budget, exp.progress).train()
+    except BaseException:
+        exp.host.restore()
+        raise
+    finish_run(exp, run, run_dir, scores)
+    exp.host.restore()
+    log.info("%s: test accuracy %.4f (zero-shot %.4f) in %.0f s", key, run.record.test["accuracy"],
+             scores["test"]["accuracy"], time.perf_counter() - start)
+    return run.record
+
+
+def _completed(run_dir: Path) -> dict[str, Any] | None:
+    record_path = run_dir / "run.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("status") == "complete":
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: dict[str, Any]) -> Run:
+    """A fresh run of ``method``: the model (LoRA injected, or every weight trainable), its trainer
+    (a chain, or full fine-tuning), and an empty record with the zero-shot point of the curve."""
+    settings, key = exp.settings, f"{method}-seed{seed}"
+    if exp.host.fsdp:
+        exp.host.get()  # a fresh model for each run, loaded before the seed: LoRA draws as without FSDP
+    torch.manual_seed(seed)
+    total = exp.inputs.total_steps
+    plan = exp.plan["methods"][method]
+    if method == "full":
+        model, tokenizer = exp.host.for_full()
+        trainer = FullFineTuning(model, settings, total, key)
+        trainable, lr, hint, config = trainer.trainable, settings.full_lr, f"--full-lr (now {settings.full_lr})", None
+    else:
+        exp.host.inject(settings)
+        model, tokenizer = exp.host.get()
+        config = settings.chain_config(method, total, seed)
+        trainer = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=settings.lr, weight_decay=settings.weight_decay),
+                             config)
+        cd.attach(trainer)  # ranks start alike (checked) and stay alike: every knot checked (no-op for one process)
+        trainable, lr, hint = sum(p.numel() for p in trainer.params), settings.lr, f"--lr (now {settings.lr})"
+    chain = trainer if config is not None else None
+    record = RunRecord(
+        method=method, seed=seed, total_steps=total, trainable_params=trainable,
+        trainable_params_per_link=plan["trainable_params"], lr=lr, data=exp.inputs.splits[seed].sizes(),
+        chain_config=config.to_dict() if config else None, knots=chain.planned_knots() if chain else [],
+        ranks=chain.planned_ranks() if chain else [])
+    if settings.eval_links:
+        record.add_curve_point(0, 0, scores["validation"][seed])
+    return Run(key, model, tokenizer, trainer, exp.inputs.encoded[seed], exp.inputs.splits[seed], record,
+               run_dir / "checkpoint.pt", seed, hint)
+
+
+def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any]) -> None:
+    """Final evaluation (validation after the last link, test), outputs, and the record on disk."""
+    settings, record, chain = exp.settings, run.record, run.chain
+    t0 = time.perf_counter()
+    if settings.eval_links:
+        links_done = (len(chain.history) + 1) if chain else 1
+        val = exp.evaluate(run.model, run.tokenizer, run.splits.validation,
+                           f"{run.key} validation after link {links_done}")
+        record.add_curve_point(links_done, record.total_steps, val)
+    record.test = exp.evaluate(run.model, run.tokenizer, run.splits.test, f"{run.key} test")
+    record.zero_shot = {"test": scores["test"], "validation": scores["validation"].get(run.seed)}
+    record.seconds["eval"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    record.outputs = save_outputs(settings, run_dir, run.model, run.tokenizer, chain)
+    record.seconds["export"] = time.perf_counter() - t0
+    synced = on_main(lambda: record.to_dict())  # rank 0's timings and output paths on every rank
+    record.seconds, record.outputs = synced["seconds"], synced["outputs"]
+    if chain is not None:
+        record.knot_reports = [r.to_dict() for r in chain.history]
+        record.nonfinite_steps = chain.nonfinite_steps
+    record.status = "complete"
+    record.seconds["total"] = sum(v for k, v in record.seconds.items() if k != "total")
+    plan = exp.plan["methods"][record.method]
+    record.flops = {"train": plan["train_flops"], "eval_estimate": plan.get("eval_flops")}
+    main = cd.is_main_process()
+    if settings.keep_checkpoints:
+        save_checkpoint(run)
+        record.outputs["checkpoint"] = str(run.checkpoint)
+    elif main:
+        run.checkpoint.unlink(missing_ok=True)
+    if main:
+        write_json(run_dir / "run.json", record.to_dict())

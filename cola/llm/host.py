@@ -1,0 +1,133 @@
+"""Where a run's model comes from: the loader, a pristine copy for each run, the meta-device plan model.
+
+:class:`ModelHost` holds the base model between the runs of an experiment. A LoRA run changes
+only the wrapped layers' weights: their originals are kept on CPU and put back afterwards, so no
+second copy of the model is ever made. A full fine-tuning run changes every weight, and an FSDP
+run shards the model: the next run then loads a fresh one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import cola
+from cola.errors import ColaError
+from cola.llm.models import EMBEDDED_MODEL, embedded_model_dir, load_model, prepare_tokenizer, resolve_dtype
+from cola.llm.parallel import shard_model
+from cola.llm.settings import TrainSettings
+
+Loader = Callable[[], tuple[Any, Any]]
+"""``loader() -> (model, tokenizer)``: a fresh base model (and its tokenizer) each call."""
+
+
+def default_loader(settings: TrainSettings, device: torch.device | None = None, fsdp: bool = False) -> Loader:
+    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call.
+
+    ``device`` (a distributed run: this rank's device) replaces ``settings.device``. With ``fsdp``
+    the model is loaded on the CPU, in the dtype ``device`` calls for, and FSDP moves each rank's
+    shard to ``device``.
+    """
+    if fsdp and device is not None:
+        dtype = resolve_dtype(settings.dtype, device)
+        return lambda: load_model(settings.model, dtype, "cpu")
+    return lambda: load_model(settings.model, settings.dtype, device if device is not None else settings.device)
+
+
+def model_source(settings: TrainSettings) -> str:
+    """What ``from_pretrained`` reads for ``settings.model``: the embedded model's cache folder, or the name."""
+    return str(embedded_model_dir()) if settings.model == EMBEDDED_MODEL else settings.model
+
+
+def meta_model(settings: TrainSettings):
+    """``settings.model``'s architecture on the meta device (no weights) and its tokenizer, for plans."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = model_source(settings)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ColaError(f"could not read model {settings.model!r}: {exc}") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, prepare_tokenizer(tokenizer)
+
+
+class ModelHost:
+    """Holds the base model between runs and hands out a pristine copy for each.
+
+    In a distributed run ``device`` is this rank's device: each model the loader returns is moved
+    there. With ``fsdp`` :meth:`inject` also shards the model (FSDP2, LoRA factors replicated) and
+    every run gets a freshly loaded model: a sharded model cannot be put back.
+    """
+
+    def __init__(self, loader: Loader, device: torch.device | None = None, fsdp: bool = False):
+        self.loader = loader
+        self.device = device
+        self.fsdp = fsdp
+        self.model = None
+        self.tokenizer = None
+        self._originals: dict[str, torch.Tensor] = {}
+        self._stale = False
+
+    def get(self):
+        """The base model and its tokenizer (loaded when there is none or the last one was changed)."""
+        if self.model is None or self._stale:
+            self.model = None
+            self.model, tokenizer = self.loader()
+            self.tokenizer = prepare_tokenizer(tokenizer)
+            self._stale = False
+            if self.device is not None and not self.fsdp:   # under FSDP the shards go to the device
+                self.model.to(self.device)
+        return self.model, self.tokenizer
+
+    def inject(self, settings: TrainSettings) -> list[str]:
+        """LoRA on ``settings.targets`` (factors in float32 over a bf16/fp16 base, as PEFT does)."""
+        model, _ = self.get()
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        names = cola.inject_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
+                                 lora_dtype=torch.float32 if low else None)
+        if self.fsdp:
+            shard_model(model)
+        else:
+            self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
+        return names
+
+    def sharded_base(self, settings: TrainSettings):
+        """Under FSDP: the base model sharded, for zero-shot scoring. It gets zero LoRA factors
+        (``B = 0``: the outputs are the base model's, bit for bit); call :meth:`restore` after."""
+        self.inject(settings)
+        return self.model, self.tokenizer
+
+    def for_full(self):
+        """The model with every weight trainable; it is reloaded for the next run."""
+        model, tokenizer = self.get()
+        self._stale = True  # every weight will change
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, tokenizer
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a LoRA run: plain ``nn.Linear`` layers with their original weights, all frozen.
+        (Under FSDP the model is stale instead: the next :meth:`get` loads a fresh one.)"""
+        if self.model is None or self._stale:
+            return
+        if self.fsdp:
+            self._stale = True
+            return
+        for name, weight in self._originals.items():
+            module = self.model.get_submodule(name)
+            linear = module.base if isinstance(module, cola.LoRALinear) else module
+            linear.weight.copy_(weight.to(linear.weight.device))
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, linear)
+        self._originals = {}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()

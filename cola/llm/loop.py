@@ -1,0 +1,334 @@
+"""One training run of ``cola train``: steps, knots, non-finite steps, checkpoints, evaluation after
+every link.
+
+A run trains either a :class:`cola.Chain` (LoRA is a one-link chain) or, for full fine-tuning, a
+:class:`FullFineTuning`, which offers the same step interface: ``step(loss) -> bool`` (False when
+a non-finite step was skipped), ``zero_grad()``, ``step_count``, ``nonfinite_steps``,
+``nonfinite_in_row``, ``state_dict()``. The loop (:class:`Training`) does not care which.
+
+Resuming: each run writes an atomic checkpoint (the trainer's state with the LoRA factors,
+merged weights, optimizer, strategies and RNG; the number of micro-batches consumed, from which
+the data order follows; the :class:`~cola.llm.records.RunRecord` so far) every
+``checkpoint_every`` steps and at every knot; a resumed run continues exactly (bit for bit on CPU
+with the same thread count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import cola
+import cola.distributed as cd
+from cola.config import schedule_multiplier
+from cola.errors import ColaError
+from cola.llm.evaluation import Evaluator
+from cola.llm.inputs import epoch_batches
+from cola.llm import objective
+from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
+from cola.llm.records import RunRecord
+from cola.llm.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class RunStopped(ColaError):
+    """Raised inside a run when ``stop_after`` steps were taken; the checkpoint is written."""
+
+
+@dataclass
+class StepBudget:
+    """The ``stop_after`` steps this invocation may still take, shared by its runs (None: no limit)."""
+
+    left: int | None = None
+
+    @property
+    def spent(self) -> bool:
+        return self.left is not None and self.left <= 0
+
+    def take(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+
+
+class FullFineTuning:
+    """Full fine-tuning (AdamW over every weight, the chain's base LR schedule) with the chain's step
+    interface, including its non-finite guard: a step whose loss or gradients are not finite is
+    skipped and counted."""
+
+    history: list = []
+    link = 0
+
+    def __init__(self, model, settings: TrainSettings, total_steps: int, key: str):
+        self.model, self.key = model, key
+        params = list({id(p): p for p in model.parameters()}.values())
+        self.optimizer = torch.optim.AdamW(params, lr=settings.full_lr, weight_decay=settings.weight_decay)
+        cfg = settings.chain_config("lora", total_steps, 0)  # for its base LR schedule only
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda taken: schedule_multiplier(cfg.lr_schedule, taken, total_steps, cfg.warmup_steps))
+        self.trainable = sum(p.numel() for p in params)
+        self.step_count = self.nonfinite_steps = self.nonfinite_in_row = 0
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, loss: float) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not (math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
+            for p in self.model.parameters():
+                p.grad = None
+            self.nonfinite_steps += 1
+            self.nonfinite_in_row += 1
+            log.warning("%s: step skipped: non-finite loss or gradient (%d in a row)", self.key, self.nonfinite_in_row)
+            return False
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return True
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any], record: RunRecord) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step_count, self.nonfinite_steps = record.steps_taken, record.nonfinite_steps
+
+
+def current_lr(trainer) -> float:
+    """The LR of the next step (a chain's LR policy included)."""
+    if isinstance(trainer, cola.Chain):
+        return trainer.optimizer.param_groups[0]["lr"] * trainer.lr_multiplier()
+    return trainer.current_lr()
+
+
+@dataclass
+class Run:
+    """A run being trained: the model, its trainer, its training data and its record."""
+
+    key: str
+    model: Any
+    tokenizer: Any
+    trainer: Any                    #: a cola.Chain or a FullFineTuning
+    encoded: list                   #: the encoded training examples
+    splits: Any                     #: the seed's Splits (validation used after each link)
+    record: RunRecord
+    checkpoint: Path
+    seed: int
+    lr_hint: str = ""               #: the flag to lower when steps keep failing
+    _batches: tuple[int, list] = field(default=(-1, []), repr=False)
+
+    @property
+    def chain(self) -> cola.Chain | None:
+        return self.trainer if isinstance(self.trainer, cola.Chain) else None
+
+    def micro_batch(self, batch_size: int) -> list:
+        """The next global micro-batch (the record's position), from that epoch's seeded order."""
+        per_epoch = math.ceil(len(self.encoded) / batch_size)
+        epoch, index = divmod(self.record.position, per_epoch)
+        if self._batches[0] != epoch:
+            self._batches = (epoch, epoch_batches(self.encoded, batch_size, self.seed, epoch))
+        return self._batches[1][index]
+
+
+# ============================================================================ checkpoints
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 writes the checkpoint (every rank holds the same state), then every rank goes on.
+    Under FSDP ``chain.state_dict()`` gathers the shards: a collective that every rank joins."""
+    if not cd.is_main_process() and not is_sharded(run.model):
+        cd.barrier()
+        return
+    state: dict[str, Any] = {"version": CHECKPOINT_VERSION, "key": run.key, "record": run.record.to_dict()}
+    if run.chain is not None:
+        state["chain"] = run.chain.state_dict()
+    else:
+        state.update(run.trainer.state_dict())
+    t0 = time.perf_counter()
+    cd.save_on_main(run.checkpoint, state)
+    log.debug("%s: checkpoint at step %d in %.2f s", run.key, run.record.steps_taken, time.perf_counter() - t0)
+
+
+def load_checkpoint_everywhere(path: Path, key: str) -> dict[str, Any]:
+    """Every rank reads the checkpoint rank 0 wrote (on any number of ranks); an error on any rank
+    is raised on all of them."""
+    state, error = None, None
+
+    def unreadable(why) -> str:
+        return (f"{key}: rank {cd.rank()} cannot read the checkpoint {path} that rank 0 sees ({why}): every rank "
+                "needs the output folder (one node, or a filesystem shared by the nodes)")
+
+    try:
+        state = cola.load_checkpoint(path)
+    except ColaError as err:
+        if cd.is_distributed() and not path.is_file():
+            error = unreadable("no such file")
+        else:
+            error = (f"{key}: cannot resume: {err}. Move the file away to restart this run from step 0 "
+                     "(the other runs keep their progress)")
+    except OSError as err:
+        if not cd.is_distributed():
+            raise
+        error = unreadable(err)
+    first = gather_errors(error)
+    if first is not None:
+        raise ColaError(first) from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("key") != key:
+        raise ColaError(f"checkpoint of {key} is not one this version of cola train wrote "
+                        f"(version {state.get('version') if isinstance(state, dict) else None}, "
+                        f"run {state.get('key') if isinstance(state, dict) else None})")
+    return state
+
+
+def resume(run: Run) -> None:
+    """Continue ``run`` from its checkpoint: trainer state, data position and record."""
+    state = load_checkpoint_everywhere(run.checkpoint, run.key)
+    record = RunRecord.from_dict(state["record"])
+    record.nonfinite_in_row = 0  # a resumed run gets a fresh max_nonfinite_in_row budget (as the chain does)
+    if run.chain is not None:
+        run.chain.load_state_dict(state["chain"])
+    else:
+        run.trainer.load_state_dict(state, record)
+    run.record = record
+    log.info("%s: resumed at step %d of %d", run.key, run.trainer.step_count, record.total_steps)
+
+
+# ============================================================================ the loop
+
+class Training:
+    """The loop of one run: :meth:`run` trains until ``total_steps`` (or the step budget is spent)."""
+
+    def __init__(self, settings: TrainSettings, run: Run, evaluate: Evaluator, budget: StepBudget,
+                 progress: bool = False):
+        self.settings, self.run, self.evaluate, self.budget = settings, run, evaluate, budget
+        self.progress = progress
+        self.knots_seen = len(run.chain.history) if run.chain else 0
+        self.tic = time.perf_counter()
+
+    @property
+    def steps_taken(self) -> int:
+        return self.run.trainer.step_count
+
+    def train(self) -> None:
+        """Train to the end; raises :class:`RunStopped` when the budget runs out first."""
+        run, total = self.run, self.run.record.total_steps
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.steps_taken, desc=f"training {run.key}", unit="step",
+                       dynamic_ncols=True)
+        run.model.train()
+        self.tic = time.perf_counter()
+        try:
+            while self.steps_taken < total:
+                if self.budget.spent:  # spent on an earlier run
+                    raise RunStopped(f"{run.key}: stopped before step {self.steps_taken + 1} of {total} (stop_after)")
+                lr_now = current_lr(run.trainer)
+                loss = self.accumulate()
+                if not self.take_step(loss):
+                    continue
+                self.after_step(loss, lr_now, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        run.model.eval()
+
+    def accumulate(self) -> float:
+        """Forward and backward of ``grad_accum`` micro-batches; the (global, averaged) loss."""
+        s, run = self.settings, self.run
+        pad = run.tokenizer.pad_token_id or 0
+        distributed = cd.is_distributed()
+        total = 0.0
+        for _ in range(s.grad_accum):
+            batch = run.micro_batch(s.batch_size)
+            if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
+                mine = cd.shard(batch)
+                scale = cd.loss_scale(shares(mine, s.loss), shares(batch, s.loss))
+            else:
+                mine, scale = batch, 1.0
+            loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
+            loss = loss * scale / s.grad_accum if distributed else loss / s.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            run.record.position += 1
+        if distributed:
+            cd.sync_gradients(run.chain if run.chain is not None else run.model)  # mean over the global batch
+            total = cd.average(total)                                             # the same loss on every rank
+        return total
+
+    def take_step(self, loss: float) -> bool:
+        """The trainer's step; a skipped (non-finite) step is counted, and too many in a row stop the run."""
+        run = self.run
+        took = run.trainer.step(loss)
+        run.trainer.zero_grad()
+        if took:
+            return True
+        run.record.nonfinite_steps = run.trainer.nonfinite_steps
+        run.record.nonfinite_in_row = run.trainer.nonfinite_in_row
+        if run.trainer.nonfinite_in_row >= self.settings.max_nonfinite_in_row:
+            save_checkpoint(run)
+            in_row = run.trainer.nonfinite_in_row
+            raise ColaError(f"{run.key}: {in_row} steps in a row with a non-finite loss or gradient "
+                            f"({run.record.nonfinite_steps} skipped in all); stopped after the last good step "
+                            f"{self.steps_taken}, checkpoint {run.checkpoint}. Lower {run.lr_hint} or check the "
+                            f"data, then continue with cola train --resume (max_nonfinite_in_row={in_row})")
+        return False
+
+    def after_step(self, loss: float, lr_now: float, bar) -> None:
+        """Record the step, log it, evaluate after a knot, checkpoint, and honour the step budget."""
+        s, run, record = self.settings, self.run, self.run.record
+        step, total = self.steps_taken, record.total_steps
+        record.train_loss.append(loss)
+        record.lr_per_step.append(lr_now)
+        record.nonfinite_in_row = 0
+        record.seconds["train"] += time.perf_counter() - self.tic
+        self.tic = time.perf_counter()
+        link = run.chain.link if run.chain else 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", link=link)
+        if step % s.log_every == 0 or step == total:
+            recent = record.train_loss[-s.log_every:]
+            log.info("%s step %d/%d link %d: loss %.4f (mean of last %d %.4f), lr %.3g", run.key, step, total, link,
+                     loss, len(recent), float(np.mean(recent)), lr_now)
+        knot = run.chain is not None and len(run.chain.history) > self.knots_seen
+        if knot:
+            self.knots_seen = len(run.chain.history)
+            if s.eval_links:
+                self.evaluate_link(step)
+        self.budget.take()
+        stop = self.budget.spent and step < total
+        if step < total and (knot or stop or (s.checkpoint_every and step % s.checkpoint_every == 0)):
+            save_checkpoint(run)
+            self.tic = time.perf_counter()
+        if stop:
+            raise RunStopped(f"{run.key}: stopped after step {step} of {total} (stop_after)")
+
+    def evaluate_link(self, step: int) -> None:
+        """Validation after the link that just ended (a point of the COLA curve)."""
+        run = self.run
+        t0 = time.perf_counter()
+        val = self.evaluate(run.model, run.tokenizer, run.splits.validation,
+                            f"{run.key} validation after link {self.knots_seen}")
+        run.record.add_curve_point(self.knots_seen, step, val)
+        run.record.seconds["eval"] += time.perf_counter() - t0
+        run.model.train()
+        self.tic = time.perf_counter()

@@ -1,0 +1,169 @@
+"""The plan of a ``cola train`` run: knots, rank and trainable parameters of every link, and FLOPs.
+
+Knots and ranks come from the core's one plan function, :func:`cola.plan`; this module adds
+what only the LLM layer knows: the layers LoRA wraps, the sizes of the model and of an example,
+and from them the estimated training and evaluation FLOPs.
+
+FLOPs (plan and results) are estimates, per token of a training example::
+
+    forward   2 * (N + N_lora)          N: parameters of the transformer body (embedding lookups free)
+    backward  2 * (N + N_lora)          gradients of the activations, through every layer
+            + 2 * N_trainable           gradients of the trained weights only (N_lora, or N for full)
+
+so about ``(4 N + 6 N_lora)`` per token for LoRA/COLA and ``6 N`` for full fine-tuning, plus the
+LM head (``2 V d`` forward, as much backward, ``2 V d`` more for its weight when trained) only
+at the positions that predict an answer token. Attention's sequence-squared terms, norms and
+activations are left out (small for prompts of a few hundred tokens). An evaluation costs the
+forward part only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import cola
+from cola.errors import ConfigError
+from cola.planning import build_strategies
+from cola.llm.settings import TrainSettings
+
+FLOPS_FORMULA = ("per training token: forward 2*(N+N_lora) + backward 2*(N+N_lora) (activation gradients) "
+                 "+ 2*N_trainable (weight gradients of trained parameters only), N = parameters outside the "
+                 "embeddings; LM head 2*V*d forward and backward only at answer positions; attention's "
+                 "sequence-squared terms left out; evaluation = forward only")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the FLOP estimates need to know about a model."""
+
+    body: int     #: parameters outside the input embedding and the LM head
+    vocab: int    #: rows of the LM head
+    width: int    #: its input width
+    total: int    #: every (distinct) parameter
+
+    def to_dict(self) -> dict[str, int]:
+        return {"body": self.body, "vocab": self.vocab, "width": self.width, "all": self.total}
+
+
+@dataclass(frozen=True)
+class ExampleSize:
+    """Mean tokens per example through the body, and positions through the LM head."""
+
+    train_tokens: float
+    train_positions: float
+    eval_tokens: float
+    eval_positions: float
+
+
+def model_size(model) -> ModelSize:
+    """The :class:`ModelSize` of a causal LM (tied weights counted once)."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    excluded = {id(embed)} | ({id(head.weight)} if head is not None else set())
+    vocab, width = (head.weight.shape if head is not None else embed.shape)
+    return ModelSize(sum(n for i, n in seen.items() if i not in excluded), int(vocab), int(width), sum(seen.values()))
+
+
+def flops_per_example(tokens: float, positions: float, n_body: int, n_lora: int, n_trainable: int,
+                      vocab: int, width: int, train_head: bool = False, backward: bool = True) -> float:
+    """Estimated FLOPs of one example (see the module docstring for the formula)."""
+    fwd = 2.0 * (n_body + n_lora) * tokens + 2.0 * vocab * width * positions
+    if not backward:
+        return fwd
+    bwd = 2.0 * (n_body + n_lora) * tokens + 2.0 * n_trainable * tokens + 2.0 * vocab * width * positions
+    if train_head:
+        bwd += 2.0 * vocab * width * positions
+    return fwd + bwd
+
+
+def example_sizes(encoded: list, loss: str) -> ExampleSize:
+    """Mean tokens and LM-head positions per example, in training and in evaluation.
+
+    Single-token answers: one forward of the context scores every candidate; otherwise one
+    sequence per candidate (training with ``lm`` loss: the gold answer only).
+    """
+    if not encoded:
+        return ExampleSize(0.0, 0.0, 0.0, 0.0)
+    if all(len(c) == 1 for e in encoded for c in e.candidates):
+        t = float(np.mean([len(e.context) for e in encoded]))
+        return ExampleSize(t, 1.0, t, 1.0)
+    ev_tokens = float(np.mean([sum(len(e.context) + len(c) for c in e.candidates) for e in encoded]))
+    ev_pos = float(np.mean([sum(len(c) for c in e.candidates) for e in encoded]))
+    if loss == "lm":
+        tr_tokens = float(np.mean([len(e.context) + len(e.candidates[e.label]) for e in encoded]))
+        tr_pos = float(np.mean([len(e.candidates[e.label]) for e in encoded]))
+        return ExampleSize(tr_tokens, tr_pos, ev_tokens, ev_pos)
+    return ExampleSize(ev_tokens, ev_pos, ev_tokens, ev_pos)
+
+
+def lora_shapes(model, settings: TrainSettings) -> dict[str, tuple[int, int]]:
+    """``name -> (in, out)`` of every layer LoRA would wrap; the patterns are checked by
+    :func:`cola.inject_lora` (which is undone at once; it leaves every parameter frozen)."""
+    names = cola.inject_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout)
+    layers = cola.lora_layers(model)
+    shapes = {n: (layers[n].in_features, layers[n].out_features) for n in names}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layers[name].base)
+    return shapes
+
+
+def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: int,
+                shapes: dict[str, tuple[int, int]], size: ModelSize, sizes: ExampleSize,
+                examples_per_step: int) -> dict[str, Any]:
+    """Knots, rank and trainable parameters of each link, and the estimated training FLOPs."""
+    tokens, positions = sizes.train_tokens, sizes.train_positions
+    if method == "full":
+        flops = flops_per_example(tokens, positions, size.body, 0, size.body, size.vocab, size.width, True)
+        return {"method": method, "links": 1, "knots": [], "ranks": [], "lr": settings.full_lr,
+                "steps_per_link": [total_steps], "trainable_params": [size.total],
+                "train_flops": [flops * examples_per_step * total_steps], "chain": None}
+    config = settings.chain_config(method, total_steps, seed)
+    max_rank = min(min(s) for s in shapes.values()) if shapes else None
+    try:  # every strategy is built (so bad options are found before anything trains), then the plan
+        chain_plan = cola.plan(config, settings.rank, max_rank, strategies=build_strategies(config))
+    except ConfigError as err:
+        raise ConfigError([f"{method}: {p}" for p in err.problems]) from None
+    trainable = [sum(r * (i + o) for i, o in shapes.values()) for r in chain_plan.ranks]
+    steps = chain_plan.steps_per_link
+    flops = None if steps is None else [
+        flops_per_example(tokens, positions, size.body, t, t, size.vocab, size.width) * examples_per_step * s
+        for t, s in zip(trainable, steps)]
+    knots = list(chain_plan.knots) if chain_plan.knots is not None else None
+    return {"method": method, "links": chain_plan.links, "knots": knots, "ranks": list(chain_plan.ranks),
+            "lr": settings.lr, "steps_per_link": steps, "trainable_params": trainable, "train_flops": flops,
+            "chain": config.to_dict()}
+
+
+def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: ExampleSize, max_length: int | None,
+               total_steps: int) -> dict[str, Any]:
+    """The plan of every method of ``settings`` (what ``--dry-run`` prints and ``results.json`` keeps)."""
+    seeds, methods = settings.seeds, settings.methods
+    size = model_size(model)
+    shapes = lora_shapes(model, settings) if any(m != "full" for m in methods) else {}
+    n_train = len(splits[seeds[0]].train)
+    per_step = settings.batch_size * settings.grad_accum
+    plan = {
+        "model": {"name": settings.model, "class": type(model).__name__,
+                  "model_type": getattr(model.config, "model_type", None), "parameters": size.total,
+                  "body_parameters": size.body, "vocab": size.vocab, "hidden": size.width, "lora_layers": len(shapes),
+                  "lora_targets": sorted({n.rsplit(".", 1)[-1] for n in shapes})},
+        "task": task.name, "answers": list(task.answers), "splits": {str(s): splits[s].sizes() for s in seeds},
+        "max_length": max_length, "tokens_per_example": sizes.train_tokens,
+        "positions_per_example": sizes.train_positions, "total_steps": total_steps, "examples_per_step": per_step,
+        "epochs": total_steps * per_step / max(1, n_train),
+        "methods": {m: method_plan(settings, m, total_steps, seeds[0], shapes, size, sizes, per_step)
+                    for m in methods},
+    }
+    n_val, n_test = len(splits[seeds[0]].validation), len(splits[seeds[0]].test)
+    eval_fwd = flops_per_example(sizes.eval_tokens, sizes.eval_positions, size.body, 0, 0, size.vocab, size.width,
+                                 backward=False)
+    for p in plan["methods"].values():
+        n_evals = (1 + p["links"]) if settings.eval_links else 0
+        p["eval_flops"] = eval_fwd * (n_val * n_evals + 2 * n_test)
+    return plan

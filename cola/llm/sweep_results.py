@@ -1,0 +1,107 @@
+"""The results of a sweep: each cell's scores over seeds, its curves and compute, and the paired
+comparison with its baseline (:mod:`cola.llm.stats`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cola.llm import stats
+from cola.llm.sweep_cells import Cell
+from cola.llm.sweep_spec import SweepSpec
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_status(run_dir: Path) -> str:
+    """``complete``, ``partial`` (started: resumable) or ``new``."""
+    results = read_json(run_dir / "results.json")
+    if results and results.get("status") == "complete" and results.get("runs"):
+        return "complete"
+    return "partial" if (run_dir / "settings.json").is_file() else "new"
+
+
+def _seed_records(out: Path, key: str, seeds: list[int]) -> dict[int, dict[str, Any]]:
+    """``{seed: (record, plan, settings)}`` of the complete runs of ``key``."""
+    found = {}
+    for seed in seeds:
+        results = read_json(out / "runs" / key / f"seed{seed}" / "results.json")
+        if not results or results.get("status") != "complete" or not results.get("runs"):
+            continue
+        record = results["runs"][0]
+        found[seed] = {"record": record, "plan": results["plan"]["methods"][record["method"]],
+                       "total_steps": results["plan"]["total_steps"], "settings": results["settings"]}
+    return found
+
+
+def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """Mean/std/n of the score, the per-link validation curve, the loss curve, and compute."""
+    metric = spec.metric
+    seeds = sorted(found)
+    scores = {s: float(found[s]["record"]["test"][metric]) for s in seeds}
+    entry: dict[str, Any] = {
+        "label": cell.label, "values": cell.values, "key": cell.key, "is_baseline_only": cell.is_baseline_only,
+        "baseline": cell.baseline_label, "baseline_key": cell.baseline_key, "seeds": seeds, "scores": scores,
+        "score": stats.describe(list(scores.values())),
+    }
+    low, high = stats.mean_interval(list(scores.values()), spec.confidence, "t") if len(scores) > 1 else (None, None)
+    entry["score"]["ci"] = [low, high]
+    if not seeds:
+        return entry
+    first = found[seeds[0]]
+    record, plan = first["record"], first["plan"]
+    entry.update(method=record["method"], links=len(record.get("knots") or []) + 1, knots=record.get("knots") or [],
+                 ranks=record.get("ranks") or [], steps=first["total_steps"], lr=record.get("lr"))
+    curves = [found[s]["record"].get("curve") or [] for s in seeds]
+    n_points = min(len(c) for c in curves)
+    entry["validation_per_link"] = [
+        {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
+         **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)]
+    losses = [found[s]["record"]["train_loss"] for s in seeds if found[s]["record"].get("train_loss")]
+    if losses:
+        n = min(len(x) for x in losses)
+        entry["train_loss_mean"] = [float(v) for v in np.mean([x[:n] for x in losses], axis=0)]
+        entry["final_train_loss"] = stats.describe([float(np.mean(x[-10:])) for x in losses])
+    per_link = plan.get("train_flops")
+    entry["compute"] = {
+        "trainable_params_per_link": plan.get("trainable_params"),
+        "trainable_params_max": max(plan["trainable_params"]) if plan.get("trainable_params") else None,
+        "train_flops_per_link": per_link, "train_flops": sum(per_link) if per_link else None,
+        "eval_flops": plan.get("eval_flops"),
+        "train_seconds": stats.describe([found[s]["record"]["seconds"]["train"] for s in seeds]),
+        "wall_seconds": stats.describe([found[s]["record"]["seconds"].get("total", 0.0) for s in seeds]),
+    }
+    return entry
+
+
+def aggregate(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell]) -> list[dict[str, Any]]:
+    """One summary per cell and baseline run, each cell with its paired comparison."""
+    entries = {}
+    for cell in [*extra, *cells]:
+        entries.setdefault(id(cell), summarize_cell(cell, _seed_records(out, cell.key, spec.seeds), spec))
+    by_key = {}
+    for cell in [*extra, *cells]:
+        by_key.setdefault(cell.key, entries[id(cell)])
+    rows = []
+    for cell in [*extra, *cells]:
+        entry = entries[id(cell)]
+        base = by_key.get(cell.baseline_key) if cell.baseline_key else None
+        if cell.is_baseline_only or base is None or cell.baseline_key == cell.key:
+            entry["comparison"] = None
+        else:
+            comp = stats.paired_difference(entry["scores"], base["scores"], spec.confidence, spec.ci)
+            mine = (entry.get("compute") or {}).get("train_flops")
+            theirs = (base.get("compute") or {}).get("train_flops")
+            comp["flops_ratio"] = mine / theirs if mine and theirs else None
+            comp["equal_compute"] = abs(comp["flops_ratio"] - 1.0) <= 0.01 if comp["flops_ratio"] else None
+            comp["baseline"] = cell.baseline_label
+            entry["comparison"] = comp
+        rows.append(entry)
+    return rows
+
+

@@ -1,0 +1,229 @@
+"""What a sweep is: :class:`SweepSpec` (base settings, grid, seeds, baseline), its axes and labels,
+and the shipped recipes.
+
+Axes are ``cola train`` setting names (``links``, ``lr``, ``epochs``, ``rank``, ``method``, ...),
+``chain.<ChainConfig field>`` (``chain.reinit``, ...), or one option of a strategy
+(``chain.rank_schedule_options.later_rank``). Short names: ``rank_schedule``, ``reinit``,
+``optimizer_policy``, ``lr_policy``, ``merge_policy``, ``merge_rule``, ``lr_schedule`` and
+``later_rank``. Running a sweep is :mod:`cola.llm.sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cola.errors import ConfigError, closest
+from cola.llm import stats
+from cola.llm.config_files import checked, read_config_file
+from cola.llm.settings import CHAIN_KEYS, FIELD_NAMES, FILE_KEYS
+
+#: short axis names -> their setting path
+AXIS_ALIASES = {
+    "rank_schedule": "chain.rank_schedule", "reinit": "chain.reinit", "optimizer_policy": "chain.optimizer_policy",
+    "lr_policy": "chain.lr_policy", "merge_policy": "chain.merge_policy", "merge_rule": "chain.merge_rule",
+    "lr_schedule": "chain.lr_schedule", "warmup_steps": "chain.warmup_steps",
+    "later_rank": "chain.rank_schedule_options.later_rank",
+}
+#: settings a grid may not vary: the sweep owns them, or they do not change the numbers
+NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config", "threads",
+            "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter", "save_links",
+            "save_merged", "fsdp")
+#: test metrics a sweep can compare on (``results["runs"][i]["test"][metric]``)
+METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm")
+
+
+
+# ============================================================================ the spec
+
+@dataclass
+class SweepSpec:
+    """What a sweep runs. ``settings`` is a ``cola train`` settings table (as in a config file)."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    baseline: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    name: str | None = None
+    description: str | None = None
+    metric: str = "accuracy"
+    ci: str = "t"
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.settings, dict):
+            return [f"settings: expected a table of cola train settings, got {type(self.settings).__name__}"]
+        try:
+            self.settings = checked(self.settings, "sweep settings", FILE_KEYS)
+        except ConfigError as err:
+            p += err.problems
+        for key in self.settings:
+            if key in ("seeds", "compare"):
+                p.append(f"settings.{key}: a sweep sets this itself (seeds: the sweep's `seeds`; compare: "
+                         "the `baseline`)")
+        if not isinstance(self.grid, dict):
+            p.append(f"grid: expected a table of axis = [values], got {type(self.grid).__name__}")
+        else:
+            grid = {}
+            for axis, values in self.grid.items():
+                try:
+                    path = axis_path(axis)
+                except ConfigError as err:
+                    p += err.problems
+                    continue
+                if not isinstance(values, list) or not values:
+                    p.append(f"grid.{axis}={values!r}: expected a non-empty list of values")
+                    continue
+                if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                    p.append(f"grid.{axis}={values!r}: a value is listed twice")
+                if path in grid:
+                    p.append(f"grid: axis {axis!r} is given twice (as {path})")
+                grid[path] = list(values)
+            if not p:
+                self.grid = grid
+        if (not isinstance(self.seeds, list) or not self.seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
+            p.append(f"seeds={self.seeds!r}: expected a non-empty list of integers")
+        elif len(set(self.seeds)) != len(self.seeds):
+            p.append(f"seeds={self.seeds}: a seed is listed twice")
+        if not isinstance(self.baseline, dict) or not self.baseline:
+            p.append(f"baseline={self.baseline!r}: expected overrides such as {{method = \"lora\"}} or {{links = 1}}")
+        else:
+            base = {}
+            for axis, value in self.baseline.items():
+                try:
+                    base[axis_path(axis)] = value
+                except ConfigError as err:
+                    p += err.problems
+            if not p:
+                self.baseline = base
+        if self.metric not in METRICS:
+            p.append(f"metric={self.metric!r}: allowed {', '.join(METRICS)}")
+        try:
+            stats.check_ci(self.ci, self.confidence)
+        except ConfigError as err:
+            p += err.problems
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "sweep") -> "SweepSpec":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table, got {type(data).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        data.pop("version", None)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise ConfigError([f"{source}: unknown key {k!r} (closest: {', '.join(closest(k, known))})"
+                               for k in unknown])
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError([f"{source}: {p}" for p in err.problems]) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SweepSpec":
+        """A TOML or YAML sweep file: ``name``, ``description``, ``seeds``, ``metric``, ``ci``,
+        ``confidence``, and the tables ``[settings]`` (with ``[settings.chain]``), ``[grid]`` and
+        ``[baseline]``."""
+        return cls.from_dict(read_config_file(path), str(path))
+
+
+def axis_path(axis: str) -> str:
+    """The setting path of ``axis`` (short names resolved); a :class:`ConfigError` if it is not one."""
+    if not isinstance(axis, str) or not axis:
+        raise ConfigError(f"axis {axis!r}: expected a setting name such as lr, links or chain.reinit")
+    name = axis.replace("-", "_")
+    name = AXIS_ALIASES.get(name, name)
+    parts = name.split(".")
+    head = parts[0]
+    allowed = sorted(set(FIELD_NAMES) - set(NOT_AXES) - {"chain"}) + sorted(AXIS_ALIASES)
+    if head in NOT_AXES:
+        raise ConfigError(f"axis {axis!r}: the sweep sets {head} itself; it cannot be a grid axis")
+    if head not in FIELD_NAMES:
+        raise ConfigError(f"axis {axis!r}: not a cola train setting (closest: {', '.join(closest(head, allowed))})")
+    if head != "chain":
+        if len(parts) > 1:
+            raise ConfigError(f"axis {axis!r}: {head} has no parts")
+        return name
+    if len(parts) < 2 or parts[1] not in CHAIN_KEYS:
+        sub = parts[1] if len(parts) > 1 else ""
+        raise ConfigError(f"axis {axis!r}: expected chain.<field> with a cola.ChainConfig field "
+                          f"(closest: {', '.join(closest(sub, CHAIN_KEYS))})")
+    if len(parts) > 2 and not (parts[1].endswith("_options") and len(parts) == 3):
+        raise ConfigError(f"axis {axis!r}: only a strategy's options table has parts "
+                          "(chain.<kind>_options.<option>)")
+    return name
+
+
+def set_path(settings: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    if parts[0] != "chain":
+        settings[path] = value
+        return
+    chain = dict(settings.get("chain") or {})
+    if len(parts) == 2:
+        chain[parts[1]] = value
+    else:
+        options = dict(chain.get(parts[1]) or {})
+        options[parts[2]] = value
+        chain[parts[1]] = options
+    settings["chain"] = chain
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def short_name(path: str) -> str:
+    reverse = {v: k for k, v in AXIS_ALIASES.items()}
+    return reverse.get(path, path.rsplit(".", 1)[-1] if path.startswith("chain.") and path.count(".") == 2 else path)
+
+
+def label_of(values: dict[str, Any]) -> str:
+    """``links=3 lr=0.001``: a cell's axis values, short names."""
+    return " ".join(f"{short_name(k)}={_format_value(v)}" for k, v in values.items()) or "(base settings)"
+
+
+
+# ============================================================================ recipes
+
+RECIPE_PACKAGE = "cola.llm.recipes"
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes (``cola/llm/recipes/*.toml``), by name."""
+    return sorted(p.name[:-5] for p in resources.files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".toml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe's file, or ``name_or_path`` itself when it is a file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    names = recipe_names()
+    if name_or_path not in names:
+        raise ConfigError(f"recipe {name_or_path!r}: no such file and not a shipped recipe (shipped: "
+                          f"{', '.join(names)}; closest: {', '.join(closest(name_or_path, names))})")
+    return Path(str(resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml"))
+
+
+def load_recipe(name_or_path: str) -> SweepSpec:
+    """The :class:`SweepSpec` of a shipped recipe name or a sweep file."""
+    return SweepSpec.from_file(recipe_path(name_or_path))
