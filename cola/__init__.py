@@ -9,6 +9,7 @@
         chain.step(); chain.zero_grad()
 """
 
+from ._version import __version__
 from .chain import Chain, KnotReport, effective_rank
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig
@@ -20,7 +21,6 @@ from .manager import PluginManager, get_plugin_manager
 from .planning import Plan, plan
 from .strategies import LRInfo, ReinitInfo, StepInfo
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Chain", "ChainConfig", "KnotReport", "Plan", "plan", "LoRALinear", "PluginManager", "StepInfo", "ReinitInfo", "LRInfo",

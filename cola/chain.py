@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import _dtensor as dt
+from ._version import __version__
 from .config import ChainConfig, schedule_multiplier
 from .errors import ConfigError, NonFiniteMergeError
 from .inject import lora_layers
@@ -84,12 +85,6 @@ def _as_float(loss: torch.Tensor | float | None) -> float | None:
 
 def _close(a: list, b: list) -> bool:
     return a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-9, abs_tol=1e-9)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class Chain:
@@ -389,7 +384,7 @@ class Chain:
         return {
             "version": STATE_VERSION, "config": self.config.to_dict(), "step": self.step_count,
             "nonfinite_steps": self.nonfinite_steps,
-            "versions": {"chain-of-lora": _version(), "torch": torch.__version__},
+            "versions": {"chain-of-lora": __version__, "torch": torch.__version__},
             "fingerprint": frozen_fingerprint(self.model, self.layers),
             "link": self.link, "last_knot": self.last_knot, "base_ranks": dict(self.base_ranks),
             "history": [r.to_dict() for r in self.history], "layers": layers,

@@ -13,6 +13,9 @@ import json
 import logging
 import sys
 
+from .errors import ColaError
+from .manager import get_plugin_manager
+
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("cola.llm.cli", "fine-tune an OPT / Llama model with COLA, LoRA or full fine-tuning"),
@@ -28,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cola plugins``: one block per plugin, with distribution, version, hooks and strategies."""
-    from .manager import get_plugin_manager
-
     infos = get_plugin_manager().plugin_infos()
     if args.json:
         print(json.dumps([vars(i) for i in infos], indent=2))
@@ -80,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cola {args.command}: cannot start: {args._import_error}\n"
               f"install the extras: pip install 'chain-of-lora[llm]'", file=sys.stderr)
         return 2
-    from .errors import ColaError
-
     try:
         return importlib.import_module(args._module).run(args)
     except ColaError as err:

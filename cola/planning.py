@@ -12,13 +12,11 @@ plan. One that decides while training (``plateau``) gives ``knots=None``; the pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import STRATEGY_KINDS, ChainConfig
 from .errors import ConfigError, UnknownStrategyError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .manager import PluginManager
+from .manager import PluginManager, get_plugin_manager
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,6 @@ class Plan:
 def build_strategies(config: ChainConfig, plugin_manager: PluginManager | None = None,
                      kinds: tuple[str, ...] = STRATEGY_KINDS) -> dict[str, Any]:
     """One strategy object per kind in ``kinds``, from the plugins; every problem reported at once."""
-    from .manager import get_plugin_manager
-
     pm = plugin_manager or get_plugin_manager()
     strategies, problems, error_type = {}, [], ConfigError
     for kind in kinds:

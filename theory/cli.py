@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .checks import CHECKS, CheckResult, Context, run_checks, to_jsonable
+from .plots import write_plots
+from .threads import single_threaded
 
 __all__ = ["add_arguments", "run", "main", "format_table"]
 
@@ -53,8 +55,6 @@ def _quiet_and_single_threaded(verbose: int) -> Iterator[None]:
     """One thread (see :mod:`cola_theory.threads`). Unless -v: no per-knot INFO lines, and no
     warnings for the steps the chain skips when a run diverges on purpose (the counterexample
     reports those in its row)."""
-    from .threads import single_threaded
-
     loggers = [logging.getLogger(name) for name in ("cola", "cola_theory")]
     levels = [lg.level for lg in loggers]
     if verbose <= 0:
@@ -118,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plots(ctx: Context, out_dir: Path) -> list[Path]:
-    from .plots import write_plots
-
     return write_plots(ctx.curves, out_dir)
 
 

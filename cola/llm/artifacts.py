@@ -14,6 +14,7 @@ from typing import Any
 
 import cola
 import cola.distributed as cd
+from cola import export
 from cola.llm.host import model_source
 from cola.llm.parallel import is_sharded
 from cola.llm.settings import TrainSettings
@@ -26,11 +27,6 @@ def save_adapters(settings: TrainSettings, run_dir: Path, chain) -> dict[str, An
     outputs: dict[str, Any] = {}
     if not (cd.is_main_process() and chain is not None and (settings.save_adapter or settings.save_links)):
         return outputs
-    try:
-        from cola import export
-    except ImportError as exc:  # safetensors missing
-        log.warning("adapters not saved: cola.export is not available (%s)", exc)
-        return {"adapter_error": f"cola.export not available: {exc}"}
     base = model_source(settings)
     if settings.save_adapter:
         outputs["adapter"] = str(export.save_peft_adapter(chain, run_dir / "adapter", base_model_name_or_path=base))

@@ -7,6 +7,11 @@ Used by ``cola train`` (:mod:`cola.llm.settings`, :mod:`cola.llm.cli`) and ``col
 from __future__ import annotations
 
 import json
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: TOML files need Python 3.11 (YAML and JSON work)
+    tomllib = None
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if suffix == ".toml":
-            import tomllib
-
+            if tomllib is None:
+                raise ConfigError(f"config file {str(path)!r}: reading TOML needs Python 3.11 or newer; "
+                                  "use a .yaml or .json file")
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             import yaml

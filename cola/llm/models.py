@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cola.errors import ColaError, ConfigError
+from cola.inject import default_target_modules
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -109,8 +110,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 def family_default_targets(model: PreTrainedModel) -> list[str]:
     """LoRA target modules for ``model``: q_proj and v_proj for OPT and Llama (the paper's)."""
-    from cola.inject import default_target_modules
-
     return default_target_modules(model)
 
 

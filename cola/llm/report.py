@@ -15,6 +15,7 @@ gain of each method over the first, with an honest noise statement) to a results
 from __future__ import annotations
 
 import csv
+import importlib.metadata as md
 import io
 import logging
 import math
@@ -257,8 +258,6 @@ def write_all(results: dict[str, Any], out: str | Path, plots: bool = True) -> d
 
 def versions() -> dict[str, str | None]:
     """Versions of Python, the platform and the libraries a result depends on."""
-    import importlib.metadata as md
-
     out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform(),
                                   "torch_threads": str(torch.get_num_threads())}
     for dist in ("chain-of-lora", "torch", "transformers", "peft", "numpy", "tokenizers", "safetensors"):

@@ -40,6 +40,9 @@ from cola.config import DEFAULT_LINKS, STRATEGY_KINDS, ChainConfig
 from cola.errors import ConfigError, closest
 from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
+from cola.llm.models import EMBEDDED_MODEL
+from cola.llm.tasks import BUILTIN_TASKS
+from cola.manager import get_plugin_manager
 from cola.io import write_json
 
 METHODS = ("lora", "cola", "full")
@@ -227,8 +230,6 @@ class TrainSettings:
 
     @property
     def is_embedded(self) -> bool:
-        from cola.llm.models import EMBEDDED_MODEL
-
         return self.model == EMBEDDED_MODEL
 
     def resolved(self) -> "TrainSettings":
@@ -347,8 +348,6 @@ def _value_problems(v: Any) -> list[str]:
 
 
 def _task_problems(v: Any) -> list[str]:
-    from cola.llm.tasks import BUILTIN_TASKS
-
     p = []
     if v.task == "custom":
         if not v.template:
@@ -394,8 +393,6 @@ def _chain_problems(v: Any) -> list[str]:
         p += [f"chain: {x}" for x in err.problems]
     except TypeError as err:
         p.append(f"chain: {err}")
-    from cola.manager import get_plugin_manager
-
     pm = get_plugin_manager()
     for kind in STRATEGY_KINDS:
         name = v.chain.get(kind)

@@ -50,6 +50,7 @@ from cola.errors import ColaError, ConfigError
 from cola.io import write_json
 from cola.llm import report, sweep_report
 from cola.llm.experiment import run_experiment
+from cola.llm.models import load_model
 from cola.llm.settings import TrainSettings
 from cola.llm.sweep_cells import Cell, build_cells, effective
 from cola.llm.sweep_results import aggregate, read_json, run_status
@@ -82,8 +83,6 @@ class _ModelCache:
 
         def load():
             if self.key != key or self.model is None or not self._pristine():
-                from cola.llm.models import load_model
-
                 self.model = self.tokenizer = None
                 self.model, self.tokenizer = load_model(settings.model, settings.dtype, settings.device)
                 self.key = key
