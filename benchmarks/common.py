@@ -59,7 +59,6 @@ import copy
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -72,6 +71,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+import cola.io
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -594,12 +595,7 @@ def environment() -> dict[str, Any]:
 def write_json(data: dict[str, Any], name: str, output: str | Path | None = None) -> Path:
     """Write ``data`` (plus ``environment``) as JSON; default ``benchmarks/results/<name>.json``."""
     path = Path(output) if output else RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "environment": environment(), **data}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-    return path
+    return cola.io.write_json(path, {"benchmark": name, "environment": environment(), **data})
 
 
 def settings_of(args) -> dict[str, Any]:
@@ -621,22 +617,8 @@ def publish(result: dict[str, Any], name: str, args, render, target_digits: int 
     return result
 
 
-def _json_default(obj):
-    if isinstance(obj, (torch.dtype, torch.device, Path)):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+markdown_table = cola.io.markdown_table
 
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def fmt_ms(seconds: float) -> str:

@@ -26,7 +26,6 @@ import statistics
 import sys
 from typing import Any
 
-import torch
 
 from . import common as C
 

@@ -24,7 +24,6 @@ The steps alternate, one at a time, in one process; reported: medians, min-max, 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import Any
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cola.io import atomic_write, write_json
+from cola.io import atomic_write, markdown_table, write_json
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,11 @@ def _pm(stats: dict[str, Any] | None, digits: int = 3) -> str:
     return text
 
 
-def _count(n: float | None) -> str:
+def count_text(n: float | None) -> str:
+    """``6.89T``, ``461k``: a count with an SI prefix and 3 significant digits (– for None)."""
     if n is None:
         return "–"
-    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
@@ -144,12 +145,12 @@ def markdown(results: dict[str, Any]) -> str:
     if has_f1:
         header.append("macro-F1")
     header += ["acc_mean", "acc_sum", "acc_norm", "train s/run"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     row = ["zero-shot", "–", "–", "0", "–", f"{zero['accuracy']:.3f}"]
     if has_f1:
         row.append(f"{zero['macro_f1']:.3f}")
     row += [f"{zero['acc_mean']:.3f}", f"{zero['acc_sum']:.3f}", f"{zero['acc_norm']:.3f}", "–"]
-    lines.append("| " + " | ".join(row) + " |")
+    table.append(row)
     for method, entry in results.get("summary", {}).items():
         p = plan["methods"][method]
         ranks = "/".join(map(str, p["ranks"])) if p["ranks"] else "all"
@@ -160,8 +161,8 @@ def markdown(results: dict[str, Any]) -> str:
             row.append(_pm(entry.get("test_macro_f1")))
         row += [_pm(entry.get("test_acc_mean")), _pm(entry.get("test_acc_sum")), _pm(entry.get("test_acc_norm")),
                 f"{entry['train_seconds']['mean']:.0f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        table.append(row)
+    lines += [markdown_table(header, table), ""]
     lines += comparison_lines(results)
     if results.get("status") == "stopped":
         lines.append(f"**Stopped early** ({results.get('stopped')}): continue with `cola train --resume "
@@ -229,9 +230,9 @@ def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) ->
             rank = str(p["ranks"][i]) if p["ranks"] else "–"
             params = p["trainable_params"][i] if i < len(p["trainable_params"]) else None
             flops = p["train_flops"][i] if p["train_flops"] else None
-            lines.append(f"  {i + 1:>4}  {steps:>11}  {rank:>4}  {params:>16,}  {_count(flops):>11}")
+            lines.append(f"  {i + 1:>4}  {steps:>11}  {rank:>4}  {params:>16,}  {count_text(flops):>11}")
         total = sum(p["train_flops"]) if p["train_flops"] else None
-        lines.append(f"  total training {_count(total)}FLOP, evaluation {_count(p.get('eval_flops'))}FLOP")
+        lines.append(f"  total training {count_text(total)}FLOP, evaluation {count_text(p.get('eval_flops'))}FLOP")
     lines += ["", f"FLOPs are estimates: {formula}."]
     return "\n".join(lines) + "\n"
 

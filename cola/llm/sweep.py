@@ -162,9 +162,26 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
     _prepare(spec, out, resume)
+    failures: list[dict[str, Any]] = []
+    try:
+        status = _run_units(units, out, loader, progress, max_runs, failures)
+    except KeyboardInterrupt:
+        log.warning("sweep interrupted; continue with: cola sweep --resume %s", out)
+        _finish(spec, out, cells, extra, started, "partial", failures)
+        raise
+    if failures:
+        status = "partial"
+    results = _finish(spec, out, cells, extra, started, status, failures)
+    sweep_report.log_summary(results)
+    return results
+
+
+def _run_units(units: list[tuple[Cell, int]], out: Path, loader, progress: bool, max_runs: int | None,
+               failures: list[dict[str, Any]]) -> str:
+    """Run the (cell, seed) units not finished yet (at most ``max_runs``); ``complete`` or ``partial``.
+    A failing run is logged and added to ``failures``; the others go on."""
     cache = _ModelCache()
-    done_now, failures = 0, []
-    status = "complete"
+    done_now, status = 0, "complete"
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -174,45 +191,32 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         for i, (cell, seed) in enumerate(units, 1):
             run_dir = out / "runs" / cell.key / f"seed{seed}"
             state = run_status(run_dir)
-            if state == "complete":
-                if bar is not None:
-                    bar.update(1)
-                continue
-            if max_runs is not None and done_now >= max_runs:
-                status = "partial"
-                break
-            log.info("sweep run %d/%d: %s, seed %d (%s)", i, len(units), cell.label, seed,
-                     "resuming" if state == "partial" else "new")
-            settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir),
-                                                        resume=state == "partial")
-            _share_zero_shot(out, settings, seed, run_dir, "in")
-            ok = False
-            try:
-                results = run_experiment(settings, loader=loader or cache.loader(settings), progress=progress)
-                ok = results.get("status") == "complete"
-                if not ok:
-                    status = "partial"
-            except ColaError as err:
-                log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
-                failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})
-            finally:
-                cache.after(settings, ok)
-                _share_zero_shot(out, settings, seed, run_dir, "out")
-            done_now += 1
+            if state != "complete":
+                if max_runs is not None and done_now >= max_runs:
+                    return "partial"
+                log.info("sweep run %d/%d: %s, seed %d (%s)", i, len(units), cell.label, seed,
+                         "resuming" if state == "partial" else "new")
+                settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir),
+                                                            resume=state == "partial")
+                _share_zero_shot(out, settings, seed, run_dir, "in")
+                ok = False
+                try:
+                    results = run_experiment(settings, loader=loader or cache.loader(settings), progress=progress)
+                    ok = results.get("status") == "complete"
+                except ColaError as err:
+                    log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
+                    failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})
+                finally:
+                    cache.after(settings, ok)
+                    _share_zero_shot(out, settings, seed, run_dir, "out")
+                status = status if ok else "partial"
+                done_now += 1
             if bar is not None:
                 bar.update(1)
-    except KeyboardInterrupt:
-        log.warning("sweep interrupted; continue with: cola sweep --resume %s", out)
-        _finish(spec, out, cells, extra, started, "partial", failures)
-        raise
     finally:
         if bar is not None:
             bar.close()
-    if failures:
-        status = "partial"
-    results = _finish(spec, out, cells, extra, started, status, failures)
-    sweep_report.log_summary(results)
-    return results
+    return status
 
 
 def _units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[Cell, int]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cola.io import atomic_write, write_json
+from cola.io import atomic_write, markdown_table, write_json
 from cola.llm import report, stats
 from cola.llm.sweep_spec import label_of, short_name
 
@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 
 def _num(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _count(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 def _score_text(score: dict[str, Any]) -> str:
@@ -54,8 +45,8 @@ def _params_text(per_link: list[int] | None) -> str:
     if not per_link:
         return "–"
     if len(set(per_link)) == 1:
-        return f"{_count(per_link[0])}" + (f" ×{len(per_link)}" if len(per_link) > 1 else "")
-    return " / ".join(_count(p) for p in per_link)
+        return f"{report.count_text(per_link[0])}" + (f" ×{len(per_link)}" if len(per_link) > 1 else "")
+    return " / ".join(report.count_text(p) for p in per_link)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -71,7 +62,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", ""]
     header = ["cell", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
               "trainable / link", "train FLOPs", "× baseline", "s/run"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for row in results["cells"]:
         comp = row.get("comparison")
         compute = row.get("compute") or {}
@@ -85,11 +76,10 @@ def markdown(results: dict[str, Any]) -> str:
             verdict = "(baseline)" if row.get("is_baseline_only") or row.get("baseline_key") == row["key"] else "–"
         curve = " → ".join(_num(p["mean"]) for p in row.get("validation_per_link") or []) or "–"
         wall = (compute.get("wall_seconds") or {}).get("mean")
-        lines.append("| " + " | ".join([
-            row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
-            _params_text(compute.get("trainable_params_per_link")), _count(compute.get("train_flops")), ratio,
-            _num(wall, 0)]) + " |")
-    lines += ["", f"Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
+        table.append([row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
+                      _params_text(compute.get("trainable_params_per_link")), report.count_text(compute.get("train_flops")),
+                      ratio, _num(wall, 0)])
+    lines += [markdown_table(header, table), "", f"Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
               f"\"within noise\": the {conf}% interval of the mean paired difference covers 0; "
               "\"better\"/\"worse\": it does not. With 3 seeds a t interval is wide (t factor 4.30): "
               "that is the honest width, not a flaw."]
@@ -109,15 +99,12 @@ def _baseline_text(baseline: dict[str, Any]) -> str:
 
 def format_plan(plan: dict[str, Any]) -> str:
     """The dry run's table: per cell its knots, ranks, trainable parameters and FLOPs."""
-    lines = [f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once); output {plan['output_dir']}",
-             "", "| cell | run | method | steps | knots | ranks | trainable / link | train FLOPs | × baseline |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in plan["cells"]:
-        lines.append(f"| {r['label']} | {r['key']} | {r['method']} | {r['steps']} | "
-                     f"{' '.join(map(str, r['knots'] or [])) or '–'} | {' '.join(map(str, r['ranks'] or [])) or '–'} | "
-                     f"{_params_text(r['trainable_params_per_link'])} | {_count(r['train_flops'])} | "
-                     f"{_num(r['flops_ratio'], 2)} |")
-    return "\n".join(lines) + "\n"
+    header = ["cell", "run", "method", "steps", "knots", "ranks", "trainable / link", "train FLOPs", "× baseline"]
+    rows = [[r["label"], r["key"], r["method"], str(r["steps"]), " ".join(map(str, r["knots"] or [])) or "–",
+             " ".join(map(str, r["ranks"] or [])) or "–", _params_text(r["trainable_params_per_link"]),
+             report.count_text(r["train_flops"]), _num(r["flops_ratio"], 2)] for r in plan["cells"]]
+    return (f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once); output {plan['output_dir']}"
+            f"\n\n{markdown_table(header, rows)}\n")
 
 
 def log_summary(results: dict[str, Any]) -> None:
@@ -206,123 +193,148 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    spec = results["spec"]
-    axes = list(spec["grid"])
-    metric = spec["metric"]
-    conf = int(round(100 * spec["confidence"]))
-    cells = [r for r in results["cells"] if r["score"]["n"]]
-    grid_cells = [r for r in cells if not r.get("is_baseline_only")]
+    view = _PlotView(results)
     paths: dict[str, Path] = {}
-    by_key = {r["key"]: r for r in cells}
+    for draw in (_links_plot, _rank_plot, _curve_plots):
+        paths.update(draw(plt, view, out))
+    return paths
 
-    # ---- accuracy vs chain length
-    if "links" in axes and len({r["values"]["links"] for r in grid_cells}) > 1:
-        fig, (ax, dax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
-        groups: dict[str, list] = {}
-        for r in grid_cells:
-            groups.setdefault(_others(r, {"links"}, axes), []).append(r)
-        for i, (name, rows) in enumerate(groups.items()):
-            rows = sorted(rows, key=lambda r: r["values"]["links"])
-            x = np.array([r["values"]["links"] for r in rows]) + 0.04 * (i - (len(groups) - 1) / 2)
-            ax.errorbar(x, [r["score"]["mean"] for r in rows], yerr=_errors(rows), marker="o", capsize=3, label=name,
-                        color=f"C{i}")
-            comps = [(xi, r["comparison"]) for xi, r in zip(x, rows) if r.get("comparison")
-                     and r["comparison"].get("ci_low") is not None]
-            if comps:
-                dax.errorbar([c[0] for c in comps], [c[1]["mean"] for c in comps],
-                             yerr=[[c[1]["mean"] - c[1]["ci_low"] for c in comps],
-                                   [c[1]["ci_high"] - c[1]["mean"] for c in comps]],
-                             marker="o", capsize=3, linestyle="none", color=f"C{i}", label=name)
-        ticks = sorted({r["values"]["links"] for r in grid_cells})
-        ax.set_xticks(ticks)
-        ax.set_xlabel("chain length (links; same total steps)")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{metric} vs chain length (mean, {conf}% t interval)", fontsize=10)
-        dax.axhline(0.0, color="black", linewidth=0.8)
-        dax.set_xticks(ticks)
-        dax.set_xlabel("chain length (links)")
-        dax.set_ylabel("paired difference with the baseline")
-        dax.set_title(f"minus baseline, paired by seed ({conf}% {spec['ci']} interval)", fontsize=10)
-        for a in (ax, dax):
-            a.grid(alpha=0.3)
-            if len(groups) > 1 or next(iter(groups)) != "(base settings)":
-                a.legend(fontsize=8)
+
+class _PlotView:
+    """What every plot reads from the results: the spec's axes, metric and confidence, and the cells."""
+
+    def __init__(self, results: dict[str, Any]):
+        self.spec = results["spec"]
+        self.axes = list(self.spec["grid"])
+        self.metric = self.spec["metric"]
+        self.conf = int(round(100 * self.spec["confidence"]))
+        self.cells = [r for r in results["cells"] if r["score"]["n"]]
+        self.grid_cells = [r for r in self.cells if not r.get("is_baseline_only")]
+        self.by_key = {r["key"]: r for r in self.cells}
+
+
+def _links_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """Score vs chain length, and the paired difference with the baseline beside it."""
+    spec, axes, metric, conf, grid_cells = view.spec, view.axes, view.metric, view.conf, view.grid_cells
+    if not ("links" in axes and len({r["values"]["links"] for r in grid_cells}) > 1):
+        return {}
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    groups: dict[str, list] = {}
+    for r in grid_cells:
+        groups.setdefault(_others(r, {"links"}, axes), []).append(r)
+    for i, (name, rows) in enumerate(groups.items()):
+        rows = sorted(rows, key=lambda r: r["values"]["links"])
+        x = np.array([r["values"]["links"] for r in rows]) + 0.04 * (i - (len(groups) - 1) / 2)
+        ax.errorbar(x, [r["score"]["mean"] for r in rows], yerr=_errors(rows), marker="o", capsize=3, label=name,
+                    color=f"C{i}")
+        comps = [(xi, r["comparison"]) for xi, r in zip(x, rows) if r.get("comparison")
+                 and r["comparison"].get("ci_low") is not None]
+        if comps:
+            dax.errorbar([c[0] for c in comps], [c[1]["mean"] for c in comps],
+                         yerr=[[c[1]["mean"] - c[1]["ci_low"] for c in comps],
+                               [c[1]["ci_high"] - c[1]["mean"] for c in comps]],
+                         marker="o", capsize=3, linestyle="none", color=f"C{i}", label=name)
+    ticks = sorted({r["values"]["links"] for r in grid_cells})
+    ax.set_xticks(ticks)
+    ax.set_xlabel("chain length (links; same total steps)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{metric} vs chain length (mean, {conf}% t interval)", fontsize=10)
+    dax.axhline(0.0, color="black", linewidth=0.8)
+    dax.set_xticks(ticks)
+    dax.set_xlabel("chain length (links)")
+    dax.set_ylabel("paired difference with the baseline")
+    dax.set_title(f"minus baseline, paired by seed ({conf}% {spec['ci']} interval)", fontsize=10)
+    for a in (ax, dax):
+        a.grid(alpha=0.3)
+        if len(groups) > 1 or next(iter(groups)) != "(base settings)":
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_vs_links.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"links_plot": path}
+
+
+def _rank_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """Score vs the rank of the later links (rank step-down), with the baseline dashed."""
+    axes, metric, conf, by_key = view.axes, view.metric, view.conf, view.by_key
+    chained = [r for r in view.grid_cells if (r.get("links") or 1) > 1 and r.get("ranks")]
+    if len({r["ranks"][-1] for r in chained}) <= 1:
+        return {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rank_axes = {a for a in axes if "rank" in a}
+    groups = {}
+    for r in chained:
+        groups.setdefault(_others(r, rank_axes, axes), []).append(r)
+    for i, (name, rows) in enumerate(groups.items()):
+        rows = sorted(rows, key=lambda r: r["ranks"][-1])
+        ax.errorbar([r["ranks"][-1] for r in rows], [r["score"]["mean"] for r in rows], yerr=_errors(rows),
+                    marker="o", capsize=3, color=f"C{i}", label=f"chain {name}".strip())
+        base = by_key.get(rows[0].get("baseline_key"))
+        if base is not None:
+            ax.axhline(base["score"]["mean"], color=f"C{i}", linestyle="--", alpha=0.8,
+                       label=f"{rows[0]['baseline']}")
+            if base["score"]["ci"][0] is not None:
+                ax.axhspan(base["score"]["ci"][0], base["score"]["ci"][1], color=f"C{i}", alpha=0.08)
+    ax.set_xlabel("rank of the later links")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{metric} vs later-link rank (baseline dashed; {conf}% t intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_vs_later_rank.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"rank_plot": path}
+
+
+def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """Loss curves and per-link validation curves, one panel per value of the axes but the first."""
+    axes, metric = view.axes, view.metric
+    runs = list({r["key"]: r for r in view.cells}.values())
+    if not runs:
+        return {}
+    paths: dict[str, Path] = {}
+    first = axes[0] if axes else None
+    panels: dict[str, list] = {}
+    for r in runs:
+        panels.setdefault(_others(r, {first} if first else set(), axes), []).append(r)
+    names = list(panels)[:12]
+    if len(panels) > 12:
+        log.warning("loss and link plots: %d panels, only the first 12 drawn", len(panels))
+    cols = min(3, len(names))
+    rows_n = math.ceil(len(names) / cols)
+    for kind in ("loss", "link"):
+        fig, grid = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
+        for p, name in enumerate(names):
+            ax = grid[p // cols][p % cols]
+            for i, r in enumerate(panels[name]):
+                color = f"C{i}"
+                label = r["label"] if not first else (
+                    f"{short_name(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
+                    else r["label"])
+                if kind == "loss" and r.get("train_loss_mean"):
+                    y = np.array(r["train_loss_mean"])
+                    window = max(1, len(y) // 20)
+                    smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+                    ax.plot(np.arange(window, len(y) + 1), smooth, color=color, label=label)
+                    for knot in r.get("knots") or []:
+                        ax.axvline(knot, color=color, linestyle="--", alpha=0.5)
+                elif kind == "link" and r.get("validation_per_link"):
+                    curve = r["validation_per_link"]
+                    ax.errorbar([c["after_link"] for c in curve], [c["mean"] for c in curve],
+                                yerr=[c["std"] or 0.0 for c in curve], marker="o", capsize=2, color=color,
+                                label=label)
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("optimizer step (knots dashed)" if kind == "loss" else "after link (0: zero-shot)")
+            ax.set_ylabel("training loss (mean over seeds)" if kind == "loss" else f"validation {metric}")
+            ax.legend(fontsize=7)
+        for p in range(len(names), rows_n * cols):
+            grid[p // cols][p % cols].axis("off")
         fig.tight_layout()
-        paths["links_plot"] = out / "accuracy_vs_links.png"
-        fig.savefig(paths["links_plot"], dpi=120)
+        key = "loss_plot" if kind == "loss" else "link_plot"
+        paths[key] = out / ("loss_curves.png" if kind == "loss" else "link_curves.png")
+        fig.savefig(paths[key], dpi=110)
         plt.close(fig)
-
-    # ---- accuracy vs rank of the later links
-    chained = [r for r in grid_cells if (r.get("links") or 1) > 1 and r.get("ranks")]
-    if len({r["ranks"][-1] for r in chained}) > 1:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        rank_axes = {a for a in axes if "rank" in a}
-        groups = {}
-        for r in chained:
-            groups.setdefault(_others(r, rank_axes, axes), []).append(r)
-        for i, (name, rows) in enumerate(groups.items()):
-            rows = sorted(rows, key=lambda r: r["ranks"][-1])
-            ax.errorbar([r["ranks"][-1] for r in rows], [r["score"]["mean"] for r in rows], yerr=_errors(rows),
-                        marker="o", capsize=3, color=f"C{i}", label=f"chain {name}".strip())
-            base = by_key.get(rows[0].get("baseline_key"))
-            if base is not None:
-                ax.axhline(base["score"]["mean"], color=f"C{i}", linestyle="--", alpha=0.8,
-                           label=f"{rows[0]['baseline']}")
-                if base["score"]["ci"][0] is not None:
-                    ax.axhspan(base["score"]["ci"][0], base["score"]["ci"][1], color=f"C{i}", alpha=0.08)
-        ax.set_xlabel("rank of the later links")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{metric} vs later-link rank (baseline dashed; {conf}% t intervals)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["rank_plot"] = out / "accuracy_vs_later_rank.png"
-        fig.savefig(paths["rank_plot"], dpi=120)
-        plt.close(fig)
-
-    # ---- loss curves and per-link validation curves, one panel per value of the other axes
-    runs = list({r["key"]: r for r in cells}.values())
-    if runs:
-        first = axes[0] if axes else None
-        panels: dict[str, list] = {}
-        for r in runs:
-            panels.setdefault(_others(r, {first} if first else set(), axes), []).append(r)
-        names = list(panels)[:12]
-        if len(panels) > 12:
-            log.warning("loss and link plots: %d panels, only the first 12 drawn", len(panels))
-        cols = min(3, len(names))
-        rows_n = math.ceil(len(names) / cols)
-        for kind in ("loss", "link"):
-            fig, grid = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
-            for p, name in enumerate(names):
-                ax = grid[p // cols][p % cols]
-                for i, r in enumerate(panels[name]):
-                    color = f"C{i}"
-                    label = r["label"] if not first else (
-                        f"{short_name(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
-                        else r["label"])
-                    if kind == "loss" and r.get("train_loss_mean"):
-                        y = np.array(r["train_loss_mean"])
-                        window = max(1, len(y) // 20)
-                        smooth = np.convolve(y, np.ones(window) / window, mode="valid")
-                        ax.plot(np.arange(window, len(y) + 1), smooth, color=color, label=label)
-                        for knot in r.get("knots") or []:
-                            ax.axvline(knot, color=color, linestyle="--", alpha=0.5)
-                    elif kind == "link" and r.get("validation_per_link"):
-                        curve = r["validation_per_link"]
-                        ax.errorbar([c["after_link"] for c in curve], [c["mean"] for c in curve],
-                                    yerr=[c["std"] or 0.0 for c in curve], marker="o", capsize=2, color=color,
-                                    label=label)
-                ax.set_title(name, fontsize=9)
-                ax.grid(alpha=0.3)
-                ax.set_xlabel("optimizer step (knots dashed)" if kind == "loss" else "after link (0: zero-shot)")
-                ax.set_ylabel("training loss (mean over seeds)" if kind == "loss" else f"validation {metric}")
-                ax.legend(fontsize=7)
-            for p in range(len(names), rows_n * cols):
-                grid[p // cols][p % cols].axis("off")
-            fig.tight_layout()
-            key = "loss_plot" if kind == "loss" else "link_plot"
-            paths[key] = out / ("loss_curves.png" if kind == "loss" else "link_curves.png")
-            fig.savefig(paths[key], dpi=110)
-            plt.close(fig)
     return paths
