@@ -20,11 +20,11 @@ class MLP(nn.Module):
 
 
 def make_chain(config: cola.ChainConfig, rank=4, seed=0, dropout=0.0, lr=1e-2, dtype=torch.float32,
-               optimizer=torch.optim.AdamW, pm=None, **mlp):
+               optimizer=torch.optim.AdamW, pm=None, scheduler=None, **mlp):
     torch.manual_seed(seed)
     model = MLP(dtype=dtype, **mlp)
     cola.inject_lora(model, ["fc1", "fc2"], rank=rank, alpha=2 * rank, dropout=dropout)
-    chain = cola.Chain(model, lambda p: optimizer(p, lr=lr), config, plugin_manager=pm)
+    chain = cola.Chain(model, lambda p: optimizer(p, lr=lr), config, scheduler=scheduler, plugin_manager=pm)
     return model, chain
 
 

@@ -1,10 +1,12 @@
 """Checkpoint files: atomic, checksummed; damaged ones are refused. Config parsing is fuzzed."""
 
+import dataclasses
 import os
+import re
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import cola
 from cola.checkpoint import TRAILER
@@ -62,15 +64,62 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
                    st.text(max_size=8), st.lists(st.integers(-3, 50), max_size=5),
                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
-keys = st.sampled_from([f.name for f in cola.ChainConfig.__dataclass_fields__.values()] + ["lnks", "rank", ""])
+CHAIN_FIELDS = [f.name for f in dataclasses.fields(cola.ChainConfig)]
+keys = st.sampled_from(CHAIN_FIELDS + ["lnks", "rank", ""])
 
 
-@given(data=st.dictionaries(keys, values, max_size=8))
-def test_config_parsing_never_raises_anything_but_the_library_error(data):
-    """Whatever a config file holds, the answer is a ChainConfig or a cola.ConfigError."""
+def names_key(problem: str, key: str) -> bool:
+    """True when ``problem`` names ``key`` as a word (``links=0: ...``, ``unknown setting 'lnks'``)."""
+    return repr(key) in problem or bool(key) and re.search(rf"(?<![\w]){re.escape(key)}(?!\w)", problem) is not None
+
+
+names = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=10)
+plausible = {  # values of the right type (most valid), so that parsing often succeeds
+    "links": st.integers(1, 6), "knots": st.lists(st.integers(1, 60), max_size=4, unique=True).map(sorted),
+    **{kind: st.sampled_from(["even", "knots", "lora", "pissa", "add", "reset", "continue"]) | names
+       for kind in cola.config.STRATEGY_KINDS},
+    **{kind + "_options": st.dictionaries(names, st.integers(0, 9) | names, max_size=2)
+       for kind in cola.config.STRATEGY_KINDS},
+    "lr_schedule": st.sampled_from(cola.config.LR_SCHEDULES), "warmup_steps": st.integers(0, 9),
+    "seed": st.integers(-9, 2**40), "record_links": st.booleans(), "skip_nonfinite": st.booleans(),
+    "diagnostics": st.booleans(),
+}
+plausible_configs = st.fixed_dictionaries({"total_steps": st.integers(1, 60)},
+                                          optional={k: v for k, v in plausible.items() if k in CHAIN_FIELDS})
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.dictionaries(keys, values, max_size=8) | plausible_configs)
+def test_config_parsing_round_trips_or_names_the_offending_key(data):
+    """Whatever a config file holds: a ChainConfig that stores exactly the given values and survives
+    ``to_dict`` -> ``from_dict`` unchanged, or a cola.ConfigError whose every problem names a key."""
     try:
         cfg = cola.ChainConfig.from_dict(data)
     except cola.ConfigError as err:
-        assert str(err)
+        assert err.problems and all(err.problems)
+        named = list(data) + ["total_steps"]  # the one required key may be the missing one
+        for problem in err.problems:
+            assert any(names_key(problem, k) for k in named), (problem, data)
+        for unknown in set(data) - set(CHAIN_FIELDS):
+            assert any(repr(unknown) in p for p in err.problems), (unknown, err.problems)
         return
-    assert isinstance(cfg, cola.ChainConfig)
+    for key, value in data.items():  # ChainConfig normalises nothing: what was given is what is stored
+        stored = getattr(cfg, key)
+        assert stored == value and type(stored) is type(value), (key, value, stored)
+    again = cola.ChainConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 50), field=st.sampled_from(["total_steps", "links", "knots", "warmup_steps", "seed",
+                                                    "lr_schedule", "record_links", "reinit", "reinit_options"]),
+       bad=values)
+def test_one_bad_value_in_a_valid_config_is_named(T, field, bad):
+    """A valid config with one field replaced: accepted (and stored) or refused naming that field."""
+    data = {"total_steps": T, "links": 1, "knots": [T], "seed": 1, field: bad}
+    try:
+        cfg = cola.ChainConfig.from_dict(data)
+    except cola.ConfigError as err:
+        assert any(names_key(p, field) for p in err.problems), (field, bad, err.problems)
+        return
+    assert getattr(cfg, field) == bad

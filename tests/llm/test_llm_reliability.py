@@ -24,7 +24,7 @@ import torch
 import cola
 from cola.errors import ColaError
 from cola.llm import objective
-from cola.llm.runner import run_experiment
+from cola.llm.experiment import run_experiment
 from cola.llm.settings import TrainSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -101,7 +101,20 @@ def test_too_many_nonfinite_steps_in_a_row_checkpoint_and_stop_then_resume(tmp_p
     assert resumed["status"] == "complete" and len(run["train_loss"]) == 6
     assert run["nonfinite_steps"] == 3 and resumed["nonfinite_steps"] == {f"{method}-seed0": 3}
     assert run["position"] == 9  # 3 good, 3 skipped, 3 more good: the data order just continued
-    assert run["test"]["accuracy"] >= 0
+    # the expected outcome: the run that skipped the same three steps without stopping, to the bit
+    nan_after(monkeypatch, good=3, bad=3)
+    reference = run_experiment(TrainSettings(**tiny_fields(tmp_path / "reference", method=method,
+                                                           max_nonfinite_in_row=4, checkpoint_every=0)),
+                               loader=loader)
+    monkeypatch.undo()
+    (ref,) = reference["runs"]
+    assert reference["status"] == "complete" and ref["nonfinite_steps"] == 3 and ref["position"] == 9
+    assert run["train_loss"] == ref["train_loss"]
+    assert run["test"] == {**ref["test"], "seconds": run["test"]["seconds"]}
+    def timeless(curve):
+        return [{k: v for k, v in c["validation"].items() if k != "seconds"} for c in curve]
+
+    assert timeless(run["curve"]) == timeless(ref["curve"])
 
 
 def test_max_nonfinite_in_row_is_checked():
@@ -181,44 +194,29 @@ def _tmp_files(run_dir: Path) -> list[str]:
     return [p.name for p in run_dir.glob(".checkpoint.pt.*.tmp")] if run_dir.is_dir() else []
 
 
-class _CheckpointCounter:
-    """Counts how often ``checkpoint.pt`` was replaced (each atomic write gives it a new inode)."""
+def _kill_at(out: Path, point: tuple, rng: random.Random, marker: Path) -> dict:
+    """Start the training subprocess, SIGKILL it at ``point``; what happened and what it left on disk.
 
-    def __init__(self, path: Path):
-        self.path, self.seen, self.count = path, None, 0
-
-    def __call__(self, n: int) -> bool:
-        try:
-            ino = self.path.stat().st_ino
-        except FileNotFoundError:
-            return False
-        if ino != self.seen:
-            self.seen, self.count = ino, self.count + 1
-        return self.count >= n
-
-
-def _kill_at(out: Path, point: tuple, rng: random.Random) -> dict:
-    """Start the training subprocess, SIGKILL it at ``point``; what happened."""
+    At a named point the subprocess stops itself there and writes ``marker`` (see
+    reliability_train_script.py); a ``delay`` point is a random time after the first checkpoint.
+    """
     fields = tiny_fields(out, **KILL_FIELDS)
     run_dir = out / "runs" / "cola-seed0"
     ckpt = run_dir / "checkpoint.pt"
+    kind, arg = point
+    name = kind if arg is None else f"{kind}:{arg}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kind != "delay":
+        env.update(COLA_TEST_KILL_AT=name, COLA_TEST_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(fields)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
-    kind, arg = point
     try:
-        if kind == "settings":  # as soon as the run folder exists: before or during zero-shot scoring
-            reached = _wait_for(lambda: (out / "settings.json").is_file(), proc)
-        elif kind == "writing":  # while the arg-th checkpoint file is being written
-            counter = _CheckpointCounter(ckpt)
-            reached = _wait_for(lambda: counter(arg - 1) and bool(_tmp_files(run_dir)), proc)
-        elif kind == "after-checkpoint":  # right after the arg-th checkpoint (2nd: the knot at step 5)
-            counter = _CheckpointCounter(ckpt)
-            reached = _wait_for(lambda: counter(arg), proc)
-        else:  # "delay": a random time after the first checkpoint
+        if kind == "delay":
             reached = _wait_for(ckpt.is_file, proc)
             if reached:
                 time.sleep(rng.uniform(0.0, arg))
+        else:
+            reached = _wait_for(marker.is_file, proc)
         finished = proc.poll() is not None
         if not finished:
             proc.send_signal(signal.SIGKILL)
@@ -232,8 +230,28 @@ def _kill_at(out: Path, point: tuple, rng: random.Random) -> dict:
     state = None
     if ckpt.is_file():
         state = cola.load_checkpoint(ckpt)  # a checkpoint that exists is always whole
-    return {"point": f"{kind}:{arg}", "reached": reached, "killed": not finished,
-            "left_tmp": bool(_tmp_files(run_dir)), "checkpoint_step": state["chain"]["step"] if state else None}
+    return {"point": name, "reached": reached, "killed": not finished,
+            "marker": marker.read_text() if marker.is_file() else None,
+            "settings_written": (out / "settings.json").is_file(), "tmp_files": _tmp_files(run_dir),
+            "checkpoint_step": state["chain"]["step"] if state else None}
+
+
+def _assert_killed_at_its_point(row: dict, checkpoint_steps: list[int]) -> None:
+    """What only that kill point leaves on disk: the proof that the kill happened there."""
+    kind, _, arg = row["point"].partition(":")
+    assert row["reached"], f"kill point {row['point']} was never reached: {row}"
+    if kind == "delay":  # a random moment: killed anywhere after the first checkpoint, or finished first
+        assert row["checkpoint_step"] in checkpoint_steps or not row["killed"], row
+        return
+    assert row["killed"] and row["marker"].split()[0] == row["point"], row
+    n = int(arg) if arg else 0
+    if kind == "settings":  # the run folder started, no step trained
+        assert row["settings_written"] and row["checkpoint_step"] is None and not row["tmp_files"], row
+    elif kind == "writing":  # the N-th checkpoint's temporary file left behind; the (N-1)-th in place
+        assert row["tmp_files"] == [row["marker"].split()[1]], row
+        assert row["checkpoint_step"] == (checkpoint_steps[n - 2] if n > 1 else None), row
+    else:  # after-checkpoint: the N-th checkpoint in place, no temporary file
+        assert not row["tmp_files"] and row["checkpoint_step"] == checkpoint_steps[n - 1], row
 
 
 def _same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> bool:
@@ -260,18 +278,23 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loa
     rng = random.Random(20240607)
     points = [("settings", None), ("writing", 1), ("writing", 4), ("after-checkpoint", 2),
               ("after-checkpoint", 5), ("delay", train_seconds), ("delay", train_seconds), ("delay", 2 * train_seconds)]
+    # the checkpoints of the uninterrupted run: every checkpoint_every steps and at every knot
+    knots, every = reference["runs"][0]["knots"], KILL_FIELDS["checkpoint_every"]
+    checkpoint_steps = sorted(set(range(every, KILL_FIELDS["steps"], every)) | set(knots))
+    assert checkpoint_steps[:5] == [3, 5, 6, 9, 10]
     rows = []
     for i, point in enumerate(points):
         out = tmp_path / f"kill{i}"
-        row = _kill_at(out, point, rng)
+        row = _kill_at(out, point, rng, tmp_path / f"kill{i}.reached")
+        _assert_killed_at_its_point(row, checkpoint_steps)
         resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True)), loader=loader)
         row["identical"] = resumed["status"] == "complete" and _same_run(reference, resumed, reference_out, out)
         rows.append(row)
     killed = [r for r in rows if r["killed"]]
     print(f"\nSIGKILL points tried: {len(rows)}; killed mid-run: {len(killed)}; "
-          f"killed mid-checkpoint-write (temp file left): {sum(r['left_tmp'] for r in rows)}; "
+          f"killed mid-checkpoint-write (temp file left): {sum(bool(r['tmp_files']) for r in rows)}; "
           f"resumed identically: {sum(r['identical'] for r in rows)}/{len(rows)}")
     for r in rows:
         print("  ", r)
     assert all(r["identical"] for r in rows), rows
-    assert len(killed) >= len(rows) // 2  # a fast run may end before a poll sees its point: not a failure
+    assert sum(bool(r["tmp_files"]) for r in rows) >= 2  # the two "writing" points
