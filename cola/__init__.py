@@ -9,7 +9,7 @@
         chain.step(); chain.zero_grad()
 """
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401 (re-exported)
 from .chain import Chain, KnotReport, effective_rank
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig
@@ -26,5 +26,5 @@ __all__ = [
     "Chain", "ChainConfig", "KnotReport", "Plan", "plan", "LoRALinear", "PluginManager", "StepInfo", "ReinitInfo", "LRInfo",
     "ColaError", "ConfigError", "NonFiniteMergeError", "PluginError", "UnknownStrategyError",
     "inject_lora", "lora_layers", "merge_and_unload", "default_target_modules", "stacked_factors",
-    "effective_rank", "hookimpl", "hookspec", "get_plugin_manager", "save_checkpoint", "load_checkpoint",
+    "effective_rank", "hookimpl", "hookspec", "get_plugin_manager", "save_checkpoint", "load_checkpoint", "__version__",
 ]

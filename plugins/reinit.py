@@ -64,6 +64,8 @@ class PiSSAInit:
         layer.set_factors_(torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank))
         root = torch.sqrt(S / layer.scaling)
         A, B = root[:, None] * Vh, U * root[None, :]
+        dtype = layer.lora_A.dtype  # fold out exactly what the factors will hold (rounded to their dtype)
+        A, B = A.to(dtype).float(), B.to(dtype).float()
         layer.fold_(B, A, -layer.scaling)
         layer.set_factors_(A, B)
 

@@ -74,26 +74,18 @@ def _live(layer) -> torch.Tensor:
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# PiSSA on a bf16/fp16 base fails invariant 2 (a library bug): see the xfail below
-PISSA_LOW_PRECISION = {("pissa", torch.bfloat16), ("pissa", torch.float16)}
 
 
 @given(shape=shapes, rank=st.integers(1, 3), links=st.integers(2, 5),
-       reinit_dtype=st.sampled_from([(r, d) for r in sorted(REINITS) for d in DTYPES
-                                     if (r, d) not in PISSA_LOW_PRECISION]),
+       reinit_dtype=st.sampled_from([(r, d) for r in sorted(REINITS) for d in DTYPES]),
        seed=st.integers(0, 2**16))
 def test_merged_weight_is_the_sum_of_the_links(shape, rank, links, reinit_dtype, seed):
     _check_merged_weight(shape, rank, links, *reinit_dtype, seed)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: PiSSAInit.reinit folds out s*B@A of its float32 factors, then set_factors_ stores them "
-    "rounded to the bf16/fp16 factor dtype, so the weight loses something other than what the link holds: "
-    "each re-init changes W + s*B@A by up to a rounding of the factors (about 2^-8 of max|W| in bf16), "
-    "and the merged weight drifts from W0 + sum of the links by many roundings, not one; fix: round A, B to "
-    "the factor dtype before folding them out"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_merged_weight_is_the_sum_of_the_links_pissa_low_precision(dtype):
+    """PiSSA folds out exactly what its bf16/fp16 factors hold (they were once rounded after the fold-out)."""
     _check_merged_weight((8, 6), 2, 3, "pissa", dtype, 0)
 
 
@@ -371,15 +363,12 @@ SETUPS = [(cfg, {}) for cfg in CONFIGS] + [
 KNOT_OF_SETUP = {len(CONFIGS): 6, len(CONFIGS) + 1: 12, len(CONFIGS) + 2: 10}  # a knot step of each
 
 
-# A bf16 chain saved after its first knot cannot be loaded (a library bug, the xfail below): until that is
-# fixed the property saves bf16 chains before their first knot only
-FIRST_KNOT_OF_BF16 = {len(CONFIGS): 6, len(CONFIGS) + 2: 5}
 
 
 @st.composite
 def resume_points(draw):
     setup = draw(st.integers(0, len(SETUPS) - 1))
-    return setup, draw(st.integers(0, FIRST_KNOT_OF_BF16.get(setup, 19) - 1))
+    return setup, draw(st.integers(0, 18))
 
 
 @given(setup_save_at=resume_points())
@@ -389,12 +378,6 @@ def test_save_load_continue_is_identical(setup_save_at):
     _check_resume(*setup_save_at)
 
 
-@pytest.mark.xfail(strict=True, raises=cola.ConfigError, reason=(
-    "library bug: frozen_fingerprint (cola/chain.py) fingerprints every buffer except base.weight/lora_A/lora_B, "
-    "so it includes the bf16 compensation buffer <layer>.residual, which the chain itself creates at the first "
-    "knot; a fresh chain has no residual yet, and load_state_dict refuses: 'the model differs from the one the "
-    "chain was saved with ... fc1.residual, fc2.residual' (so cola train --dtype bfloat16 cannot resume after a "
-    "knot); fix: skip '<layer>.residual' in the fingerprint like the weights (the state holds it)"))
 @pytest.mark.parametrize("setup,save_at", [(len(CONFIGS), 6), (len(CONFIGS), 9), (len(CONFIGS) + 2, 10)],
                          ids=["bf16-at-a-knot", "bf16-mid-link", "bf16-scheduler-at-a-knot"])
 def test_save_load_continue_is_identical_with_a_bf16_residual(setup, save_at):

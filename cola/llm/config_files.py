@@ -75,14 +75,21 @@ def checked(data: dict[str, Any], source: str, allowed: tuple[str, ...]) -> dict
         raise ConfigError(f"{source}: expected a table of settings, got {type(data).__name__}")
     out: dict[str, Any] = {}
     problems = []
+    spelled: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in allowed:
             problems.append(f"{source}: unknown setting {key!r} (closest: {', '.join(closest(name, allowed))})")
             continue
+        if name in spelled:
+            problems.append(f"{source}: {spelled[name]!r} and {key!r} are the same setting; give it once")
+        spelled[name] = key
         out[name] = value
     chain = out.get("chain")
     if isinstance(chain, dict):
+        names = [str(k).replace("-", "_") for k in chain]
+        problems += [f"{source}: chain.{n} is given twice (with - and _); give it once"
+                     for n in sorted({n for n in names if names.count(n) > 1})]
         chain = {str(k).replace("-", "_"): v for k, v in chain.items()}
         if "links" in chain:
             links = chain.pop("links")

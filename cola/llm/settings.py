@@ -324,8 +324,8 @@ def _value_problems(v: Any) -> list[str]:
             p.append(f"{name}={value}: must be a finite number > 0")
     if not 0 <= v.dropout < 1:
         p.append(f"dropout={v.dropout}: must be in [0, 1)")
-    if v.weight_decay < 0:
-        p.append(f"weight_decay={v.weight_decay}: must be >= 0")
+    if not (v.weight_decay >= 0 and math.isfinite(v.weight_decay)):
+        p.append(f"weight_decay={v.weight_decay}: must be a finite number >= 0")
     if v.epochs is not None and not (v.epochs > 0 and math.isfinite(v.epochs)):
         p.append(f"epochs={v.epochs}: must be a number > 0")
     if v.steps is not None and v.epochs is not None:
