@@ -4,7 +4,9 @@
 takes the optimizer step, then asks the merge policy whether to tie a knot. At a knot, in
 order: before-merge hooks, merge rule (checked finite for every layer before anything is
 written), re-init strategy with the rank from the rank schedule, optimizer-state policy,
-LR policy, after-merge hooks with a :class:`KnotReport`. All of the knot logic is here.
+LR policy, after-merge hooks with a :class:`KnotReport`. All of the knot logic is here; the
+saved state is :mod:`cola.chain_state`, the non-finite guard :mod:`cola.guard`, the knot
+diagnostics :mod:`cola.diagnostics`.
 """
 
 from __future__ import annotations
@@ -12,80 +14,37 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import _dtensor as dt
-from ._version import __version__
+from . import chain_state, guard
 from .config import ChainConfig, schedule_multiplier
+from .diagnostics import effective_rank, update_stats
 from .errors import ConfigError, NonFiniteMergeError
 from .inject import lora_layers
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
 from .planning import Plan, build_strategies, check_rank, plan
-from .strategies import LRInfo, ReinitInfo, StepInfo
+from .strategies import KnotReport, LRInfo, PrepareInfo, ReinitInfo, StepInfo
+
+__all__ = ["Chain", "KnotReport", "effective_rank"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-
-
-@dataclass
-class KnotReport:
-    """What happened at one knot."""
-
-    link: int                         #: index of the link that was merged (0-based)
-    step: int                         #: optimizer steps taken when the knot was tied
-    norms: dict[str, float]           #: per layer: Frobenius norm of the folded update
-    seconds: float                    #: wall time of the whole knot
-    new_rank: int                     #: rank of the new link (the largest over layers)
-    forced: bool = False              #: tied by ``Chain.tie_knot()`` rather than the merge policy
-    grad_norm: float | None = None    #: with diagnostics: norm of the LoRA gradients at the knot
-    effective_rank: dict[str, float] | None = field(default=None)  #: with diagnostics: per layer
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@torch.no_grad()
-def frozen_fingerprint(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, list]:
-    """Shape, dtype and float64 sum of every parameter and buffer the chain never changes.
-
-    Saved with the chain's state, so resuming on a different base model is refused, naming
-    the parameters that differ. The LoRA layers' own weights and compensation buffers are excluded
-    (the state holds them; the buffer appears at the first knot of a bf16/fp16 chain).
-    """
-    skip = {f"{name}.{part}" for name in layers for part in ("base.weight", "lora_A", "lora_B", "residual")}
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return {name: [list(t.shape), str(t.dtype), dt.sum64(t) if t.is_floating_point() else 0.0]
-            for name, t in tensors if name not in skip and t is not None}
-
-
-def effective_rank(B: torch.Tensor, A: torch.Tensor) -> float:
-    """Entropy effective rank (Roy & Vetterli) of ``B @ A`` from its factors, without forming it."""
-    if B.numel() == 0:
-        return 0.0
-    _, RB = torch.linalg.qr(B.double())
-    _, RA = torch.linalg.qr(A.double().T)
-    s = torch.linalg.svdvals(RB @ RA.T)
-    s = s[s > s.max() * 1e-12] if s.max() > 0 else s[:0]
-    if s.numel() == 0:
-        return 0.0
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.log()).sum()))
+Closure = Callable[[], Any]
+"""``closure()`` re-evaluates the model on the current batch as torch optimizers' closures do: it
+zeroes the gradients, computes the loss, calls ``backward()`` (and, data-parallel, averages the
+gradients over the ranks) and returns the loss. Re-init strategies that probe the gradient at a
+knot (``fw``) call it."""
 
 
 def _as_float(loss: torch.Tensor | float | None) -> float | None:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach())
     return None if loss is None else float(loss)
-
-
-def _close(a: list, b: list) -> bool:
-    return a[:2] == b[:2] and math.isclose(a[2], b[2], rel_tol=1e-9, abs_tol=1e-9)
 
 
 class Chain:
@@ -111,17 +70,16 @@ class Chain:
         if not self.layers:
             raise ConfigError(f"{type(model).__name__} has no LoRA layers: call cola.inject_lora(model, ...) first")
         self.pm = plugin_manager or get_plugin_manager()
-        self.strategies = self._build_strategies()
+        self.strategies = build_strategies(self.config, self.pm)
         self.base_ranks = {name: layer.rank for name, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.record_links = config.record_links
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.step_count = 0
+        self.step_count = 0               # optimizer steps of the schedule (a skipped one counts)
         self.link = 0
         self.last_knot = 0
         self.history: list[KnotReport] = []
-        self.nonfinite_steps = 0          # steps skipped because loss or gradients were not finite
-        self.nonfinite_in_row = 0
+        self.counts = guard.Counts()      # non-finite steps skipped, on the device until read
         self._check_planned_ranks()
         self.params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
         optimizer = optimizer_factory(self.params)
@@ -129,20 +87,15 @@ class Chain:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
-        for name, layer in self.layers.items():     # link 0, initialised by the strategies too
-            self._reinit(name, layer)
-        self._repoint_optimizer()
+        self._start_link(None)            # link 0, initialised by the strategies too
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._notify_steps = self.pm.has_impls("cola_after_step")
+        self._loss_needed = self.planned_knots() is None  # a policy deciding while training reads the loss
 
-    # ------------------------------------------------------------------ set-up
-    def _build_strategies(self) -> dict[str, Any]:
-        return build_strategies(self.config, self.pm)
-
+    # ------------------------------------------------------------------ the plan
     def plan(self) -> Plan:
         """The chain's :class:`cola.Plan` (knots, rank per link) for the largest base rank of its layers."""
-        base = max(self.base_ranks.values())
-        return plan(self.config, base, None, strategies=self.strategies)
+        return plan(self.config, max(self.base_ranks.values()), None, strategies=self.strategies)
 
     def planned_knots(self) -> list[int] | None:
         """The knots the merge policy will tie, when it knows them in advance."""
@@ -170,11 +123,29 @@ class Chain:
         if problems:
             raise ConfigError(problems)
 
-    def _reinit(self, name: str, layer: LoRALinear, rank: int | None = None) -> None:
-        rank = self._rank_for(name, self.link) if rank is None else rank
-        self.strategies["reinit"].reinit(layer, rank, ReinitInfo(name, self.link, self.generator))
+    def _start_link(self, closure: Closure | None, ranks: dict[str, int] | None = None) -> None:
+        """Re-init every layer for link ``self.link`` (the strategy's ``prepare`` first, once)."""
+        ranks = ranks or {name: self._rank_for(name, self.link) for name in self.layers}
+        reinit = self.strategies["reinit"]
+        prepare = getattr(reinit, "prepare", None)
+        if prepare is not None:
+            with torch.enable_grad():
+                prepare(self.layers, ranks, PrepareInfo(self.link, self.generator, closure))
+        for name, layer in self.layers.items():
+            reinit.reinit(layer, ranks[name], ReinitInfo(name, self.link, self.generator))
+        self._repoint_optimizer()
 
     # ------------------------------------------------------------------ training
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because the loss or a gradient was not finite (reads the device)."""
+        return self.counts.read()[0]
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        """Of them, the current run of consecutive ones (reads the device)."""
+        return self.counts.read()[1]
+
     def _step_info(self, loss: float | None = None) -> StepInfo:
         return StepInfo(self.step_count, self.config.total_steps, self.link, self.last_knot, loss)
 
@@ -188,76 +159,61 @@ class Chain:
                       lambda taken, horizon: schedule_multiplier(cfg.lr_schedule, taken, horizon, cfg.warmup_steps))
         return float(self.strategies["lr_policy"].multiplier(info))
 
-    def step(self, loss: torch.Tensor | float | None = None) -> bool:
+    def step(self, loss: torch.Tensor | float | None = None, closure: Closure | None = None) -> guard.Verdict:
         """Take one optimizer step, then tie a knot if the merge policy says so.
 
-        A step whose loss or LoRA gradients are not finite is skipped (gradients dropped,
-        ``nonfinite_steps`` and ``nonfinite_in_row`` counted, not a step of the chain) and
-        ``False`` is returned; the caller decides when too many in a row end the run.
+        With ``skip_nonfinite`` (the default) a step whose loss or LoRA gradients are not finite
+        leaves the weights and the optimizer state as they were; it still counts as a step of the
+        schedule, and is counted in ``nonfinite_steps`` / ``nonfinite_in_row``. Nothing is read
+        back to the host on a step that is not a knot: the returned :class:`~cola.guard.Verdict`
+        is true when the step was taken, and evaluating it reads that one flag.
+
+        ``closure`` (see :data:`Closure`) lets a re-init strategy probe the gradient at a knot.
+        ``loss`` is read (a host sync) only when a plugin or the merge policy needs its value.
         """
-        loss_value = None
-        if self.config.skip_nonfinite:
-            loss_value = _as_float(loss)
-        if self.config.skip_nonfinite and (
-                (loss_value is not None and not math.isfinite(loss_value)) or not self._grads_finite()):
-            self.nonfinite_steps += 1
-            self.nonfinite_in_row += 1
-            log.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", self.step_count + 1,
-                        "loss" if loss_value is not None and not math.isfinite(loss_value) else "gradient",
-                        self.nonfinite_in_row, self.nonfinite_steps)
-            self.zero_grad()
-            return False
         factor = self.lr_multiplier()
         saved = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * factor
         try:
-            self.optimizer.step()
+            if self.config.skip_nonfinite:
+                device = self.params[0].device if self.params else torch.device("cpu")
+                found = guard.found_inf(loss, [p.grad for p in self.params if p.grad is not None], device)
+                guard.step_unless(self.optimizer, self.params, found)
+                self.counts.add(found)
+            else:
+                found = False
+                self.optimizer.step()
+                self.counts.taken()
         finally:
             for group, lr in zip(self.optimizer.param_groups, saved):
                 group["lr"] = lr
         if self.scheduler is not None:
             self.scheduler.step()
-        self.advance(loss_value if self.config.skip_nonfinite else _as_float(loss))  # read after the step is queued
-        return True
+        needed = self._notify_steps or self._loss_needed or not isinstance(loss, torch.Tensor)
+        self._advance(_as_float(loss) if needed else None, closure)
+        return guard.Verdict(found)
 
-    def advance(self, loss: float | None = None) -> KnotReport | None:
+    def advance(self, loss: float | None = None, closure: Closure | None = None) -> KnotReport | None:
         """Count one optimizer step taken by someone else (e.g. transformers' Trainer) and tie a
-        knot if the merge policy says so. :meth:`step` calls this after its own optimizer step."""
+        knot if the merge policy says so."""
+        self.counts.taken()
+        return self._advance(loss, closure)
+
+    def _advance(self, loss: float | None, closure: Closure | None) -> KnotReport | None:
         self.step_count += 1
-        self.nonfinite_in_row = 0
         if self._notify_steps:
             self.pm.notify("cola_after_step", chain=self, step=self.step_count, loss=loss)
         if self.strategies["merge_policy"].is_knot(self._step_info(loss)):
-            return self.tie_knot(forced=False)
+            return self.tie_knot(forced=False, closure=closure)
         return None
-
-    def _grads_finite(self) -> bool:
-        """True when every LoRA gradient is finite: one fused max-abs per device, one host sync."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return True
-        sharded = dt.any_dtensor(grads)  # FSDP-sharded factors: each rank sees its shard only
-        by_device: dict[tuple, list[torch.Tensor]] = {}
-        for g in grads:
-            g = dt.local(g.detach())
-            by_device.setdefault((g.device, g.dtype), []).append(g)
-        maxima = [m.float() for group in by_device.values() for m in torch._foreach_norm(group, math.inf)]
-        device = maxima[0].device
-        finite = torch.stack([m.to(device) for m in maxima]).isfinite().all()
-        if sharded:  # every rank must take (or skip) the step alike
-            import torch.distributed as dist
-
-            finite = finite.to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ the knot
     @torch.no_grad()
-    def tie_knot(self, forced: bool = True) -> KnotReport:
+    def tie_knot(self, forced: bool = True, closure: Closure | None = None) -> KnotReport:
         """Merge the live link into the weights and start the next one, now."""
         start = time.perf_counter()
         merged_link, step = self.link, self.step_count
@@ -273,10 +229,9 @@ class Chain:
             layer.lora_B.zero_()
         norms = {name: u[3] for name, u in updates.items()}
         del updates
+        diagnostics = self._diagnostics() if self.config.diagnostics else {}
         self.link += 1
-        for name, layer in self.layers.items():
-            self._reinit(name, layer, ranks[name])
-        self._repoint_optimizer()
+        self._start_link(closure, ranks)
         info = self._step_info()
         self.strategies["optimizer_policy"].apply(self.optimizer, self.params, info)
         self._drop_mismatched_state()
@@ -284,10 +239,9 @@ class Chain:
         if on_knot is not None:
             on_knot(info)
         self.last_knot = step
-        report = KnotReport(
-            link=merged_link, step=step, norms=norms, seconds=0.0,
-            new_rank=max(layer.rank for layer in self.layers.values()), forced=forced, grad_norm=grad_norm,
-            effective_rank=self._effective_ranks() if self.config.diagnostics else None)
+        report = KnotReport(link=merged_link, step=step, norms=norms, seconds=0.0,
+                            new_rank=max(layer.rank for layer in self.layers.values()), forced=forced,
+                            grad_norm=grad_norm, **diagnostics)
         report.seconds = time.perf_counter() - start
         self.history.append(report)
         log.info("knot %d at step %d: merged link %d into %d layers (mean |dW|_F %.3g), next rank %d, %.1f ms",
@@ -350,104 +304,24 @@ class Chain:
         grads = [dt.full(p.grad.detach()).float().norm() for p in self.params if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
-    def _effective_ranks(self) -> dict[str, float] | None:
+    def _diagnostics(self) -> dict[str, Any]:
+        """Per layer: effective rank and norm of the accumulated update, overlap of the newest link."""
         if not self.config.record_links:
-            return None
-        out = {}
-        for name, layer in self.layers.items():
-            if layer.links:
-                B = torch.cat([b * s for b, _, s in layer.links], dim=1)
-                A = torch.cat([a for _, a, _ in layer.links], dim=0)
-                out[name] = effective_rank(B, A)
-        return out
+            return {}
+        stats = {name: update_stats(layer.links) for name, layer in self.layers.items() if layer.links}
+        return {"effective_rank": {n: s.effective_rank for n, s in stats.items()},
+                "accumulated_norm": {n: s.accumulated_norm for n, s in stats.items()},
+                "overlap": {n: s.overlap for n, s in stats.items()}}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: layers (factors, merged weights), optimizer, strategies, RNG.
+        """Everything needed to continue exactly (see :func:`cola.chain_state.state_dict`); under FSDP
+        a collective that every rank calls."""
+        return chain_state.state_dict(self)
 
-        Under FSDP the sharded tensors are gathered (to CPU, one layer at a time), so the state
-        loads on any number of ranks; every rank must call this then (it is a collective).
-        """
-        layers = {}
-        for name, layer in self.layers.items():
-            weight = layer.base.weight
-            layers[name] = {
-                "A": dt.full_copy(layer.lora_A), "B": dt.full_copy(layer.lora_B),
-                "train_A": layer.lora_A.requires_grad, "train_B": layer.lora_B.requires_grad,
-                "weight": dt.full_copy(weight),
-                "residual": dt.full_copy(layer.residual, like=weight),
-                "links": [(b.clone(), a.clone(), s) for b, a, s in layer.links],
-            }
-        strategies = {kind: s.state_dict() for kind, s in self.strategies.items() if hasattr(s, "state_dict")}
-        rng = {"chain": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "version": STATE_VERSION, "config": self.config.to_dict(), "step": self.step_count,
-            "nonfinite_steps": self.nonfinite_steps,
-            "versions": {"chain-of-lora": __version__, "torch": torch.__version__},
-            "fingerprint": frozen_fingerprint(self.model, self.layers),
-            "link": self.link, "last_knot": self.last_knot, "base_ranks": dict(self.base_ranks),
-            "history": [r.to_dict() for r in self.history], "layers": layers,
-            "optimizer": dt.gather_tree(self.optimizer.state_dict()),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "strategies": strategies, "rng": rng,
-        }
-
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` onto a chain over a freshly injected copy of the same base model
-        (sharded by FSDP or not, on any number of ranks: each rank writes its own shards)."""
-        problems = []
-        if state.get("version") != STATE_VERSION:
-            problems.append(f"chain state version {state.get('version')!r}; this library reads {STATE_VERSION}")
-        saved_cfg, cfg = state.get("config", {}), self.config.to_dict()
-        differing = sorted(k for k in set(saved_cfg) | set(cfg) if saved_cfg.get(k) != cfg.get(k))
-        if differing:
-            problems.append("config differs from the saved chain's in: " + ", ".join(
-                f"{k} (saved {saved_cfg.get(k)!r}, now {cfg.get(k)!r})" for k in differing))
-        saved_layers = state.get("layers", {})
-        if set(saved_layers) != set(self.layers):
-            missing, extra = sorted(set(self.layers) - set(saved_layers)), sorted(set(saved_layers) - set(self.layers))
-            problems.append(f"LoRA layers differ: not in the saved chain {missing[:5]}, only in it {extra[:5]}")
-        else:
-            for name, saved in saved_layers.items():
-                if tuple(saved["weight"].shape) != tuple(self.layers[name].base.weight.shape):
-                    problems.append(f"{name}: saved weight {tuple(saved['weight'].shape)} vs model "
-                                    f"{tuple(self.layers[name].base.weight.shape)}")
-        saved_print = state.get("fingerprint")
-        if saved_print is not None and not problems:
-            now = frozen_fingerprint(self.model, self.layers)
-            differing = sorted(k for k in set(saved_print) | set(now)
-                               if k not in now or k not in saved_print or not _close(saved_print[k], now[k]))
-            if differing:
-                problems.append(f"the model differs from the one the chain was saved with, in {len(differing)} "
-                                f"parameters/buffers: {', '.join(differing[:5])}" + (" ..." if len(differing) > 5 else ""))
-        if problems:
-            raise ConfigError(problems)
-        for name, layer in self.layers.items():
-            saved = saved_layers[name]
-            layer.set_factors_(saved["A"], saved["B"], saved["train_A"], saved["train_B"])
-            dt.copy_full_(layer.base.weight, saved["weight"])
-            res = saved["residual"]
-            layer.residual = None if res is None else dt.local_chunk(res, layer.base.weight).to(
-                dt.local(layer.base.weight).device).clone()
-            layer.links = [(b.clone(), a.clone(), s) for b, a, s in saved["links"]]
-        self._repoint_optimizer()
-        self.step_count, self.link, self.last_knot = state["step"], state["link"], state["last_knot"]
-        self.nonfinite_steps = state.get("nonfinite_steps", 0)
-        self.base_ranks = dict(state["base_ranks"])
-        self.history = [KnotReport(**r) for r in state["history"]]
-        self.optimizer.load_state_dict(state["optimizer"])
-        dt.redistribute_optimizer_state(self.optimizer)
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        for kind, s in state["strategies"].items():
-            self.strategies[kind].load_state_dict(s)
-        self.generator.set_state(state["rng"]["chain"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        """Restore a :meth:`state_dict` onto a chain over a freshly injected copy of the same base model."""
+        chain_state.load_state_dict(self, state)
 
     def stacked_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the whole chain as one adapter: ``W_0 + B_cat @ A_cat`` (see :func:`cola.stacked_factors`)."""

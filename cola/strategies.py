@@ -8,8 +8,8 @@ chain saves and restores with its own state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +35,37 @@ class ReinitInfo:
     name: str                 #: module name of the layer
     link: int                 #: index of the link being started (0 = the first link)
     generator: torch.Generator  #: the chain's own CPU generator: draw from it for reproducibility
+
+
+@dataclass(frozen=True)
+class PrepareInfo:
+    """What a re-init strategy's optional ``prepare`` gets at a knot, before the per-layer re-inits."""
+
+    link: int                 #: index of the link being started
+    generator: torch.Generator  #: the chain's own CPU generator
+    closure: Callable[[], Any] | None  #: re-evaluates the model on the knot's batch (see Chain.step), or None
+
+
+@dataclass
+class KnotReport:
+    """What happened at one knot (handed to ``cola_after_merge`` hooks, kept in ``Chain.history``)."""
+
+    link: int                         #: index of the link that was merged (0-based)
+    step: int                         #: optimizer steps taken when the knot was tied
+    norms: dict[str, float]           #: per layer: Frobenius norm of the folded update
+    seconds: float                    #: wall time of the whole knot
+    new_rank: int                     #: rank of the new link (the largest over layers)
+    forced: bool = False              #: tied by ``Chain.tie_knot()`` rather than the merge policy
+    grad_norm: float | None = None    #: with diagnostics: norm of the LoRA gradients at the knot
+    #: with diagnostics, per layer (see :mod:`cola.diagnostics`): effective rank and Frobenius norm of the
+    #: accumulated update (every link folded so far), and the overlap of the newest link with the span of
+    #: the previous ones (0: new directions, 1: inside their span; None for the first link)
+    effective_rank: dict[str, float] | None = field(default=None)
+    accumulated_norm: dict[str, float] | None = field(default=None)
+    overlap: dict[str, float | None] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -64,7 +95,12 @@ class RankSchedule(Protocol):
 @runtime_checkable
 class ReinitStrategy(Protocol):
     def reinit(self, layer: "LoRALinear", rank: int, info: ReinitInfo) -> None:
-        """Start a new link on ``layer`` (``layer.set_factors_``) without changing its function."""
+        """Start a new link on ``layer`` (``layer.set_factors_``) without changing its function.
+
+        A strategy may also have ``prepare(layers, ranks, info: PrepareInfo)``, called once at a knot
+        before the per-layer ``reinit`` calls, with every LoRA layer and the rank each gets: what a
+        strategy needs from all layers at once (e.g. a gradient from one backward pass) goes there.
+        """
 
 
 @runtime_checkable

@@ -1,6 +1,7 @@
 """The chain: knot order, reports, strategies' effects, errors, and that COLA beats one LoRA."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -366,23 +367,106 @@ def test_cola_beats_one_lora_on_a_rank_4r_target_tiny_llama():
     assert chain < lora, (chain, lora)
 
 
-def test_non_finite_loss_or_gradient_skips_the_step_and_is_counted():
-    model, chain = make_chain(cola.ChainConfig(total_steps=10, links=2))
+def _optimizer_state(chain):
+    return {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in chain.optimizer.state[p].items()}
+            for p in chain.params if p in chain.optimizer.state}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["masked", "fused"])
+def test_non_finite_loss_or_gradient_skips_the_step_and_is_counted(fused):
+    """A non-finite step leaves weights and optimizer state alone, counts as a step of the schedule
+    (as with GradScaler, so knots need no host read) and is counted; both optimizer paths."""
+    torch.manual_seed(0)
+    model = MLP()
+    cola.inject_lora(model, ["fc1", "fc2"], rank=2)
+    chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2, fused=fused),
+                       cola.ChainConfig(total_steps=10, links=2))
     train(model, chain, batches(2))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _optimizer_state(chain)
     x, y = next(batches(1))
     loss = ((model(x) - y) ** 2).mean() * float("nan")
     loss.backward()
-    assert chain.step(loss) is False
-    for name, p in model.named_parameters():
-        assert p.grad is None, name
-    assert chain.step_count == 2 and chain.nonfinite_steps == 1 and chain.nonfinite_in_row == 1
+    verdict = chain.step(loss)
+    assert not verdict and verdict == False  # noqa: E712 (a Verdict compares with bools)
+    chain.zero_grad()
+    assert chain.step_count == 3 and chain.nonfinite_steps == 1 and chain.nonfinite_in_row == 1
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    after = _optimizer_state(chain)
+    assert after.keys() == state.keys()
+    for pid, entries in state.items():
+        assert all(torch.equal(v, after[pid][k]) if torch.is_tensor(v) else v == after[pid][k]
+                   for k, v in entries.items())
     for p in chain.params:  # a finite loss with an infinite gradient is caught too
         p.grad = torch.full_like(p, float("inf"))
-    assert chain.step(torch.tensor(1.0)) is False and chain.nonfinite_in_row == 2
+    assert not chain.step(torch.tensor(1.0)) and chain.nonfinite_in_row == 2
+    chain.zero_grad()
     train(model, chain, batches(1))
-    assert chain.step_count == 3 and chain.nonfinite_in_row == 0 and chain.nonfinite_steps == 2
+    assert chain.step_count == 5 and chain.nonfinite_in_row == 0 and chain.nonfinite_steps == 2
+    assert not all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert [r.step for r in chain.history] == [5]  # the knot at 5 counts the skipped steps
+
+
+def test_a_skipped_first_step_leaves_no_optimizer_state_behind():
+    """State that the skipped step created (Adam's moments on the very first step) is reset to zero:
+    the next step starts as from fresh state."""
+    runs = []
+    for skip_first in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        cola.inject_lora(model, ["fc1"], rank=2)
+        chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2), cola.ChainConfig(total_steps=10, links=1))
+        data = list(batches(3))
+        if skip_first:
+            x, y = data[0]
+            (((model(x) - y) ** 2).mean() * float("inf")).backward()
+            assert not chain.step()
+            chain.zero_grad()
+        for x, y in data[1:]:
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            assert chain.step(loss)
+            chain.zero_grad()
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.allclose(v, runs[1][k], atol=1e-7) for k, v in runs[0].items())
+
+
+HOST_READS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy")
+
+
+def test_an_ordinary_step_reads_nothing_back_to_the_host(monkeypatch):
+    """Issue 14: with the default skip_nonfinite, chain.step makes no host read on a step that is not
+    a knot (counted: every Tensor.item/tolist/cpu/__bool__/__float__/__int__/numpy called from cola's
+    own code during chain.step); a knot may read (once, for its finiteness checks)."""
+    torch.manual_seed(0)
+    model = MLP()
+    cola.inject_lora(model, ["fc1", "fc2"], rank=2)
+    chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2), cola.ChainConfig(total_steps=6, links=2))
+    assert chain.config.skip_nonfinite
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(("cola", "cola_plugins")):
+                reads.append(f"{_name} from {caller}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_step = []
+    for x, y in batches(6):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        reads.clear()
+        chain.step(loss)
+        per_step.append(list(reads))
+        chain.zero_grad()
+    monkeypatch.undo()
+    knots = {r.step for r in chain.history}
+    assert knots == {3}
+    assert all(not r for step, r in enumerate(per_step, 1) if step not in knots), per_step
+    assert per_step[2], "the checker sees the knot's read"
 
 
 def test_external_optimizer_loop_with_advance():
@@ -408,4 +492,4 @@ def test_skip_nonfinite_off_steps_through_whatever_comes():
     model, chain = make_chain(cola.ChainConfig(total_steps=10, skip_nonfinite=False))
     x, y = next(batches(1))
     ((model(x) - y) ** 2).mean().backward()
-    assert chain.step(torch.tensor(float("nan"))) is True and chain.step_count == 1 and chain.nonfinite_steps == 0
+    assert chain.step(torch.tensor(float("nan"))) and chain.step_count == 1 and chain.nonfinite_steps == 0

@@ -113,7 +113,7 @@ def _run_steps(problem: Problem, model: MatrixModel, chain: cola.Chain, X: torch
                losses: list, grad_sq: list) -> int | None:
     """Full-batch chain steps, recording f after each; returns the step of a divergence (or None).
 
-    A divergence is a step the chain skipped as non-finite (``Chain.step`` returns False), a
+    A divergence is a step the chain skipped as non-finite (``Chain.step`` returns a false verdict), a
     knot it refused as non-finite (``cola.NonFiniteMergeError``), or a non-finite f: the run
     stops there, with NaN recorded for that step.
     """
@@ -126,7 +126,7 @@ def _run_steps(problem: Problem, model: MatrixModel, chain: cola.Chain, X: torch
         except cola.NonFiniteMergeError as err:
             log.info("%s: %s", problem.name, err)
             taken = False
-        if taken is False:
+        if not taken:
             losses.append(float("nan"))
             grad_sq.append(float("nan"))
             return len(losses) - 1

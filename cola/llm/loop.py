@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import cola
 import cola.distributed as cd
 from cola.config import schedule_multiplier
 from cola.errors import ColaError
+from cola.llm import objective
 from cola.llm.evaluation import Evaluator
 from cola.llm.inputs import epoch_batches
-from cola.llm import objective
 from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
-from cola.llm.records import RunRecord
+from cola.llm.records import RunRecord, mean_loss
 from cola.llm.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,8 @@ class StepBudget:
 
 class FullFineTuning:
     """Full fine-tuning (AdamW over every weight, the chain's base LR schedule) with the chain's step
-    interface, including its non-finite guard: a step whose loss or gradients are not finite is
-    skipped and counted."""
+    interface, including its non-finite guard: a step whose loss or gradients are not finite leaves
+    the weights alone, is counted, and (as in the chain) still counts as a step of the schedule."""
 
     history: list = []
     link = 0
@@ -83,18 +82,16 @@ class FullFineTuning:
 
     def step(self, loss: float) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not (math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)):
-            for p in self.model.parameters():
-                p.grad = None
+        taken = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if taken:
+            self.nonfinite_in_row = 0
+            self.optimizer.step()
+        else:
             self.nonfinite_steps += 1
             self.nonfinite_in_row += 1
-            log.warning("%s: step skipped: non-finite loss or gradient (%d in a row)", self.key, self.nonfinite_in_row)
-            return False
-        self.nonfinite_in_row = 0
-        self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        return True
+        return taken
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,9 +240,9 @@ class Training:
                     raise RunStopped(f"{run.key}: stopped before step {self.steps_taken + 1} of {total} (stop_after)")
                 lr_now = current_lr(run.trainer)
                 loss = self.accumulate()
-                if not self.take_step(loss):
-                    continue
-                self.after_step(loss, lr_now, bar)
+                taken = self.take_step(loss)
+                self.after_step(loss if taken else None, lr_now, bar)
+                self.stop_if_failing()
         finally:
             if bar is not None:
                 bar.close()
@@ -254,61 +251,84 @@ class Training:
     def accumulate(self) -> float:
         """Forward and backward of ``grad_accum`` micro-batches; the (global, averaged) loss."""
         s, run = self.settings, self.run
-        pad = run.tokenizer.pad_token_id or 0
         distributed = cd.is_distributed()
-        total = 0.0
+        self.step_batches = []
         for _ in range(s.grad_accum):
             batch = run.micro_batch(s.batch_size)
             if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
                 mine = cd.shard(batch)
-                scale = cd.loss_scale(shares(mine, s.loss), shares(batch, s.loss))
+                self.step_batches.append((mine, cd.loss_scale(shares(mine, s.loss), shares(batch, s.loss))))
             else:
-                mine, scale = batch, 1.0
+                self.step_batches.append((batch, 1.0))
+            run.record.position += 1
+        return self.backward()
+
+    def backward(self) -> float:
+        """Loss and gradients of this step's micro-batches, averaged over the ranks; the loss."""
+        s, run = self.settings, self.run
+        pad = run.tokenizer.pad_token_id or 0
+        total = 0.0
+        for mine, scale in self.step_batches:
             loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
-            loss = loss * scale / s.grad_accum if distributed else loss / s.grad_accum
+            loss = loss * (scale / s.grad_accum)
             loss.backward()
             total += float(loss.detach())
-            run.record.position += 1
-        if distributed:
+        if cd.is_distributed():
             cd.sync_gradients(run.chain if run.chain is not None else run.model)  # mean over the global batch
             total = cd.average(total)                                             # the same loss on every rank
         return total
 
+    def closure(self) -> float:
+        """This step's loss and gradients again (what a re-init that probes the gradient calls at a knot)."""
+        self.run.trainer.zero_grad()
+        return self.backward()
+
     def take_step(self, loss: float) -> bool:
-        """The trainer's step; a skipped (non-finite) step is counted, and too many in a row stop the run."""
+        """The trainer's step (a knot may follow). A skipped (non-finite) step is logged and counted;
+        too many in a row stop the run with a checkpoint. True when the step was taken."""
         run = self.run
-        took = run.trainer.step(loss)
+        taken = bool(run.trainer.step(loss, closure=self.closure) if run.chain else run.trainer.step(loss))
         run.trainer.zero_grad()
-        if took:
+        if taken:
+            run.record.nonfinite_in_row = 0
             return True
-        run.record.nonfinite_steps = run.trainer.nonfinite_steps
-        run.record.nonfinite_in_row = run.trainer.nonfinite_in_row
-        if run.trainer.nonfinite_in_row >= self.settings.max_nonfinite_in_row:
-            save_checkpoint(run)
-            in_row = run.trainer.nonfinite_in_row
-            raise ColaError(f"{run.key}: {in_row} steps in a row with a non-finite loss or gradient "
-                            f"({run.record.nonfinite_steps} skipped in all); stopped after the last good step "
-                            f"{self.steps_taken}, checkpoint {run.checkpoint}. Lower {run.lr_hint} or check the "
-                            f"data, then continue with cola train --resume (max_nonfinite_in_row={in_row})")
+        record = run.record
+        record.nonfinite_steps, record.nonfinite_in_row = run.trainer.nonfinite_steps, run.trainer.nonfinite_in_row
+        log.warning("%s: step %d skipped: non-finite loss or gradient (%d in a row, %d in all)", run.key,
+                    self.steps_taken, record.nonfinite_in_row, record.nonfinite_steps)
         return False
 
-    def after_step(self, loss: float, lr_now: float, bar) -> None:
-        """Record the step, log it, evaluate after a knot, checkpoint, and honour the step budget."""
+    def stop_if_failing(self) -> None:
+        """``max_nonfinite_in_row`` skipped steps in a row: checkpoint and stop with an error naming both."""
+        run, record = self.run, self.run.record
+        in_row = record.nonfinite_in_row
+        if in_row < self.settings.max_nonfinite_in_row:
+            return
+        save_checkpoint(run)
+        raise ColaError(f"{run.key}: {in_row} steps in a row with a non-finite loss or gradient "
+                        f"({record.nonfinite_steps} skipped in all); stopped after step {self.steps_taken}, the last "
+                        f"good one was {self.steps_taken - in_row}; checkpoint {run.checkpoint}. Lower {run.lr_hint} "
+                        f"or check the data, then continue with cola train --resume (max_nonfinite_in_row={in_row})")
+
+    def after_step(self, loss: float | None, lr_now: float, bar) -> None:
+        """Record the step (loss None: skipped), log it, evaluate after a knot, checkpoint, and honour
+        the step budget."""
         s, run, record = self.settings, self.run, self.run.record
         step, total = self.steps_taken, record.total_steps
         record.train_loss.append(loss)
         record.lr_per_step.append(lr_now)
-        record.nonfinite_in_row = 0
         record.seconds["train"] += time.perf_counter() - self.tic
         self.tic = time.perf_counter()
         link = run.chain.link if run.chain else 0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", link=link)
+            bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", link=link)
         if step % s.log_every == 0 or step == total:
             recent = record.train_loss[-s.log_every:]
-            log.info("%s step %d/%d link %d: loss %.4f (mean of last %d %.4f), lr %.3g", run.key, step, total, link,
-                     loss, len(recent), float(np.mean(recent)), lr_now)
+            mean = mean_loss(recent)
+            log.info("%s step %d/%d link %d: loss %s (mean of last %d %s), lr %.3g", run.key, step, total, link,
+                     "skipped" if loss is None else f"{loss:.4f}", len(recent),
+                     "–" if mean is None else f"{mean:.4f}", lr_now)
         knot = run.chain is not None and len(run.chain.history) > self.knots_seen
         if knot:
             self.knots_seen = len(run.chain.history)

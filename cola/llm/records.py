@@ -8,8 +8,23 @@ kept under ``results["runs"]`` in ``results.json`` (as :meth:`RunRecord.to_dict`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+import numpy as np
+
+
+def losses(values: Sequence[float | None]) -> np.ndarray:
+    """A loss curve as floats: a skipped (non-finite) step, recorded as None, becomes NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def mean_loss(values: Sequence[float | None]) -> float | None:
+    """The mean of the steps that were taken (None when none was)."""
+    x = losses(values)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
 
 
 def _seconds() -> dict[str, float]:
@@ -31,7 +46,7 @@ class RunRecord:
     knots: list[int] | None = field(default_factory=list)  #: planned knots (None: decided while training)
     ranks: list[int] = field(default_factory=list)         #: planned rank of each link
     status: str = "running"                      #: running, complete
-    train_loss: list[float] = field(default_factory=list)  #: loss of every optimizer step taken
+    train_loss: list[float | None] = field(default_factory=list)  #: loss of every step (None: skipped)
     lr_per_step: list[float] = field(default_factory=list)  #: LR (after the chain's policy) of each step
     curve: list[dict[str, Any]] = field(default_factory=list)  #: validation after each link (the COLA curve)
     knot_reports: list[dict[str, Any]] = field(default_factory=list)  #: the chain's KnotReports, as dicts

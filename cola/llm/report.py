@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cola.io import atomic_write, markdown_table, write_json
+from cola.llm.records import losses, mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
         entry["validation_curve"] = [
             {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
              **_stats([c[i]["validation"]["accuracy"] for c in curves])} for i in range(n_points)]
-        entry["final_train_loss"] = _stats([float(np.mean(r["train_loss"][-10:])) for r in runs if r["train_loss"]])
+        finals = [mean_loss(r["train_loss"][-10:]) for r in runs if r["train_loss"]]
+        entry["final_train_loss"] = _stats([v for v in finals if v is not None])
         entry["train_seconds"] = _stats([r["seconds"]["train"] for r in runs])
         entry["eval_seconds"] = _stats([r["seconds"]["eval"] for r in runs])
         entry["trainable_params"] = runs[0]["trainable_params"]
@@ -292,7 +294,7 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             "test_acc_mean": test.get("acc_mean"), "test_acc_sum": test.get("acc_sum"),
             "test_acc_norm": test.get("acc_norm"), "test_loss": test.get("loss"),
             "validation_curve": " ".join(f"{c['validation']['accuracy']:.4f}" for c in r.get("curve", [])),
-            "final_train_loss": float(np.mean(r["train_loss"][-10:])) if r.get("train_loss") else None,
+            "final_train_loss": mean_loss(r["train_loss"][-10:]) if r.get("train_loss") else None,
             "train_seconds": round(r["seconds"]["train"], 2), "eval_seconds": round(r["seconds"]["eval"], 2),
             "train_flops": sum(flops) if flops else None,
         })
@@ -352,11 +354,11 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
     knots_marked = set()
     for method in methods:
         runs = complete_runs(results, method)
-        losses = [r["train_loss"] for r in runs if r["train_loss"]]
-        if not losses:
+        curves = [losses(r["train_loss"]) for r in runs if r["train_loss"]]
+        if not curves:
             continue
-        n = min(len(x) for x in losses)
-        mean = np.mean([x[:n] for x in losses], axis=0)
+        n = min(len(x) for x in curves)
+        mean = np.nanmean([x[:n] for x in curves], axis=0)  # a step skipped on every seed stays a gap
         window = max(1, n // 25)
         smooth = np.convolve(mean, np.ones(window) / window, mode="valid") if window > 1 else mean
         steps = np.arange(1, n + 1)[window - 1:] if window > 1 else np.arange(1, n + 1)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from cola.llm import stats
+from cola.llm.records import losses, mean_loss
 from cola.llm.sweep_cells import Cell
 from cola.llm.sweep_spec import SweepSpec
 
@@ -62,11 +63,13 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
     entry["validation_per_link"] = [
         {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
          **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)]
-    losses = [found[s]["record"]["train_loss"] for s in seeds if found[s]["record"].get("train_loss")]
-    if losses:
-        n = min(len(x) for x in losses)
-        entry["train_loss_mean"] = [float(v) for v in np.mean([x[:n] for x in losses], axis=0)]
-        entry["final_train_loss"] = stats.describe([float(np.mean(x[-10:])) for x in losses])
+    curves = [losses(found[s]["record"]["train_loss"]) for s in seeds if found[s]["record"].get("train_loss")]
+    if curves:
+        n = min(len(x) for x in curves)
+        mean = np.nanmean([x[:n] for x in curves], axis=0) if all(np.isfinite(x[:n]).any() for x in curves) else []
+        entry["train_loss_mean"] = [float(v) if np.isfinite(v) else None for v in mean]
+        finals = [mean_loss(list(x[-10:])) for x in curves]
+        entry["final_train_loss"] = stats.describe([v for v in finals if v is not None])
     per_link = plan.get("train_flops")
     entry["compute"] = {
         "trainable_params_per_link": plan.get("trainable_params"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import signal
@@ -68,42 +69,46 @@ def nan_after(monkeypatch, good: int, bad: int | None = None) -> None:
 
 @pytest.mark.parametrize("method", ["cola", "full"])
 def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, loader, monkeypatch, method):
-    nan_after(monkeypatch, good=2, bad=2)  # micro-batches 3 and 4 are NaN: two steps skipped
+    """Micro-batches 3 and 4 are NaN: those two steps leave the weights alone and are counted; they
+    still count as steps of the schedule (recorded with a loss of None)."""
+    nan_after(monkeypatch, good=2, bad=2)
     results = run_experiment(TrainSettings(**tiny_fields(tmp_path / "run", method=method)), loader=loader)
     (run,) = results["runs"]
     assert results["status"] == "complete" and run["nonfinite_steps"] == 2
-    assert len(run["train_loss"]) == 6 and all(torch.isfinite(torch.tensor(run["train_loss"])))
-    assert run["position"] == 8  # the skipped steps' batches were consumed
+    assert len(run["train_loss"]) == 6 and [i for i, v in enumerate(run["train_loss"]) if v is None] == [2, 3]
+    assert all(math.isfinite(v) for v in run["train_loss"] if v is not None)
+    assert run["position"] == 6 and run["nonfinite_in_row"] == 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["nonfinite_steps"] == {f"{method}-seed0": 2}
+    assert saved["runs"][0]["train_loss"][2:4] == [None, None]  # strict JSON: no NaN in the file
 
 
 @pytest.mark.parametrize("method", ["cola", "full"])
 def test_too_many_nonfinite_steps_in_a_row_checkpoint_and_stop_then_resume(tmp_path, loader, monkeypatch, method):
     out = tmp_path / "run"
-    settings = TrainSettings(**tiny_fields(out, method=method, max_nonfinite_in_row=3, checkpoint_every=0))
-    nan_after(monkeypatch, good=3)  # steps 1-3 fine, then NaN for ever
+    settings = TrainSettings(**tiny_fields(out, method=method, steps=9, max_nonfinite_in_row=3, checkpoint_every=0))
+    nan_after(monkeypatch, good=3)  # steps 1-3 fine, then NaN for ever: steps 4, 5, 6 skipped, then the stop
     with pytest.raises(ColaError) as info:
         run_experiment(settings, loader=loader)
     ckpt = out / "runs" / f"{method}-seed0" / "checkpoint.pt"
     text = str(info.value)
-    assert "3 steps in a row with a non-finite loss" in text and "last good step 3" in text
+    assert "3 steps in a row with a non-finite loss" in text and "stopped after step 6, the last good one was 3" in text
     assert str(ckpt) in text and "--resume" in text
     state = cola.load_checkpoint(ckpt)
-    assert len(state["record"]["train_loss"]) == 3 and state["record"]["position"] == 6
+    assert state["record"]["train_loss"][3:] == [None, None, None] and state["record"]["position"] == 6
     assert state["record"]["nonfinite_steps"] == 3
     if method == "cola":
-        assert state["chain"]["step"] == 3 and state["chain"]["nonfinite_steps"] == 3
+        assert state["chain"]["step"] == 6 and state["chain"]["nonfinite_steps"] == 3
 
     monkeypatch.undo()  # the cause is fixed: resume from the checkpoint
     resumed = run_experiment(settings.replace(resume=True), loader=loader)
     (run,) = resumed["runs"]
-    assert resumed["status"] == "complete" and len(run["train_loss"]) == 6
+    assert resumed["status"] == "complete" and len(run["train_loss"]) == 9
     assert run["nonfinite_steps"] == 3 and resumed["nonfinite_steps"] == {f"{method}-seed0": 3}
     assert run["position"] == 9  # 3 good, 3 skipped, 3 more good: the data order just continued
     # the expected outcome: the run that skipped the same three steps without stopping, to the bit
     nan_after(monkeypatch, good=3, bad=3)
-    reference = run_experiment(TrainSettings(**tiny_fields(tmp_path / "reference", method=method,
+    reference = run_experiment(TrainSettings(**tiny_fields(tmp_path / "reference", method=method, steps=9,
                                                            max_nonfinite_in_row=4, checkpoint_every=0)),
                                loader=loader)
     monkeypatch.undo()
@@ -111,6 +116,7 @@ def test_too_many_nonfinite_steps_in_a_row_checkpoint_and_stop_then_resume(tmp_p
     assert reference["status"] == "complete" and ref["nonfinite_steps"] == 3 and ref["position"] == 9
     assert run["train_loss"] == ref["train_loss"]
     assert run["test"] == {**ref["test"], "seconds": run["test"]["seconds"]}
+
     def timeless(curve):
         return [{k: v for k, v in c["validation"].items() if k != "seconds"} for c in curve]
 

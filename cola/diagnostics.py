@@ -1,0 +1,82 @@
+"""What a knot did to the accumulated update, measured from the links' factors (no d x d matrix).
+
+After m knots a layer's weight is ``W_0 + U_m`` with ``U_m = sum_j s_j B_j A_j``, the links folded
+so far. The theory's mechanism is that later links add *new* directions, so that ``U_m`` reaches
+beyond the rank of one link. Three numbers per layer show whether that happens:
+
+* ``effective_rank``: the entropy effective rank (Roy & Vetterli) of ``U_m``;
+* ``accumulated_norm``: ``||U_m||_F``;
+* ``overlap``: how much of the newest link ``D = s_m B_m A_m`` lies in the span of the previous
+  links, ``||P_B D P_A||_F / ||D||_F`` with ``P_B`` the projector on the previous ``B``'s columns and
+  ``P_A`` on the previous ``A``'s rows: 0 means entirely new directions, 1 means the new link only
+  re-weights directions the chain already had (its cosine with the previous links' subspace).
+
+Everything is computed from thin QR factorisations of the stacked factors, in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Link = tuple[torch.Tensor, torch.Tensor, float]   #: (B, A, scale) as the LoRA layer records it
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """The three knot diagnostics of one layer (``overlap`` is None for the first link)."""
+
+    effective_rank: float
+    accumulated_norm: float
+    overlap: float | None
+
+
+def _core(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """A small matrix with the singular values of ``B @ A`` (``R_B R_A^T`` of the thin QRs)."""
+    _, RB = torch.linalg.qr(B.double())
+    _, RA = torch.linalg.qr(A.double().T)
+    return RB @ RA.T
+
+
+def effective_rank(B: torch.Tensor, A: torch.Tensor) -> float:
+    """Entropy effective rank (Roy & Vetterli) of ``B @ A`` from its factors, without forming it."""
+    if B.numel() == 0:
+        return 0.0
+    s = torch.linalg.svdvals(_core(B, A))
+    s = s[s > s.max() * 1e-12] if s.max() > 0 else s[:0]
+    if s.numel() == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def stacked(links: list[Link]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_cat, A_cat)`` with ``B_cat @ A_cat = sum_j s_j B_j A_j`` (float64)."""
+    B = torch.cat([b.double() * s for b, _, s in links], dim=1)
+    A = torch.cat([a.double() for _, a, _ in links], dim=0)
+    return B, A
+
+
+def overlap(new: Link, previous: list[Link]) -> float | None:
+    """``||P_B D P_A||_F / ||D||_F`` for the newest link ``D`` against the span of ``previous``
+    (None when there is no previous link or ``D`` is zero)."""
+    if not previous:
+        return None
+    b, a, s = new
+    D_norm = float(torch.linalg.matrix_norm(_core(b.double() * s, a)))
+    if D_norm == 0.0:
+        return None
+    QB, _ = torch.linalg.qr(torch.cat([p[0].double() for p in previous], dim=1))
+    QA, _ = torch.linalg.qr(torch.cat([p[1].double() for p in previous], dim=0).T)
+    projected = (QB.T @ (b.double() * s)) @ (a.double() @ QA)     # (k x r) (r x k): Q_B^T D Q_A
+    return min(1.0, float(torch.linalg.matrix_norm(projected)) / D_norm)
+
+
+def update_stats(links: list[Link]) -> UpdateStats | None:
+    """The diagnostics of a layer whose folded links are ``links`` (None before the first knot)."""
+    if not links:
+        return None
+    B, A = stacked(links)
+    core = _core(B, A)
+    return UpdateStats(effective_rank(B, A), float(torch.linalg.matrix_norm(core)), overlap(links[-1], links[:-1]))
