@@ -10,6 +10,7 @@ import cola
 from cola import ConfigError
 
 from ._options import fraction
+from .frank_wolfe import FrankWolfeInit
 
 
 def _uniform(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -142,3 +143,4 @@ def cola_register_reinit_strategies(register):
     register("pissa", PiSSAInit)
     register("rac", RACInit)
     register("orthogonal", OrthogonalInit)
+    register("fw", FrankWolfeInit)

@@ -9,7 +9,9 @@ from helpers import MLP, batches, make_chain, train
 
 REINITS = {
     "lora": {}, "gaussian": {}, "pissa": {}, "rac": {"train": "bernoulli"}, "orthogonal": {},
+    "fw": {"init": "both", "oversample": 2},  # both factors from the gradient: the fold-out is exercised
 }
+FOLDS_OUT = ("pissa", "fw")  # re-inits that put weight into both factors and fold it out
 
 shapes = st.tuples(st.integers(2, 12), st.integers(2, 12))
 
@@ -21,6 +23,17 @@ def _one_layer_chain(d_in, d_out, rank, reinit, dtype, seed, **cfg):
     config = cola.ChainConfig(total_steps=100, links=1, reinit=reinit, reinit_options=REINITS[reinit], seed=seed, **cfg)
     chain = cola.Chain(model, lambda p: torch.optim.SGD(p, lr=0.1), config)
     return model, chain
+
+
+def _knot(chain, model, x):
+    """Tie a knot with a closure (a loss on ``x``), so that re-inits that probe the gradient (fw) do."""
+    def closure():
+        chain.zero_grad()
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        return loss
+
+    return chain.tie_knot(closure=closure)
 
 
 def _perturb(chain, gen):
@@ -42,8 +55,8 @@ def test_knot_leaves_outputs_unchanged(shape, rank, reinit, dtype, seed):
     x = torch.randn(5, d_in, generator=gen, dtype=dtype)
     for _ in range(3):
         _perturb(chain, gen)
-        before = model(x)
-        chain.tie_knot()
+        before = model(x).detach()
+        _knot(chain, model, x)
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(model(x), before, atol=tol * (1 + before.abs().max().item()), rtol=tol)
 
@@ -54,8 +67,8 @@ def test_knot_leaves_outputs_unchanged_in_bf16(reinit):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 16, generator=gen, dtype=torch.bfloat16)
     _perturb(chain, gen)
-    before = model(x).float()
-    chain.tie_knot()
+    before = model(x).float().detach()
+    _knot(chain, model, x)
     after = model(x).float()
     # bf16 has 8 bits of mantissa: agreement to a few bf16 roundings of the output scale
     assert (after - before).abs().max() <= 0.05 * (1 + before.abs().max())
@@ -103,10 +116,11 @@ def _check_merged_weight(shape, rank, links, reinit, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     expected = W0 - _live(layer)
     peak = torch.maximum(W0.abs(), expected.abs())  # largest magnitude each entry (or a term of it) had
+    x = torch.randn(7, d_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     for _ in range(links):
         _perturb(chain, gen)
         learned = _live(layer)
-        chain.tie_knot()
+        _knot(chain, chain.model, x)
         start = _live(layer)
         expected += learned - start
         peak = torch.maximum(peak, torch.maximum(expected.abs(), learned.abs() + start.abs()))
@@ -120,7 +134,7 @@ def _check_merged_weight(shape, rank, links, reinit, dtype, seed):
     B, A = cola.stacked_factors(layer)  # the chain as one adapter: W0 + B A is the layer's function
     atol = 1e-4 if dtype == torch.float32 else 2.0 * float(tol.max())
     torch.testing.assert_close(W0 + B.double() @ A.double(), expected + _live(layer), atol=atol, rtol=1e-5)
-    if reinit != "pissa":  # PiSSA's folded-out starts add rank of their own
+    if reinit not in FOLDS_OUT:  # folded-out starts add rank of their own
         accumulated_rank = torch.linalg.matrix_rank(expected - W0, rtol=1e-6)
         assert accumulated_rank == min(links * rank, d_in, d_out)
 
