@@ -274,7 +274,7 @@ class Training:
             loss.backward()
             total += float(loss.detach())
         if cd.is_distributed():
-            cd.sync_gradients(run.chain if run.chain is not None else run.model)  # mean over the global batch
+            cd.sync_gradients(run.model)  # every trainable weight (a probing re-init's factors too): the mean
             total = cd.average(total)                                             # the same loss on every rank
         return total
 

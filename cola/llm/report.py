@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cola.io import atomic_write, markdown_table, write_json
+from cola.llm import stats
 from cola.llm.records import losses, mean_loss
 
 log = logging.getLogger(__name__)
@@ -74,42 +75,33 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def compare(results: dict[str, Any], methods: list[str]) -> dict[str, Any]:
-    """Paired gain of each method over the first one (test accuracy under the run's rule).
+def primary_metric(settings: dict[str, Any]) -> str:
+    """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task,
+    test accuracy (under the run's rule) for the classification tasks."""
+    return "perplexity" if settings.get("task") == "corpus" else "accuracy"
 
-    The gain is the mean over seeds of (method - baseline). The noise is the combined
-    across-seed standard deviation ``sqrt(std_a^2 + std_b^2)`` with two or more seeds; with one
-    seed it is the binomial standard error of the difference of two accuracies on the test
-    set. ``|gain| < noise`` is reported as within noise.
+
+def compare(results: dict[str, Any], methods: list[str], confidence: float = 0.95) -> dict[str, Any]:
+    """Paired comparison of each method with the first one, seed by seed, as ``cola sweep`` does it.
+
+    Per method: the per-seed differences (method - baseline) of the primary test metric, their
+    mean, std and ``confidence`` Student-t interval, and the verdict (:func:`cola.llm.stats.verdict`:
+    ``better`` / ``worse`` when the interval excludes 0, ``within noise`` when it covers it, ``no
+    interval`` with a single seed).
     """
     base = methods[0]
+    metric = primary_metric(results["settings"])
     by_seed = {m: {r["seed"]: r for r in complete_runs(results, m)} for m in methods}
-    out: dict[str, Any] = {"baseline": base, "metric": "test accuracy", "rule": results["settings"]["eval_rule"],
-                           "gains": {}}
+    out: dict[str, Any] = {"baseline": base, "metric": metric, "rule": results["settings"].get("eval_rule"),
+                           "higher_is_better": stats.higher_is_better(metric), "gains": {}}
     for method in methods[1:]:
         seeds = sorted(set(by_seed[base]) & set(by_seed[method]))
         if not seeds:
             continue
-        a = [by_seed[base][s]["test"]["accuracy"] for s in seeds]
-        b = [by_seed[method][s]["test"]["accuracy"] for s in seeds]
-        diffs = [y - x for x, y in zip(a, b)]
-        gain = float(np.mean(diffs))
-        if len(seeds) > 1:
-            noise = math.sqrt(float(np.var(a, ddof=1)) + float(np.var(b, ddof=1)))
-            noise_kind = f"combined std over {len(seeds)} seeds"
-        else:
-            n = by_seed[base][seeds[0]]["test"]["n"]
-            noise = math.sqrt((a[0] * (1 - a[0]) + b[0] * (1 - b[0])) / n)
-            noise_kind = f"binomial standard error of the difference on {n} test examples, one seed"
-        if abs(gain) < noise or noise == 0 and gain == 0:
-            verdict = "within noise"
-        else:
-            verdict = f"{method} {'ahead of' if gain > 0 else 'behind'} {base} by more than the noise"
-        out["gains"][method] = {
-            "seeds": seeds, "per_seed": diffs, "mean": gain,
-            "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
-            "noise": noise, "noise_kind": noise_kind, "verdict": verdict,
-        }
+        comp = stats.paired_difference({s: by_seed[method][s]["test"][metric] for s in seeds},
+                                       {s: by_seed[base][s]["test"][metric] for s in seeds}, confidence, "t",
+                                       higher_better=stats.higher_is_better(metric))
+        out["gains"][method] = {"seeds": seeds, "per_seed": comp["differences"], **comp}
     return out
 
 
@@ -177,13 +169,15 @@ def comparison_lines(results: dict[str, Any]) -> list[str]:
     if not comparison:
         return []
     lines = []
-    base = comparison["baseline"]
+    base, metric = comparison["baseline"], comparison["metric"]
+    what = f"test {metric}" + (f", rule {comparison['rule']}" if metric == "accuracy" else ", lower is better")
     for method, g in comparison["gains"].items():
         per_seed = ", ".join(f"{d:+.3f}" for d in g["per_seed"])
-        spread = f" ± {g['std']:.3f} (std of the paired differences)" if g["std"] is not None else ""
-        lines.append(f"Gain of {method} over {base} (test accuracy, rule {comparison['rule']}): "
-                     f"{g['mean']:+.3f}{spread}; per seed {per_seed}; noise {g['noise']:.3f} "
-                     f"({g['noise_kind']}): **{g['verdict']}**.")
+        interval = (f" [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] ({int(round(100 * g['confidence']))}% t interval, "
+                    f"paired by seed)" if g["ci_low"] is not None else
+                    " (one seed: no interval; pass --seeds 0 1 2 for one)")
+        lines.append(f"Gain of {method} over {base} ({what}; {method} - {base}): {g['mean']:+.3f}{interval}; "
+                     f"per seed {per_seed}: **{g['verdict']}**.")
     lines.append("")
     return lines
 

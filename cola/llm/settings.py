@@ -57,7 +57,7 @@ CHAIN_DERIVED = ("total_steps", "seed")
 CHAIN_KEYS = tuple(f.name for f in fields(ChainConfig) if f.name not in CHAIN_DERIVED)
 
 #: ChainConfig defaults of this command that differ from ChainConfig's own
-CHAIN_DEFAULTS = {"lr_schedule": "linear"}
+CHAIN_DEFAULTS = {"lr_schedule": "linear", "diagnostics": True}
 #: quick CPU budget of the embedded default (``cola train`` with no arguments)
 EMBEDDED_PROFILE = {"n_train": 240, "n_val": 64, "n_test": 200, "steps": 60, "max_length": 96}
 #: the paper's protocol (MeZO splits, 5 epochs) for every other model

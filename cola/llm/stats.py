@@ -103,22 +103,33 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def verdict(low: float | None, high: float | None) -> str:
-    """``better`` / ``worse`` when the interval excludes 0, ``within noise`` when it covers it."""
+#: metrics where a lower value is better (the corpus task's); every other metric: higher is better
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "bits_per_byte", "forgetting", "reference_loss",
+                             "reference_perplexity", "reference_bits_per_byte"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def verdict(low: float | None, high: float | None, higher_better: bool = True) -> str:
+    """``better`` / ``worse`` when the interval of (method - baseline) excludes 0, ``within noise``
+    when it covers it; with ``higher_better=False`` (perplexity, forgetting) a negative difference
+    is the better one."""
     if low is None or high is None:
         return "no interval"
     if low > 0:
-        return "better"
+        return "better" if higher_better else "worse"
     if high < 0:
-        return "worse"
+        return "worse" if higher_better else "better"
     return "within noise"
 
 
 def paired_difference(method: Mapping[Any, float], baseline: Mapping[Any, float], confidence: float = 0.95,
-                      ci: str = "t", n_boot: int = 10000, seed: int = 0) -> dict[str, Any]:
+                      ci: str = "t", n_boot: int = 10000, seed: int = 0, higher_better: bool = True) -> dict[str, Any]:
     """Paired comparison of ``method`` with ``baseline``, both ``{seed: score}``.
 
-    Only seeds present in both count. Returns ``n``, ``seeds``, the per-seed ``differences``,
+    Only seeds present in both count; ``higher_better`` says which sign of the difference wins. Returns ``n``, ``seeds``, the per-seed ``differences``,
     their ``mean`` and ``std``, the interval ``ci_low``/``ci_high`` of the mean difference
     (``ci`` = ``"t"`` or ``"bootstrap"``), ``verdict`` and, for information, the other method's
     interval too (``t_interval``, ``bootstrap_interval``) and ``unpaired_seeds`` left out.
@@ -132,7 +143,7 @@ def paired_difference(method: Mapping[Any, float], baseline: Mapping[Any, float]
     d = describe(diffs)
     return {
         "n": len(seeds), "seeds": seeds, "differences": diffs, "mean": d["mean"], "std": d["std"],
-        "ci": ci, "confidence": confidence, "ci_low": low, "ci_high": high, "verdict": verdict(low, high),
+        "ci": ci, "confidence": confidence, "ci_low": low, "ci_high": high, "verdict": verdict(low, high, higher_better),
         "t_interval": [t_low, t_high], "bootstrap_interval": [b_low, b_high],
         "unpaired_seeds": sorted((set(method) | set(baseline)) - set(seeds), key=str),
     }

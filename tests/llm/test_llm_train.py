@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cola.errors import ConfigError
-from cola.llm import report
+from cola.llm import report, stats
 from cola.llm.objective import evaluate
 from cola.llm.experiment import run_experiment
 from cola.llm.settings import TrainSettings, read_config_file
@@ -128,21 +128,34 @@ def test_compare_uses_the_same_data_and_steps_and_reports_the_gain(tmp_path, tok
     assert "Gain of cola over lora" in text and "| full |" in text and "| zero-shot |" in text
 
 
-def test_gain_verdict_is_honest_about_noise():
+def test_compare_reports_the_paired_interval_and_verdict_of_cola_sweep():
+    """cola train --compare states the same paired t interval and verdict as cola sweep."""
     runs = [{"method": m, "seed": s, "status": "complete", "test": {"accuracy": a, "n": 200}}
-            for m, s, a in [("lora", 0, 0.80), ("lora", 1, 0.84), ("cola", 0, 0.82), ("cola", 1, 0.83)]]
-    results = {"runs": runs, "settings": {"eval_rule": "mean"}}
+            for m, s, a in [("lora", 0, 0.80), ("lora", 1, 0.84), ("lora", 2, 0.82),
+                            ("cola", 0, 0.82), ("cola", 1, 0.83), ("cola", 2, 0.82)]]
+    results = {"runs": runs, "settings": {"eval_rule": "mean", "task": "sst2"}}
     g = report.compare(results, ["lora", "cola"])["gains"]["cola"]
-    assert g["mean"] == pytest.approx(0.005) and g["verdict"] == "within noise"
-    runs[2]["test"]["accuracy"], runs[3]["test"]["accuracy"] = 0.95, 0.96
-    g = report.compare(results, ["lora", "cola"])["gains"]["cola"]
-    assert g["verdict"] == "cola ahead of lora by more than the noise"
-    runs[2]["test"]["accuracy"], runs[3]["test"]["accuracy"] = 0.60, 0.61
-    g = report.compare(results, ["lora", "cola"])["gains"]["cola"]
-    assert g["mean"] == pytest.approx(-0.215) and g["verdict"] == "cola behind lora by more than the noise"
-    one_seed = {"runs": [r for r in runs if r["seed"] == 0], "settings": {"eval_rule": "mean"}}
+    expected = stats.paired_difference({0: 0.82, 1: 0.83, 2: 0.82}, {0: 0.80, 1: 0.84, 2: 0.82})
+    assert g["ci_low"] == pytest.approx(expected["ci_low"]) and g["ci_high"] == pytest.approx(expected["ci_high"])
+    assert g["mean"] == pytest.approx(0.01 / 3) and g["verdict"] == "within noise"
+    for r, a in zip(runs[3:], (0.95, 0.96, 0.955)):
+        r["test"]["accuracy"] = a
+    assert report.compare(results, ["lora", "cola"])["gains"]["cola"]["verdict"] == "better"
+    for r, a in zip(runs[3:], (0.60, 0.61, 0.62)):
+        r["test"]["accuracy"] = a
+    assert report.compare(results, ["lora", "cola"])["gains"]["cola"]["verdict"] == "worse"
+    one_seed = {"runs": [r for r in runs if r["seed"] == 0], "settings": {"eval_rule": "mean", "task": "sst2"}}
     g = report.compare(one_seed, ["lora", "cola"])["gains"]["cola"]
-    assert "binomial" in g["noise_kind"] and g["std"] is None
+    assert g["verdict"] == "no interval" and g["ci_low"] is None
+    text = "\n".join(report.comparison_lines({"comparison": report.compare(results, ["lora", "cola"])}))
+    assert "95% t interval, paired by seed" in text and "**worse**" in text
+
+
+def test_a_lower_perplexity_is_the_better_verdict():
+    runs = [{"method": m, "seed": s, "status": "complete", "test": {"perplexity": p}}
+            for m, s, p in [("lora", 0, 40.0), ("lora", 1, 41.0), ("cola", 0, 35.0), ("cola", 1, 35.5)]]
+    comparison = report.compare({"runs": runs, "settings": {"task": "corpus"}}, ["lora", "cola"])
+    assert comparison["metric"] == "perplexity" and comparison["gains"]["cola"]["verdict"] == "better"
 
 
 # ------------------------------------------------------------------------------ resume
