@@ -74,6 +74,9 @@ class Chain:
         self.base_ranks = {name: layer.rank for name, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.record_links = config.record_links
+            device = dt.local(layer.base.weight).device
+            layer.compensation = ("host" if device.type != "cpu" else "device") if config.compensation == "auto" \
+                else config.compensation
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0               # optimizer steps of the schedule (a skipped one counts)
         self.link = 0

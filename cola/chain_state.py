@@ -55,7 +55,8 @@ def state_dict(chain) -> dict[str, Any]:
             "A": dt.full_copy(layer.lora_A), "B": dt.full_copy(layer.lora_B),
             "train_A": layer.lora_A.requires_grad, "train_B": layer.lora_B.requires_grad,
             "weight": dt.full_copy(weight),
-            "residual": dt.full_copy(layer.residual, like=weight),
+            "residual": dt.full_copy(None if layer.residual is None else layer.residual.to(dt.local(weight).device),
+                                     like=weight),
             "links": [(b.clone(), a.clone(), s) for b, a, s in layer.links],
         }
     strategies = {kind: s.state_dict() for kind, s in chain.strategies.items() if hasattr(s, "state_dict")}
@@ -110,8 +111,7 @@ def load_state_dict(chain, state: dict[str, Any]) -> None:
         layer.set_factors_(saved["A"], saved["B"], saved["train_A"], saved["train_B"])
         dt.copy_full_(layer.base.weight, saved["weight"])
         res = saved["residual"]
-        layer.residual = None if res is None else dt.local_chunk(res, layer.base.weight).to(
-            dt.local(layer.base.weight).device).clone()
+        layer.set_residual_(None if res is None else dt.local_chunk(res, layer.base.weight).clone())
         layer.links = [(b.clone(), a.clone(), s) for b, a, s in saved["links"]]
     chain._repoint_optimizer()
     chain.step_count, chain.link, chain.last_knot = state["step"], state["link"], state["last_knot"]

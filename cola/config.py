@@ -10,6 +10,7 @@ from .errors import ConfigError, closest
 
 STRATEGY_KINDS = ("merge_policy", "rank_schedule", "reinit", "merge_rule", "optimizer_policy", "lr_policy")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+COMPENSATIONS = ("auto", "device", "host")
 DEFAULT_LINKS = 3
 """The chain's length when none is given: the paper's longest chain (``cola train`` uses it too)."""
 
@@ -44,8 +45,12 @@ class ChainConfig:
     record_links: bool = field(default=True, metadata={
         "help": "keep each folded link's factors (small) so the chain can be exported as one adapter"})
     skip_nonfinite: bool = field(default=True, metadata={
-        "help": "skip (and count) a step whose loss or LoRA gradients are not finite; costs one host "
-                "sync before each optimizer step, so turn it off for the last few percent on a GPU"})
+        "help": "skip (and count) a step whose loss or LoRA gradients are not finite; decided on the device, "
+                "with no host read (the skipped step still counts toward the schedule, as with GradScaler)"})
+    compensation: str = field(default="auto", metadata={
+        "help": "where a bf16/fp16 base's compensation buffer lives: host (host memory, touched only at knots, "
+                "layer by layer: accelerator memory equal to LoRA's), device (beside the weight), or auto (host when "
+                "the weights are on an accelerator, device on CPU)"})
     diagnostics: bool = field(default=False, metadata={
         "help": "record gradient norm and effective rank of the accumulated update at each knot"})
 
@@ -86,6 +91,8 @@ class ChainConfig:
             opts = getattr(self, kind + "_options")
             if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
                 p.append(f"{kind}_options={opts!r}: must be a dict with string keys")
+        if self.compensation not in COMPENSATIONS:
+            p.append(f"compensation={self.compensation!r}: allowed {', '.join(COMPENSATIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             p.append(f"lr_schedule={self.lr_schedule!r}: allowed {', '.join(LR_SCHEDULES)}"
                      f" (closest: {closest(str(self.lr_schedule), LR_SCHEDULES)[0]})")

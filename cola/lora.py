@@ -65,8 +65,11 @@ class LoRALinear(nn.Module):
         # Folded links as (B, A, scale), float32 on the weight's device, for export as one adapter.
         self.links: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         self.record_links = True
-        # compensation for low-precision bases (accumulated weight = base.weight + residual).
-        self.register_buffer("residual", None, persistent=False)
+        # compensation for low-precision bases (accumulated weight = base.weight + residual): a plain
+        # attribute, not a buffer, so that it can live in host memory ("host") while the weight is on
+        # an accelerator; "device" keeps it beside the weight.
+        self.residual: torch.Tensor | None = None
+        self.compensation = "device"
 
     # ------------------------------------------------------------------ properties
     @property
@@ -104,7 +107,7 @@ class LoRALinear(nn.Module):
         weight = self.base.weight.detach()
         w = local(weight).float()
         if self.residual is not None:
-            w = w + self.residual.float()
+            w = w + self.residual.to(w.device).float()
         return from_local_like(w, weight).full_tensor() if is_dtensor(weight) else w
 
     @torch.no_grad()
@@ -122,14 +125,34 @@ class LoRALinear(nn.Module):
         if weight.dtype in _LOW_PRECISION:
             exact = weight.float()
             if self.residual is not None:
-                exact += self.residual
+                exact += self.residual.to(exact.device, non_blocking=True)
             exact += update
             weight.copy_(exact)
-            self.residual = exact.sub_(weight.float()).to(torch.bfloat16)
+            self.set_residual_(exact.sub_(weight.float()).to(torch.bfloat16))
         else:
             weight.add_(update)
         if self.record_links:
             self.links.append((B.detach().float().clone(), A.detach().float().clone(), float(scale)))
+
+    @torch.no_grad()
+    def set_residual_(self, residual: torch.Tensor | None) -> None:
+        """Keep ``residual`` (this rank's part, as the weight is laid out) where ``compensation`` says:
+        beside the weight, or in host memory (pinned when CUDA is there, reused from knot to knot) so
+        that an accelerator holds nothing more than plain LoRA does."""
+        if residual is None:
+            self.residual = None
+            return
+        if self.compensation != "host":
+            self.residual = residual.to(local(self.base.weight).device)
+            return
+        if residual.device.type == "cpu":
+            self.residual = residual
+            return
+        held = self.residual
+        if held is None or held.device.type != "cpu" or held.shape != residual.shape or held.dtype != residual.dtype:
+            held = torch.empty(residual.shape, dtype=residual.dtype, pin_memory=torch.cuda.is_available())
+        held.copy_(residual)
+        self.residual = held
 
     @torch.no_grad()
     def set_factors_(self, A: torch.Tensor, B: torch.Tensor, train_A: bool = True,
