@@ -2,6 +2,7 @@
 
     python -m benchmarks.speed                      # OPT-125m- and SmolLM2-135M-shaped, 8 x 128
     python -m benchmarks.speed --model /path/to/local/model --rounds 7
+    python -m benchmarks.speed --shapes smollm2-135m --configs cola-qv chain-qv --compile   # + compiled twins
 
 For each model, every configuration is built on its own copy of the same random init and all
 are timed in one process, one step at a time, alternating (see :mod:`benchmarks.common`):
@@ -17,6 +18,12 @@ are timed in one process, one step at a time, alternating (see :mod:`benchmarks.
 Reported: step time (median, min-max), tokens/s, counted FLOPs per step and achieved FLOP/s as
 a fraction of the GEMM rate, and the ratios cola/PEFT, chain/cola (with the knots amortised:
 median knot-free chain step + total knot time / steps) and LoRA/full.
+
+``--compile`` adds a twin ``<config>+compile`` of each config whose decoder is compiled
+(``torch.compile``, inductor, as ``cola train --compile``), timed in the same rounds: the ratio
+``<config>+compile/<config>`` says whether compiling pays, and ``compiles`` counts the twin's
+compilations (the chain's knots, at one rank, should add none). The compile itself happens in
+the warm-up round; FLOPs are the eager twin's.
 """
 
 from __future__ import annotations
@@ -54,16 +61,27 @@ def _counted(model, step, store: dict[str, float], key: str):
 DEFAULT_SEQ = {"smollm2-135m": 64}
 
 
+def _compiled(model, counters: dict[str, Any], name: str, backend: str) -> None:
+    """Compile ``model``'s decoder in place (as ``cola train --compile``), counting its compilations."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one entry per twin
+    counters[name] = CompileCounterWithBackend(backend)
+    C.decoder_of(model).compile(backend=counters[name])
+
+
 def bench_model(shape: str, args, log) -> dict[str, Any]:
     seq = args.seq or DEFAULT_SEQ.get(shape, 128)
     base = C.build_model(shape, seed=args.seed)
     vocab = base.config.vocab_size
     batch = C.make_batch(vocab, args.batch, seq, seed=args.seed)
     n_calls = args.warmup + args.rounds
-    tasks, flops, chains, trainables = {}, {}, {}, {}
-    for name in args.configs:
+    tasks, flops, chains, trainables, counters = {}, {}, {}, {}, {}
+    names = [n for c in args.configs for n in ([c, f"{c}+compile"] if args.compile else [c])]
+    for name in names:
         model = C.fresh_copy(base)
-        which = name.rsplit("-", 1)[-1]
+        which = name.removesuffix("+compile").rsplit("-", 1)[-1]
         if name.startswith("peft"):
             model, opt = C.setup_peft_lora(model, C.targets(model, which), rank=args.rank)
         elif name.startswith("cola_addmm"):
@@ -78,12 +96,16 @@ def bench_model(shape: str, args, log) -> dict[str, Any]:
             model, opt = C.setup_cola_chain(model, C.targets(model, which), total_steps=n_calls,
                                             links=min(args.links, n_calls), rank=args.rank)
             chains[name] = opt
-        elif name == "full":
+        elif name.removesuffix("+compile") == "full":
             model, opt = C.setup_full(model)
         else:
             raise ValueError(f"unknown config {name!r}; allowed: {', '.join(CONFIGS + EXTRA_CONFIGS)}")
         trainables[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        tasks[name] = _counted(model, C.train_step_fn(model, opt, batch), flops, name)
+        if name.endswith("+compile"):
+            _compiled(model, counters, name, args.compile_backend)
+            tasks[name] = C.train_step_fn(model, opt, batch)
+        else:
+            tasks[name] = _counted(model, C.train_step_fn(model, opt, batch), flops, name)
     gemm = C.Gemm(reps=args.gemm_reps)
     tasks["gemm"] = gemm
     del base
@@ -94,6 +116,8 @@ def bench_model(shape: str, args, log) -> dict[str, Any]:
     samples = C.alternate(tasks, rounds=args.rounds, warmup=args.warmup, log=log,
                           max_contention=args.max_contention, info=timing)
     kept = timing["kept"]
+    for name in counters:
+        flops[name] = flops[name.removesuffix("+compile")]
     gemm_rate = statistics.median(gemm.flops / t for t in samples["gemm"])
     tokens = args.batch * seq
     out: dict[str, Any] = {
@@ -102,13 +126,15 @@ def bench_model(shape: str, args, log) -> dict[str, Any]:
                  **C.summary(samples["gemm"])},
         "configs": {}, "ratios": {}, "timing": timing,
     }
-    for name in args.configs:
+    for name in names:
         s = C.summary(samples[name])
         out["configs"][name] = {
             **s, "trainable_params": trainables[name], "tokens_per_s": tokens / s["median"],
             "flops_per_step": flops[name], "flops_per_s": flops[name] / s["median"],
             "gemm_fraction": flops[name] / s["median"] / gemm_rate,
         }
+        if name in counters:
+            out["configs"][name]["compiles"] = counters[name].frame_count
     cfg = out["configs"]
 
     def add_ratio(label: str, a: str, b: str) -> None:
@@ -121,8 +147,10 @@ def bench_model(shape: str, args, log) -> dict[str, Any]:
         add_ratio(f"cola_addmm/cola {which}", f"cola_addmm-{which}", f"cola-{which}")
         add_ratio(f"cola-{which}/full", f"cola-{which}", "full")
         add_ratio(f"peft-{which}/full", f"peft-{which}", "full")
+    for name in counters:
+        add_ratio(f"{name}/{name.removesuffix('+compile')}", name, name.removesuffix("+compile"))
     for name, chain in chains.items():
-        which = name.rsplit("-", 1)[-1]
+        which = name.removesuffix("+compile").rsplit("-", 1)[-1]
         # Round r is call warmup + r (0-based) of every task; a knot at optimizer step k
         # happened inside call k - 1.
         knot_calls = {r.step - 1 for r in chain.history}
@@ -136,7 +164,7 @@ def bench_model(shape: str, args, log) -> dict[str, Any]:
                 "knot_free_median": statistics.median(knot_free) if knot_free else None,
                 "amortised_step": amortised, "chain_steps": n_calls, "links": min(args.links, n_calls)}
         cfg[name].update(info)
-        ref = f"cola-{which}"
+        ref = f"cola-{which}" + ("+compile" if name.endswith("+compile") else "")
         if ref in cfg:
             add_ratio(f"{name}/{ref}", name, ref)
             out["ratios"][f"{name}/{ref}"]["amortised_ratio"] = amortised / cfg[ref]["median"]
@@ -214,6 +242,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gemm-reps", type=int, default=20)
+    p.add_argument("--compile", action="store_true",
+                   help="also time each config with its decoder compiled (torch.compile): <config>+compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first call counts FLOPs)")

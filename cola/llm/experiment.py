@@ -32,15 +32,16 @@ from cola.errors import ConfigError
 from cola.io import write_json
 from cola.llm import report
 from cola.llm.artifacts import save_outputs
-from cola.llm.evaluation import Evaluator, zero_shot
+from cola.llm.corpus import special_ids
+from cola.llm.evaluation import CorpusEvaluator, Evaluator, zero_shot
 from cola.llm.host import Loader, ModelHost, default_loader, meta_model
-from cola.llm.inputs import build_task, load_data
+from cola.llm.inputs import build_task, load_corpus_data, load_data
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
 from cola.llm.objective import default_max_length, encode_examples
 from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
-from cola.llm.plan import FLOPS_FORMULA, build_plan, example_sizes
-from cola.llm.records import RunRecord
-from cola.llm.settings import RUNTIME_FIELDS, TrainSettings
+from cola.llm.plan import FLOPS_FORMULA, build_plan, corpus_sizes, example_sizes
+from cola.llm.records import RunRecord, primary_metric
+from cola.llm.settings import CORPUS, RUNTIME_FIELDS, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,11 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         if settings.fsdp and not fsdp and not settings.dry_run:
             log.warning("fsdp: this is a single process (not started by torchrun or accelerate launch): "
                         "the model is not sharded")
-        host = ModelHost(loader or default_loader(settings, device, fsdp), device, fsdp)
+        host = ModelHost(loader or default_loader(settings, device, fsdp), device, fsdp, settings)
         model, tokenizer = host.get()
     inputs = prepare_inputs(settings, model, tokenizer)
-    sizes = example_sizes(inputs.encoded[settings.seeds[0]], settings.loss)
+    sizes = (corpus_sizes(inputs.max_length) if settings.task == CORPUS
+             else example_sizes(inputs.encoded[settings.seeds[0]], settings.loss))
     plan = build_plan(settings, model, inputs.task, inputs.splits, sizes, inputs.max_length, inputs.total_steps)
     if settings.dry_run:
         return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
@@ -113,7 +115,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     on_main(lambda: prepare_output(settings, out))
     log.info("output folder: %s", out)
     main = cd.is_main_process()
-    evaluate = Evaluator(settings, inputs.task, inputs.max_length, progress and main)
+    evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main) if settings.task == CORPUS
+                else Evaluator(settings, inputs.task, inputs.max_length, progress and main))
     exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan)
     results = _results_header(settings, out, plan, started)
     if device is not None:
@@ -143,6 +146,10 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
 
 def prepare_inputs(settings: TrainSettings, model, tokenizer) -> Inputs:
     """The task, every seed's splits and encoded training examples, the max length and T."""
+    if settings.task == CORPUS:
+        task, splits = load_corpus_data(settings, tokenizer, settings.seeds)
+        total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
+        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, settings.max_length, total_steps)
     task = build_task(settings)
     max_length = settings.max_length if settings.max_length is not None else default_max_length(model, tokenizer)
     splits = {seed: load_data(settings, task, seed) for seed in settings.seeds}
@@ -209,8 +216,9 @@ def run_one(exp: Experiment, method: str, seed: int, scores: dict[str, Any]) -> 
         raise
     finish_run(exp, run, run_dir, scores)
     exp.host.restore()
-    log.info("%s: test accuracy %.4f (zero-shot %.4f) in %.0f s", key, run.record.test["accuracy"],
-             scores["test"]["accuracy"], time.perf_counter() - start)
+    metric = primary_metric(exp.settings.to_dict())
+    log.info("%s: test %s %.4f (zero-shot %.4f) in %.0f s", key, metric, run.record.test[metric],
+             scores["test"][metric], time.perf_counter() - start)
     return run.record
 
 
@@ -254,7 +262,7 @@ def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: di
     if settings.eval_links:
         record.add_curve_point(0, 0, scores["validation"][seed])
     return Run(key, model, tokenizer, trainer, exp.inputs.encoded[seed], exp.inputs.splits[seed], record,
-               run_dir / "checkpoint.pt", seed, hint)
+               run_dir / "checkpoint.pt", seed, hint, blocks=settings.task == CORPUS)
 
 
 def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any]) -> None:
@@ -267,6 +275,8 @@ def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any])
                            f"{run.key} validation after link {links_done}")
         record.add_curve_point(links_done, record.total_steps, val)
     record.test = exp.evaluate(run.model, run.tokenizer, run.splits.test, f"{run.key} test")
+    if "reference_loss" in record.test:  # the corpus task: forgetting, the reference loss's rise over zero-shot
+        record.test["forgetting"] = record.test["reference_loss"] - scores["test"]["reference_loss"]
     record.zero_shot = {"test": scores["test"], "validation": scores["validation"].get(run.seed)}
     record.seconds["eval"] += time.perf_counter() - t0
     t0 = time.perf_counter()

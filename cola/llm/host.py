@@ -17,6 +17,7 @@ import cola
 from cola.errors import ColaError
 from cola.llm.models import EMBEDDED_MODEL, embedded_model_dir, load_model, prepare_tokenizer, resolve_dtype
 from cola.llm.parallel import shard_model
+from cola.llm.performance import prepare_base, prepare_training
 from cola.llm.settings import TrainSettings
 
 Loader = Callable[[], tuple[Any, Any]]
@@ -30,10 +31,11 @@ def default_loader(settings: TrainSettings, device: torch.device | None = None, 
     the model is loaded on the CPU, in the dtype ``device`` calls for, and FSDP moves each rank's
     shard to ``device``.
     """
+    attn = settings.attn_implementation
     if fsdp and device is not None:
         dtype = resolve_dtype(settings.dtype, device)
-        return lambda: load_model(settings.model, dtype, "cpu")
-    return lambda: load_model(settings.model, settings.dtype, device if device is not None else settings.device)
+        return lambda: load_model(settings.model, dtype, "cpu", attn)
+    return lambda: load_model(settings.model, settings.dtype, device if device is not None else settings.device, attn)
 
 
 def model_source(settings: TrainSettings) -> str:
@@ -62,12 +64,18 @@ class ModelHost:
     In a distributed run ``device`` is this rank's device: each model the loader returns is moved
     there. With ``fsdp`` :meth:`inject` also shards the model (FSDP2, LoRA factors replicated) and
     every run gets a freshly loaded model: a sharded model cannot be put back.
+
+    With ``settings``, the performance settings apply (:mod:`cola.llm.performance`): each loaded model
+    gets the attention kernel and gradient checkpointing (before LoRA and sharding), and each run's
+    model is compiled once it is set up (:meth:`inject`, :meth:`for_full`).
     """
 
-    def __init__(self, loader: Loader, device: torch.device | None = None, fsdp: bool = False):
+    def __init__(self, loader: Loader, device: torch.device | None = None, fsdp: bool = False,
+                 settings: TrainSettings | None = None):
         self.loader = loader
         self.device = device
         self.fsdp = fsdp
+        self.settings = settings
         self.model = None
         self.tokenizer = None
         self._originals: dict[str, torch.Tensor] = {}
@@ -80,12 +88,15 @@ class ModelHost:
             self.model, tokenizer = self.loader()
             self.tokenizer = prepare_tokenizer(tokenizer)
             self._stale = False
+            if self.settings is not None:
+                prepare_base(self.model, self.settings)
             if self.device is not None and not self.fsdp:   # under FSDP the shards go to the device
                 self.model.to(self.device)
         return self.model, self.tokenizer
 
-    def inject(self, settings: TrainSettings) -> list[str]:
-        """LoRA on ``settings.targets`` (factors in float32 over a bf16/fp16 base, as PEFT does)."""
+    def inject(self, settings: TrainSettings, train: bool = True) -> list[str]:
+        """LoRA on ``settings.targets`` (factors in float32 over a bf16/fp16 base, as PEFT does); for
+        training (``train``) the model is then compiled when ``settings.compile`` asks for it."""
         model, _ = self.get()
         candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
@@ -95,12 +106,14 @@ class ModelHost:
             shard_model(model)
         else:
             self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
+        if train:
+            prepare_training(model, settings)
         return names
 
     def sharded_base(self, settings: TrainSettings):
         """Under FSDP: the base model sharded, for zero-shot scoring. It gets zero LoRA factors
         (``B = 0``: the outputs are the base model's, bit for bit); call :meth:`restore` after."""
-        self.inject(settings)
+        self.inject(settings, train=False)
         return self.model, self.tokenizer
 
     def for_full(self):
@@ -109,6 +122,8 @@ class ModelHost:
         self._stale = True  # every weight will change
         for p in model.parameters():
             p.requires_grad_(True)
+        if self.settings is not None:
+            prepare_training(model, self.settings)
         return model, tokenizer
 
     @torch.no_grad()

@@ -1,20 +1,23 @@
 """The task and the data of a run's settings: which task, which examples, in which order.
 
+A classification task's examples come from :mod:`cola.llm.data`; the corpus task's blocks from
+:mod:`cola.llm.corpus` (documents split by document, packed into blocks of ``max_length``).
+
 The data order of a run depends only on its seed and the epoch (:func:`epoch_batches`), so the
 data position of a resumed run is the number of micro-batches it consumed.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cola.llm import data
+from cola.llm import corpus, data
 from cola.llm.objective import iterate_batches
-from cola.llm.settings import TrainSettings
+from cola.llm.settings import CORPUS, TrainSettings
 from cola.llm.tasks import Task, get_task, make_task
 
 
@@ -49,3 +52,63 @@ def epoch_batches(encoded: list, batch_size: int, seed: int, epoch: int) -> list
     """The micro-batches of ``epoch``: a permutation drawn from ``(seed, epoch)`` alone."""
     state = int(np.random.SeedSequence([seed, 0x5EED, epoch]).generate_state(1)[0])
     return iterate_batches(encoded, batch_size, torch.Generator().manual_seed(state))
+
+
+# ============================================================================ the corpus task
+
+@dataclass(frozen=True)
+class CorpusTask:
+    """The corpus task as the plan and the report see it: a name, no answers, where the text came from."""
+
+    info: dict
+    name: str = CORPUS
+    answers: tuple = ()
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSet:
+    """What one evaluation of a corpus run scores: held-out domain blocks and reference blocks."""
+
+    domain: corpus.Blocks
+    reference: corpus.Blocks
+
+    def __len__(self) -> int:
+        return self.domain.n_blocks
+
+
+@dataclass(frozen=True, eq=False)
+class CorpusData:
+    """A seed's corpus splits, shaped like a classification task's ``Splits``: ``train`` is the list
+    of training blocks (the loop's examples), ``validation`` and ``test`` are :class:`EvalSet`."""
+
+    train: list[torch.Tensor]
+    validation: EvalSet
+    test: EvalSet
+    summary: dict
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": self.validation.domain.n_blocks,
+                "test": self.test.domain.n_blocks, "reference": self.test.reference.n_blocks}
+
+
+def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tuple[CorpusTask, dict[int, CorpusData]]:
+    """The documents of ``settings.train_file`` (default: the Python standard library) and the reference
+    text (default: the embedded tweets), tokenised once, split by document and packed for each seed."""
+    block = settings.max_length
+    text = corpus.load_corpus(settings.train_file, settings.files, settings.text_field)
+    reference_text = (corpus.load_corpus(settings.reference_file, settings.files, settings.text_field)
+                      if settings.reference_file else corpus.embedded_reference())
+    encoded = corpus.encode_documents(text.documents, tokenizer)
+    reference = corpus.prepare_reference(reference_text.documents, tokenizer, block, settings.n_test)
+    reference_val = reference.evenly(settings.n_val)
+    data = {}
+    for seed in seeds:
+        split = corpus.prepare_corpus(text.documents, tokenizer, block, settings.n_val, settings.n_test, seed=seed,
+                                      test_seed=settings.test_seed, encoded=encoded)
+        summary = split.summary()
+        summary["train"]["documents"] = None  # the held-out documents are named; the rest are training
+        data[seed] = CorpusData(list(split.train.input_ids), EvalSet(split.validation, reference_val),
+                                EvalSet(split.test, reference), summary)
+    info = {"corpus": text.info.to_dict(), "reference": reference_text.info.to_dict(),
+            "reference_blocks": {**reference.summary(), "documents": None}}
+    return CorpusTask(info), data

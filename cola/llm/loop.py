@@ -28,7 +28,7 @@ import cola
 import cola.distributed as cd
 from cola.config import schedule_multiplier
 from cola.errors import ColaError
-from cola.llm import objective
+from cola.llm import corpus, objective
 from cola.llm.evaluation import Evaluator
 from cola.llm.inputs import epoch_batches
 from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
@@ -130,6 +130,7 @@ class Run:
     checkpoint: Path
     seed: int
     lr_hint: str = ""               #: the flag to lower when steps keep failing
+    blocks: bool = False            #: the corpus task: examples are token blocks, the loss is the LM loss
     _batches: tuple[int, list] = field(default=(-1, []), repr=False)
 
     @property
@@ -257,7 +258,8 @@ class Training:
             batch = run.micro_batch(s.batch_size)
             if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
                 mine = cd.shard(batch)
-                self.step_batches.append((mine, cd.loss_scale(shares(mine, s.loss), shares(batch, s.loss))))
+                kind = "blocks" if run.blocks else s.loss
+                self.step_batches.append((mine, cd.loss_scale(shares(mine, kind), shares(batch, kind))))
             else:
                 self.step_batches.append((batch, 1.0))
             run.record.position += 1
@@ -269,7 +271,10 @@ class Training:
         pad = run.tokenizer.pad_token_id or 0
         total = 0.0
         for mine, scale in self.step_batches:
-            loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
+            if run.blocks:
+                loss = as_forward(run.model, lambda: corpus.lm_loss(run.model, torch.stack(mine)))
+            else:
+                loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
             loss = loss * (scale / s.grad_accum)
             loss.backward()
             total += float(loss.detach())

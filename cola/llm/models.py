@@ -114,7 +114,8 @@ def family_default_targets(model: PreTrainedModel) -> list[str]:
 
 
 def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               device: str | torch.device | None = None,
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer (hub id, local folder or ``"embedded"``).
 
     Args:
@@ -123,6 +124,8 @@ def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: str | torch.dtype | No
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or a torch dtype;
             ``None`` means float32 on CPU and bfloat16 on CUDA.
         device: where to put the model; ``None`` means CUDA when available, else CPU.
+        attn_implementation: the attention kernel (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``,
+            ...), passed to ``from_pretrained``; ``None`` means transformers' default for the model.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, the tokenizer with a pad
@@ -134,12 +137,17 @@ def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: str | torch.dtype | No
     torch_dtype = resolve_dtype(dtype, target)
     source: str | Path = embedded_model_dir() if name_or_path == EMBEDDED_MODEL else name_or_path
     start = time.perf_counter()
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise ColaError(f"could not load model {name_or_path!r}: {exc}. Pass a hub id (needs network), a "
                         f"local folder saved with save_pretrained, or {EMBEDDED_MODEL!r}") from exc
+    except (ValueError, ImportError) as exc:
+        if attn_implementation is None:
+            raise
+        raise ConfigError(f"attn_implementation={attn_implementation!r}: {exc}") from None
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
         logger.warning("model type %r is outside the tested families %s", model_type, SUPPORTED_FAMILIES)

@@ -135,7 +135,8 @@ def check_global_batches(settings: TrainSettings, n_train: dict[int, int], world
 
 
 def shares(batch, loss: str) -> float:
-    """What a slice of a micro-batch weighs in its mean loss: examples, or gold-answer tokens (``lm``)."""
+    """What a slice of a micro-batch weighs in its mean loss: examples (token blocks of one length), or
+    gold-answer tokens (``lm``)."""
     if loss == "lm":
         return float(sum(len(ex.candidates[ex.label]) for ex in batch))
     return float(len(batch))

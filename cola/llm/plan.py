@@ -31,7 +31,8 @@ from cola.llm.settings import TrainSettings
 
 FLOPS_FORMULA = ("per training token: forward 2*(N+N_lora) + backward 2*(N+N_lora) (activation gradients) "
                  "+ 2*N_trainable (weight gradients of trained parameters only), N = parameters outside the "
-                 "embeddings; LM head 2*V*d forward and backward only at answer positions; attention's "
+                 "embeddings; LM head 2*V*d forward and backward only at answer positions (every position for the "
+                 "corpus task); a re-init that probes the gradient at a knot adds its passes as steps; attention's "
                  "sequence-squared terms left out; evaluation = forward only")
 
 
@@ -126,18 +127,27 @@ def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: in
     config = settings.chain_config(method, total_steps, seed)
     max_rank = min(min(s) for s in shapes.values()) if shapes else None
     try:  # every strategy is built (so bad options are found before anything trains), then the plan
-        chain_plan = cola.plan(config, settings.rank, max_rank, strategies=build_strategies(config))
+        strategies = build_strategies(config)
+        chain_plan = cola.plan(config, settings.rank, max_rank, strategies=strategies)
     except ConfigError as err:
         raise ConfigError([f"{method}: {p}" for p in err.problems]) from None
     trainable = [sum(r * (i + o) for i, o in shapes.values()) for r in chain_plan.ranks]
     steps = chain_plan.steps_per_link
+    # a re-init that probes the gradient at a knot (fw) costs forward-backward passes of one step's batch:
+    # charged to the link the knot starts
+    probes = [0] + [getattr(strategies["reinit"], "probe_passes", 0)] * (len(steps or [1]) - 1)
     flops = None if steps is None else [
-        flops_per_example(tokens, positions, size.body, t, t, size.vocab, size.width) * examples_per_step * s
-        for t, s in zip(trainable, steps)]
+        flops_per_example(tokens, positions, size.body, t, t, size.vocab, size.width) * examples_per_step * (s + k)
+        for t, s, k in zip(trainable, steps, probes)]
     knots = list(chain_plan.knots) if chain_plan.knots is not None else None
     return {"method": method, "links": chain_plan.links, "knots": knots, "ranks": list(chain_plan.ranks),
             "lr": settings.lr, "steps_per_link": steps, "trainable_params": trainable, "train_flops": flops,
-            "chain": config.to_dict()}
+            "probe_passes_per_knot": probes[-1] if len(probes) > 1 else 0, "chain": config.to_dict()}
+
+
+def corpus_sizes(block_length: int) -> ExampleSize:
+    """A corpus block: every one of its tokens goes through the body and the LM head."""
+    return ExampleSize(float(block_length), float(block_length), float(block_length), float(block_length))
 
 
 def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: ExampleSize, max_length: int | None,
@@ -160,7 +170,12 @@ def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: Exampl
         "methods": {m: method_plan(settings, m, total_steps, seeds[0], shapes, size, sizes, per_step)
                     for m in methods},
     }
-    n_val, n_test = len(splits[seeds[0]].validation), len(splits[seeds[0]].test)
+    first = splits[seeds[0]]
+    n_val, n_test = len(first.validation), len(first.test)
+    if hasattr(first.test, "reference"):  # the corpus task scores the reference text beside each split
+        n_val += first.validation.reference.n_blocks
+        n_test += first.test.reference.n_blocks
+        plan["corpus"] = {**task.info, "splits": {str(s): splits[s].summary for s in seeds}}
     eval_fwd = flops_per_example(sizes.eval_tokens, sizes.eval_positions, size.body, 0, 0, size.vocab, size.width,
                                  backward=False)
     for p in plan["methods"].values():

@@ -15,6 +15,17 @@ from typing import Any
 import numpy as np
 
 
+def primary_metric(settings: dict[str, Any]) -> str:
+    """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task,
+    test accuracy (under the run's rule) for the classification tasks."""
+    return "perplexity" if settings.get("task") == "corpus" else "accuracy"
+
+
+def complete_runs(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The completed run records of ``method`` in a ``results`` dict."""
+    return [r for r in results.get("runs", []) if r.get("method") == method and r.get("status") == "complete"]
+
+
 def losses(values: Sequence[float | None]) -> np.ndarray:
     """A loss curve as floats: a skipped (non-finite) step, recorded as None, becomes NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=float)
@@ -68,6 +79,11 @@ class RunRecord:
         return f"{self.method}-seed{self.seed}"
 
     def add_curve_point(self, after_link: int, step: int, validation: dict[str, Any]) -> None:
+        """A point of the COLA curve; for the corpus task with its forgetting so far (the rise of the
+        reference loss over the zero-shot point, the curve's first)."""
+        if self.curve and "reference_loss" in validation:
+            validation = {**validation,
+                          "forgetting": validation["reference_loss"] - self.curve[0]["validation"]["reference_loss"]}
         self.curve.append({"after_link": after_link, "step": step, "validation": validation})
 
     def to_dict(self) -> dict[str, Any]:

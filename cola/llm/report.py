@@ -18,7 +18,6 @@ import csv
 import importlib.metadata as md
 import io
 import logging
-import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,13 @@ import torch
 
 from cola.io import atomic_write, markdown_table, write_json
 from cola.llm import stats
-from cola.llm.records import losses, mean_loss
+from cola.llm.records import complete_runs, mean_loss, primary_metric
+from cola.llm.report_plots import write_plots
 
 log = logging.getLogger(__name__)
 
-TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss")
+TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss", "perplexity", "bits_per_byte",
+                "reference_loss", "reference_perplexity", "forgetting")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -40,10 +41,6 @@ def _stats(values: list[float]) -> dict[str, Any]:
     n = len(values)
     return {"mean": float(np.mean(values)) if n else None,
             "std": float(np.std(values, ddof=1)) if n > 1 else None, "n": n, "values": values}
-
-
-def complete_runs(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    return [r for r in results.get("runs", []) if r.get("method") == method and r.get("status") == "complete"]
 
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +58,11 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
                 entry[f"test_{metric}"] = _stats(values)
         curves = [r.get("curve", []) for r in runs]
         n_points = min((len(c) for c in curves), default=0)
-        entry["validation_curve"] = [
-            {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
-             **_stats([c[i]["validation"]["accuracy"] for c in curves])} for i in range(n_points)]
+        for name, metric in (("validation_curve", primary_metric(results["settings"])),
+                             ("forgetting_curve", "forgetting")):
+            points = [i for i in range(n_points) if all(metric in c[i]["validation"] for c in curves)]
+            entry[name] = [{"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
+                            **_stats([c[i]["validation"][metric] for c in curves])} for i in points]
         finals = [mean_loss(r["train_loss"][-10:]) for r in runs if r["train_loss"]]
         entry["final_train_loss"] = _stats([v for v in finals if v is not None])
         entry["train_seconds"] = _stats([r["seconds"]["train"] for r in runs])
@@ -73,12 +72,6 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
     results["summary"] = summary
     results["comparison"] = compare(results, methods) if len(methods) > 1 else None
     return results
-
-
-def primary_metric(settings: dict[str, Any]) -> str:
-    """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task,
-    test accuracy (under the run's rule) for the classification tasks."""
-    return "perplexity" if settings.get("task") == "corpus" else "accuracy"
 
 
 def compare(results: dict[str, Any], methods: list[str], confidence: float = 0.95) -> dict[str, Any]:
@@ -128,6 +121,8 @@ def count_text(n: float | None) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results table (and the comparison) as markdown."""
+    if results["settings"].get("task") == "corpus":
+        return corpus_markdown(results)
     settings, plan = results["settings"], results["plan"]
     zero = results["zero_shot"]["test"]
     rule = settings["eval_rule"]
@@ -157,11 +152,40 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{entry['train_seconds']['mean']:.0f}"]
         table.append(row)
     lines += [markdown_table(header, table), ""]
+    return _finish_markdown(results, lines)
+
+
+def _finish_markdown(results: dict[str, Any], lines: list[str]) -> str:
     lines += comparison_lines(results)
     if results.get("status") == "stopped":
         lines.append(f"**Stopped early** ({results.get('stopped')}): continue with `cola train --resume "
                      f"{results['output_dir']}`.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def corpus_markdown(results: dict[str, Any]) -> str:
+    """The corpus task's table: held-out perplexity after each link, test perplexity, bits per byte,
+    the reference text's perplexity and the forgetting (its loss's rise over zero-shot)."""
+    settings, plan = results["settings"], results["plan"]
+    zero = results["zero_shot"]["test"]
+    lines = [f"### corpus on {settings['model']}: held-out perplexity ({zero['n']} test blocks of "
+             f"{plan['max_length']} tokens), {plan['total_steps']} steps of {plan['examples_per_step']} blocks, "
+             f"seeds {', '.join(map(str, settings['seeds']))}", ""]
+    header = ["method", "links", "ranks", "trainable", "validation ppl after each link", "test ppl", "bits/byte",
+              "reference ppl", "forgetting (nats)", "train s/run"]
+    table = [["zero-shot", "–", "–", "0", "–", f"{zero['perplexity']:.3f}", f"{zero['bits_per_byte']:.4f}",
+              f"{zero['reference_perplexity']:.3f}", "0", "–"]]
+    for method, entry in results.get("summary", {}).items():
+        p = plan["methods"][method]
+        curve = " → ".join(f"{c['mean']:.2f}" for c in entry["validation_curve"]) or "–"
+        table.append([method, str(p["links"]), "/".join(map(str, p["ranks"])) if p["ranks"] else "all",
+                      f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_perplexity")),
+                      _pm(entry.get("test_bits_per_byte"), 4), _pm(entry.get("test_reference_perplexity")),
+                      _pm(entry.get("test_forgetting"), 4), f"{entry['train_seconds']['mean']:.0f}"])
+    lines += [markdown_table(header, table), "",
+              "Forgetting: the rise of the loss on the reference text (never trained on) over zero-shot, in nats "
+              "per token; lower perplexity and lower forgetting are better.", ""]
+    return _finish_markdown(results, lines)
 
 
 def comparison_lines(results: dict[str, Any]) -> list[str]:
@@ -183,13 +207,32 @@ def comparison_lines(results: dict[str, Any]) -> list[str]:
 
 
 def headline(results: dict[str, Any]) -> str:
-    """One line: zero-shot vs fine-tuned test accuracy of each method."""
+    """One line: zero-shot vs fine-tuned test accuracy (or perplexity) of each method."""
     zero = results["zero_shot"]["test"]
+    if results["settings"].get("task") == "corpus":
+        parts = [f"zero-shot {zero['perplexity']:.3f}"] + [
+            f"{m} {_pm(e.get('test_perplexity'))} (forgetting {_pm(e.get('test_forgetting'), 4)})"
+            for m, e in results.get("summary", {}).items()]
+        return f"corpus test perplexity (n={zero['n']} blocks): " + " | ".join(parts)
     rule = results["settings"]["eval_rule"]
     parts = [f"zero-shot {zero['accuracy']:.3f}"]
     for method, entry in results.get("summary", {}).items():
         parts.append(f"{method} {_pm(entry.get('test_accuracy'))}")
     return f"{results['plan']['task']} test accuracy (rule {rule}, n={zero['n']}): " + " | ".join(parts)
+
+
+def _task_line(plan: dict[str, Any], sizes: dict[str, int]) -> str:
+    if "corpus" not in plan:
+        return (f"task {plan['task']} (answers {', '.join(plan['answers'])}): {sizes['train']} train / "
+                f"{sizes['validation']} validation / {sizes['test']} test; {plan['tokens_per_example']:.1f} tokens "
+                f"per training example on average (max_length {plan['max_length']})")
+    text, ref = plan["corpus"]["corpus"], plan["corpus"]["reference"]
+    split = next(iter(plan["corpus"]["splits"].values()))
+    return (f"task corpus: {text['description']} ({text['n_documents']:,} documents, {text['n_bytes']:,} bytes), "
+            f"split by document into {sizes['train']:,} train / {sizes['validation']} validation / "
+            f"{sizes['test']} test blocks of {plan['max_length']} tokens (held out: "
+            f"{split['validation']['n_documents']} and {split['test']['n_documents']} documents); forgetting on "
+            f"{sizes['reference']} blocks of {ref['description']}")
 
 
 def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) -> str:
@@ -200,9 +243,7 @@ def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) ->
         f"model {m['name']}: {m['class']} ({m['model_type']}), {m['parameters']:,} parameters, "
         f"{m['body_parameters']:,} outside the embeddings; LoRA on {m['lora_layers']} layers "
         f"({', '.join(m['lora_targets']) or 'none'})",
-        f"task {plan['task']} (answers {', '.join(plan['answers'])}): {sizes['train']} train / "
-        f"{sizes['validation']} validation / {sizes['test']} test; {plan['tokens_per_example']:.1f} tokens per "
-        f"training example on average (max_length {plan['max_length']})",
+        _task_line(plan, sizes),
         f"{plan['total_steps']} optimizer steps of {plan['examples_per_step']} examples "
         f"({plan['epochs']:.2f} epochs); seeds {', '.join(map(str, settings['seeds']))}",
     ]
@@ -268,12 +309,14 @@ def versions() -> dict[str, str | None]:
 
 CSV_COLUMNS = ["method", "seed", "status", "links", "knots", "ranks", "trainable_params", "total_steps", "lr",
                "zero_shot_test_accuracy", "test_accuracy", "test_macro_f1", "test_acc_mean", "test_acc_sum",
-               "test_acc_norm", "test_loss", "validation_curve", "final_train_loss", "train_seconds",
-               "eval_seconds", "train_flops"]
+               "test_acc_norm", "test_loss", "zero_shot_test_perplexity", "test_perplexity", "test_bits_per_byte",
+               "test_reference_perplexity", "test_forgetting", "validation_curve", "final_train_loss",
+               "train_seconds", "eval_seconds", "train_flops"]
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
     """One row per run."""
+    metric = primary_metric(results["settings"])
     rows = []
     for r in results.get("runs", []):
         test = r.get("test", {})
@@ -283,11 +326,13 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             "links": len(r.get("knots") or []) + 1, "knots": " ".join(map(str, r.get("knots") or [])),
             "ranks": " ".join(map(str, r.get("ranks") or [])), "trainable_params": r["trainable_params"],
             "total_steps": r["total_steps"], "lr": r["lr"],
-            "zero_shot_test_accuracy": results["zero_shot"]["test"]["accuracy"],
+            "zero_shot_test_accuracy": results["zero_shot"]["test"].get("accuracy"),
+            "zero_shot_test_perplexity": results["zero_shot"]["test"].get("perplexity"),
+            **{f"test_{k}": test.get(k) for k in ("perplexity", "bits_per_byte", "reference_perplexity", "forgetting")},
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
             "test_acc_mean": test.get("acc_mean"), "test_acc_sum": test.get("acc_sum"),
             "test_acc_norm": test.get("acc_norm"), "test_loss": test.get("loss"),
-            "validation_curve": " ".join(f"{c['validation']['accuracy']:.4f}" for c in r.get("curve", [])),
+            "validation_curve": " ".join(f"{c['validation'][metric]:.4f}" for c in r.get("curve", [])),
             "final_train_loss": mean_loss(r["train_loss"][-10:]) if r.get("train_loss") else None,
             "train_seconds": round(r["seconds"]["train"], 2), "eval_seconds": round(r["seconds"]["eval"], 2),
             "train_flops": sum(flops) if flops else None,
@@ -302,75 +347,3 @@ def write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, text.getvalue())
-
-
-def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
-    """``accuracy_per_link.png`` and ``training_loss.png``; raises ImportError without matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    methods = list(results["plan"]["methods"])
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    rule = results["settings"]["eval_rule"]
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drawn = False
-    for method in methods:
-        entry = results.get("summary", {}).get(method)
-        if not entry or not entry["validation_curve"]:
-            continue
-        curve = entry["validation_curve"]
-        steps = [c["step"] for c in curve]
-        means = [c["mean"] for c in curve]
-        stds = [c["std"] or 0.0 for c in curve]
-        ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, color=colors[method],
-                    label=f"{method} ({len(curve) - 1} link{'s' if len(curve) > 2 else ''})")
-        for c in curve[1:]:
-            ax.annotate(f"{c['after_link']}", (c["step"], c["mean"]), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8, color=colors[method])
-        drawn = True
-    if drawn:
-        ax.set_xlabel("optimizer step (points: zero-shot, then after each link)")
-        ax.set_ylabel(f"validation accuracy (rule {rule})")
-        ax.set_title(f"{results['plan']['task']}: accuracy after each link (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        paths["accuracy_plot"] = out / "accuracy_per_link.png"
-        fig.savefig(paths["accuracy_plot"], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drawn = False
-    knots_marked = set()
-    for method in methods:
-        runs = complete_runs(results, method)
-        curves = [losses(r["train_loss"]) for r in runs if r["train_loss"]]
-        if not curves:
-            continue
-        n = min(len(x) for x in curves)
-        mean = np.nanmean([x[:n] for x in curves], axis=0)  # a step skipped on every seed stays a gap
-        window = max(1, n // 25)
-        smooth = np.convolve(mean, np.ones(window) / window, mode="valid") if window > 1 else mean
-        steps = np.arange(1, n + 1)[window - 1:] if window > 1 else np.arange(1, n + 1)
-        ax.plot(np.arange(1, n + 1), mean, color=colors[method], alpha=0.25, linewidth=0.8)
-        ax.plot(steps, smooth, color=colors[method], label=f"{method}")
-        for knot in runs[0].get("knots") or []:
-            ax.axvline(knot, color=colors[method], linestyle="--", alpha=0.6,
-                       label=f"{method} knots" if method not in knots_marked else None)
-            knots_marked.add(method)
-        drawn = True
-    if drawn:
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"training loss ({results['settings']['loss']})")
-        ax.set_title("training loss (mean over seeds; knots dashed)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        paths["loss_plot"] = out / "training_loss.png"
-        fig.savefig(paths["loss_plot"], dpi=120)
-    plt.close(fig)
-    return paths

@@ -36,39 +36,32 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cola.config import DEFAULT_LINKS, STRATEGY_KINDS, ChainConfig
-from cola.errors import ConfigError, closest
+from cola.config import DEFAULT_LINKS, ChainConfig
+from cola.errors import ConfigError
 from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.models import EMBEDDED_MODEL
-from cola.llm.tasks import BUILTIN_TASKS
-from cola.manager import get_plugin_manager
+from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, CORPUS, DTYPE_NAMES,  # noqa: F401
+                                 LOSSES, METHODS, RULES, value_problems)
 from cola.io import write_json
 
-METHODS = ("lora", "cola", "full")
-"""``lora``: one link; ``cola``: ``links`` links over the same steps; ``full``: every weight trained."""
-
-LOSSES = ("classification", "lm")
-RULES = ("mean", "sum", "norm")
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
-
-#: [chain] keys the run sets itself (from steps/epochs, seeds and method/links)
-CHAIN_DERIVED = ("total_steps", "seed")
-CHAIN_KEYS = tuple(f.name for f in fields(ChainConfig) if f.name not in CHAIN_DERIVED)
-
-#: ChainConfig defaults of this command that differ from ChainConfig's own
-CHAIN_DEFAULTS = {"lr_schedule": "linear", "diagnostics": True}
 #: quick CPU budget of the embedded default (``cola train`` with no arguments)
 EMBEDDED_PROFILE = {"n_train": 240, "n_val": 64, "n_test": 200, "steps": 60, "max_length": 96}
+#: the corpus task (blocks of max_length tokens; n_val / n_test count held-out blocks; every training block
+#: is used): the embedded model on CPU, and every other model
+CORPUS_PROFILE = {"n_train": None, "n_val": 32, "n_test": 128, "steps": 120, "max_length": 64}
+CORPUS_PAPER_PROFILE = {"n_train": None, "n_val": 64, "n_test": 256, "steps": 1000, "max_length": 512}
 #: the paper's protocol (MeZO splits, 5 epochs) for every other model
 PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "max_length": None}
 
 #: fields that may differ when a run is resumed (they do not change the numbers)
 RUNTIME_FIELDS = ("resume", "output_dir", "dry_run", "threads", "stop_after", "keep_checkpoints",
-                  "plots", "log_every", "name", "config", "fsdp")
+                  "plots", "log_every", "name", "config", "fsdp", "gradient_checkpointing", "attn_implementation",
+                  "compile")
 """``fsdp`` is one of them like the number of ranks, which is no setting at all: a checkpoint holds the
 gathered state, so a run may continue sharded or replicated on any number of ranks (the numbers agree to
-float rounding)."""
+float rounding). So are the performance settings: a run may continue with gradient checkpointing (the same
+numbers), another attention kernel or compiled (the numbers agree to float rounding)."""
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -88,13 +81,17 @@ class TrainSettings:
     # -- model and task ---------------------------------------------------------------------
     model: str = _f("embedded", "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)",
                     group="model and data")
-    task: str = _f("tweets", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc) or "
-                   "'custom' with --template/--answers/--train-file", group="model and data")
+    task: str = _f("tweets", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc), 'custom' with "
+                   "--template/--answers/--train-file, or 'corpus': language modelling on raw text (--train-file, "
+                   "default the Python standard library's source), scored by held-out perplexity and forgetting",
+                   group="model and data")
     data_dir: str | None = _f(None, "folder (or file) with the task's data: <dir>/<task>/train.jsonl "
                               "and validation.jsonl; default: built-in source (tweets: offline; others: hub)",
                               group="model and data")
     train_file: str | None = _f(None, "file of training examples (jsonl/json/csv/parquet); train and "
-                                "validation are drawn from it", group="model and data")
+                                "validation are drawn from it. With --task corpus: a text file, a folder of "
+                                "text files (--files) or a jsonl/json/csv/parquet table (--text-field), split "
+                                "by document", group="model and data")
     test_file: str | None = _f(None, "file of test examples; without it the test set is set aside "
                                "from --train-file", group="model and data")
     template: str | None = _f(None, "prompt template of --task custom, e.g. '{text} It was {answer}' "
@@ -103,16 +100,26 @@ class TrainSettings:
                                    "comma-separated: terrible,great", group="model and data")
     label_field: str | None = _f(None, "label column (default: the task's own; 'label' for custom)",
                                  group="model and data")
+    files: str = _f("*", "--task corpus with a folder as --train-file: the files to read, a glob matched "
+                    "recursively (e.g. '*.py')", group="model and data")
+    text_field: str = _f("text", "--task corpus with a table as --train-file: the column of each document's text",
+                         group="model and data")
+    reference_file: str | None = _f(None, "--task corpus: general text the run never trains on, whose loss rise "
+                                    "over zero-shot is the forgetting (a file, folder or table like --train-file; "
+                                    "default: the embedded tweets)", group="model and data")
     n_train: int | None = _f(None, f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
                              f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's)", group="model and data")
-    n_val: int | None = _f(None, f"validation examples, scored after every link (default "
+    n_val: int | None = _f(None, f"validation examples (--task corpus: held-out blocks), scored after every link "
+                           f"(default "
                            f"{EMBEDDED_PROFILE['n_val']} / {PAPER_PROFILE['n_val']})",
                            group="model and data")
-    n_test: int | None = _f(None, f"test examples (default {EMBEDDED_PROFILE['n_test']} / "
+    n_test: int | None = _f(None, f"test examples (--task corpus: held-out blocks) (default "
+                            f"{EMBEDDED_PROFILE['n_test']} / "
                             f"{PAPER_PROFILE['n_test']})", group="model and data")
     test_seed: int = _f(0, "seed of the test draw (fixed so every run is scored on the same examples)",
                         group="model and data")
-    max_length: int | None = _f(None, "longest prompt+answer in tokens; longer prompts are cut from "
+    max_length: int | None = _f(None, "longest prompt+answer in tokens (--task corpus: the block length); "
+                                "longer prompts are cut from "
                                 f"the left (default {EMBEDDED_PROFILE['max_length']} for the embedded model, "
                                 "else the model's context)",
                                 group="model and data")
@@ -158,6 +165,18 @@ class TrainSettings:
                                    "in a row the run is checkpointed and stopped", group="optimisation")
     seeds: list[int] = _f([0], "seeds: each draws its own train/validation sample, LoRA init and "
                           "data order; results are mean and std over them", group="optimisation")
+
+    # -- performance (how the model runs, not what it computes) ------------------------------
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in the backward pass "
+                                      "instead of keeping them (transformers' non-reentrant checkpointing): much "
+                                      "less activation memory for about one more forward of compute; lora, cola "
+                                      "and full, one process, DDP and FSDP", group="performance")
+    attn_implementation: str | None = _f(None, "attention kernel passed to from_pretrained: eager, sdpa, "
+                                         "flash_attention_2, ... (default: transformers' choice for the model)",
+                                         group="performance")
+    compile: bool = _f(False, "torch.compile the decoder (inductor): the first steps and evaluations compile "
+                       "(minutes on CPU); knots reuse the compiled graphs, a rank change recompiles once",
+                       group="performance")
 
     # -- evaluation --------------------------------------------------------------------------
     eval_rule: str = _f("mean", "scoring rule of the reported accuracy: mean token log-prob (the paper), "
@@ -234,7 +253,10 @@ class TrainSettings:
 
     def resolved(self) -> "TrainSettings":
         """A copy with every automatic (``None``) default filled in from the model's profile."""
-        profile = EMBEDDED_PROFILE if self.is_embedded else PAPER_PROFILE
+        if self.task == CORPUS:
+            profile = CORPUS_PROFILE if self.is_embedded else CORPUS_PAPER_PROFILE
+        else:
+            profile = EMBEDDED_PROFILE if self.is_embedded else PAPER_PROFILE
         changes = {}
         for key in ("n_train", "n_val", "n_test", "max_length"):
             if getattr(self, key) is None and profile[key] is not None:
@@ -276,7 +298,7 @@ class TrainSettings:
                 p.append(problem)
                 value = default_of(name)
             values[name] = value
-        return p + _value_problems(SimpleNamespace(**values))
+        return p + value_problems(SimpleNamespace(**values))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
@@ -292,119 +314,6 @@ class TrainSettings:
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if k not in RUNTIME_FIELDS and a[k] != b[k]]
 
-
-def _value_problems(v: Any) -> list[str]:
-    """Value checks of settings whose types are right (``v``: the field values)."""
-    p: list[str] = []
-
-    def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            p.append(f"{name}={value!r}: allowed {', '.join(allowed)} (closest: {closest(value, allowed)[0]})")
-
-    choice("method", v.method, METHODS)
-    if v.compare is not None:
-        for m in v.compare:
-            choice("compare", m, METHODS)
-        if len(set(v.compare)) < 2:
-            p.append(f"compare={','.join(v.compare)}: give at least two different methods, e.g. lora,cola")
-    choice("loss", v.loss, LOSSES)
-    choice("eval_rule", v.eval_rule, RULES)
-    if v.dtype is not None:
-        choice("dtype", v.dtype, DTYPE_NAMES)
-    for name, low in (("links", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
-                      ("max_nonfinite_in_row", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
-                      ("n_val", 0), ("n_test", 1), ("steps", 1), ("threads", 1), ("stop_after", 1),
-                      ("max_length", 8)):
-        value = getattr(v, name)
-        if value is not None and value < low:
-            p.append(f"{name}={value}: must be >= {low}")
-    for name in ("alpha", "lr", "full_lr"):
-        value = getattr(v, name)
-        if not (value > 0 and math.isfinite(value)):
-            p.append(f"{name}={value}: must be a finite number > 0")
-    if not 0 <= v.dropout < 1:
-        p.append(f"dropout={v.dropout}: must be in [0, 1)")
-    if not (v.weight_decay >= 0 and math.isfinite(v.weight_decay)):
-        p.append(f"weight_decay={v.weight_decay}: must be a finite number >= 0")
-    if v.epochs is not None and not (v.epochs > 0 and math.isfinite(v.epochs)):
-        p.append(f"epochs={v.epochs}: must be a number > 0")
-    if v.steps is not None and v.epochs is not None:
-        p.append(f"steps={v.steps} and epochs={v.epochs}: give one of them, not both")
-    if not v.seeds:
-        p.append("seeds: give at least one seed")
-    elif len(set(v.seeds)) != len(v.seeds):
-        p.append(f"seeds={v.seeds}: repeated seeds")
-    if v.n_val == 0 and v.eval_links:
-        p.append("n_val=0 with eval_links: evaluating after every link needs validation examples "
-                 "(or pass --no-eval-links)")
-    if v.fsdp and "full" in (v.compare or [v.method]):
-        p.append("fsdp with method 'full': cola train shards LoRA runs only (the LoRA factors stay replicated); "
-                 "drop --fsdp, or drop 'full' from --method/--compare")
-    if v.targets is not None and not v.targets:
-        p.append("targets: give at least one module name pattern")
-    p += _task_problems(v)
-    p += _chain_problems(v)
-    return p
-
-
-def _task_problems(v: Any) -> list[str]:
-    p = []
-    if v.task == "custom":
-        if not v.template:
-            p.append("task 'custom' needs --template, e.g. '{text} It was {answer}'")
-        if not v.answers or len(v.answers) < 2:
-            p.append("task 'custom' needs --answers with at least two answer words, e.g. terrible,great")
-        if not (v.train_file or v.data_dir):
-            p.append("task 'custom' needs --train-file (or --data-dir)")
-    else:
-        if v.task not in BUILTIN_TASKS:
-            p.append(f"task={v.task!r}: unknown; closest: {', '.join(closest(v.task, BUILTIN_TASKS))}; "
-                     f"known: {', '.join(BUILTIN_TASKS)}, or 'custom' with --template and --answers")
-        for name in ("template", "answers"):
-            if getattr(v, name) is not None:
-                p.append(f"{name} is for --task custom (task {v.task!r} has its own prompt and answers)")
-    if v.test_file and not v.train_file:
-        p.append("test_file needs train_file")
-    if v.train_file and v.data_dir:
-        p.append("give train_file or data_dir, not both")
-    for name in ("train_file", "test_file"):
-        value = getattr(v, name)
-        if value and not Path(value).is_file():
-            p.append(f"{name}={value!r}: no such file")
-    if v.data_dir and not Path(v.data_dir).exists():
-        p.append(f"data_dir={v.data_dir!r}: no such folder or file")
-    return p
-
-def _chain_problems(v: Any) -> list[str]:
-    p = []
-    unknown = [k for k in v.chain if k not in CHAIN_KEYS]
-    for k in unknown:
-        if k in CHAIN_DERIVED:
-            p.append(f"chain.{k}: set by the run ({'steps/epochs' if k == 'total_steps' else 'seeds'}); "
-                     "remove it from the chain table")
-        else:
-            p.append(f"unknown chain setting {k!r} (closest: {', '.join(closest(str(k), CHAIN_KEYS))})")
-    if unknown:
-        return p
-    try:  # types and values of the chain fields, with a placeholder T
-        ChainConfig(total_steps=max(10**9, v.links), seed=0,
-                    **{**CHAIN_DEFAULTS, "links": v.links, **v.chain})
-    except ConfigError as err:
-        p += [f"chain: {x}" for x in err.problems]
-    except TypeError as err:
-        p.append(f"chain: {err}")
-    pm = get_plugin_manager()
-    for kind in STRATEGY_KINDS:
-        name = v.chain.get(kind)
-        if isinstance(name, str) and name:
-            try:
-                pm.lookup(kind, name)
-            except ConfigError as err:
-                p += err.problems
-    return p
-
-
-# ------------------------------------------------------------------ config files and checks
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainSettings))
 FILE_KEYS = tuple(f.name for f in fields(TrainSettings) if f.metadata.get("file_key", True))

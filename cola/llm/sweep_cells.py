@@ -25,7 +25,7 @@ SWEEP_DEFAULTS = {"save_adapter": False, "save_links": False, "plots": False}
 #: settings that do not change what a run computes (left out of its identity)
 _NOT_IDENTITY = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config",
                  "threads", "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter",
-                 "save_links", "save_merged", "fsdp")
+                 "save_links", "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile")
 #: chain fields that only matter at a knot (dropped from a one-link run's identity)
 _KNOT_ONLY = ("links", "knots", "merge_policy", "merge_policy_options", "merge_rule", "merge_rule_options",
               "optimizer_policy", "optimizer_policy_options", "lr_policy", "lr_policy_options", "rank_schedule",
@@ -46,9 +46,10 @@ class Cell:
 
 
 def expand(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in order (the last axis varies fastest)."""
+    """Every combination of the grid's values, in order (the last axis varies fastest), then the extra cells."""
     axes = list(spec.grid)
-    return [dict(zip(axes, combo)) for combo in itertools.product(*(spec.grid[a] for a in axes))]
+    grid = [dict(zip(axes, combo)) for combo in itertools.product(*(spec.grid[a] for a in axes))]
+    return grid + [dict(cell) for cell in spec.cells if dict(cell) not in grid]
 
 
 def cell_settings(spec: SweepSpec, values: dict[str, Any]) -> TrainSettings:

@@ -33,12 +33,12 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _score_text(score: dict[str, Any]) -> str:
+def _score_text(score: dict[str, Any], digits: int = 3) -> str:
     if not score.get("n"):
         return "–"
     if score["std"] is None:
-        return f"{score['mean']:.3f}"
-    return f"{score['mean']:.3f} ± {score['std']:.3f}"
+        return f"{score['mean']:.{digits}f}"
+    return f"{score['mean']:.{digits}f} ± {score['std']:.{digits}f}"
 
 
 def _params_text(per_link: list[int] | None) -> str:
@@ -60,26 +60,33 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"Test {metric}, mean ± std over seeds; the difference with the baseline is paired by seed "
               f"(mean [{conf}% {spec['ci']} interval]). Baseline: {_baseline_text(spec['baseline'])}. "
               f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", ""]
+    forgets = any("forgetting" in row for row in results["cells"])
     header = ["cell", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
               "trainable / link", "train FLOPs", "× baseline", "s/run"]
+    if forgets:
+        header[5:5] = ["forgetting", "− baseline (forgetting)"]
     table = []
     for row in results["cells"]:
-        comp = row.get("comparison")
+        comp = row.get("comparison") or {}
         compute = row.get("compute") or {}
-        if comp and comp.get("mean") is not None:
-            diff = f"{comp['mean']:+.3f}"
-            if comp.get("ci_low") is not None:
-                diff += f" [{comp['ci_low']:+.3f}, {comp['ci_high']:+.3f}]"
-            verdict, ratio = comp["verdict"], _num(comp.get("flops_ratio"), 2)
-        else:
-            diff, ratio = "–", "–"
+        diff, verdict, ratio = _difference(comp), comp.get("verdict"), _num(comp.get("flops_ratio"), 2)
+        if comp.get("mean") is None:
             verdict = "(baseline)" if row.get("is_baseline_only") or row.get("baseline_key") == row["key"] else "–"
         curve = " → ".join(_num(p["mean"]) for p in row.get("validation_per_link") or []) or "–"
         wall = (compute.get("wall_seconds") or {}).get("mean")
-        table.append([row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
-                      _params_text(compute.get("trainable_params_per_link")), report.count_text(compute.get("train_flops")),
-                      ratio, _num(wall, 0)])
-    lines += [markdown_table(header, table), "", f"Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
+        cells = [row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
+                 _params_text(compute.get("trainable_params_per_link")), report.count_text(compute.get("train_flops")),
+                 ratio, _num(wall, 0)]
+        if forgets:
+            forgetting = comp.get("forgetting") or {}
+            cells[5:5] = [_score_text(row.get("forgetting") or {}, 4),
+                          _difference(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
+        table.append(cells)
+    if not stats.higher_is_better(metric):
+        lines += [f"Lower is better for {metric}" + (" and forgetting (the rise of the reference text's loss over "
+                  "zero-shot, nats per token)" if forgets else "") + ": \"better\" means lower.", ""]
+    lines += [markdown_table(header, table), ""] + _diagnostics_lines(results) + [
+              "Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
               f"\"within noise\": the {conf}% interval of the mean paired difference covers 0; "
               "\"better\"/\"worse\": it does not. With 3 seeds a t interval is wide (t factor 4.30): "
               "that is the honest width, not a flaw."]
@@ -91,6 +98,30 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("failures"):
         lines += ["", "Failed runs:"] + [f"- {f['label']} seed {f['seed']}: {f['error']}" for f in results["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _difference(comp: dict[str, Any], digits: int = 3) -> str:
+    if comp.get("mean") is None:
+        return "–"
+    text = f"{comp['mean']:+.{digits}f}"
+    if comp.get("ci_low") is not None:
+        text += f" [{comp['ci_low']:+.{digits}f}, {comp['ci_high']:+.{digits}f}]"
+    return text
+
+
+def _diagnostics_lines(results: dict[str, Any]) -> list[str]:
+    """What the knots added, per cell with knots: effective rank of the accumulated update and the
+    overlap of each new link with the previous ones' span (means over layers and seeds)."""
+    rows = [[r["label"], " → ".join(_num(p["effective_rank"], 1) for p in r["diagnostics"]),
+             " → ".join(_num(p["overlap"], 3) for p in r["diagnostics"][1:]) or "–",
+             " → ".join(_num(p["accumulated_norm"], 3) for p in r["diagnostics"])]
+            for r in results["cells"] if r.get("diagnostics") and not r.get("is_baseline_only")]
+    if not rows:
+        return []
+    return ["What each knot added (per knot, mean over layers and seeds; overlap 0: new directions, 1: inside the "
+            "previous links' span):", "",
+            markdown_table(["cell", "effective rank of the accumulated update", "overlap of the new link",
+                            "‖accumulated update‖_F"], rows), ""]
 
 
 def _baseline_text(baseline: dict[str, Any]) -> str:
@@ -195,7 +226,7 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
     view = _PlotView(results)
     paths: dict[str, Path] = {}
-    for draw in (_links_plot, _rank_plot, _curve_plots):
+    for draw in (_links_plot, _rank_plot, _curve_plots, _frontier_plot, _diagnostics_plot):
         paths.update(draw(plt, view, out))
     return paths
 
@@ -209,7 +240,8 @@ class _PlotView:
         self.metric = self.spec["metric"]
         self.conf = int(round(100 * self.spec["confidence"]))
         self.cells = [r for r in results["cells"] if r["score"]["n"]]
-        self.grid_cells = [r for r in self.cells if not r.get("is_baseline_only")]
+        self.grid_cells = [r for r in self.cells if not r.get("is_baseline_only")
+                           and all(a in r["values"] for a in self.axes)]  # not the extra cells
         self.by_key = {r["key"]: r for r in self.cells}
 
 
@@ -338,3 +370,54 @@ def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
         fig.savefig(paths[key], dpi=110)
         plt.close(fig)
     return paths
+
+
+def _frontier_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """The learn / forget frontier (corpus sweeps): every cell's metric against its forgetting, with
+    the seeds' t intervals as error bars."""
+    rows = [r for r in view.cells if r.get("forgetting", {}).get("n")]
+    if not rows:
+        return {}
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for i, r in enumerate(rows):
+        f = r["forgetting"]
+        low, high = (stats.mean_interval(f["values"], view.spec["confidence"], "t") if f["n"] > 1 else (None, None))
+        xerr = [[f["mean"] - low], [high - f["mean"]]] if low is not None else None
+        ax.errorbar([f["mean"]], [r["score"]["mean"]], xerr=xerr, yerr=_errors([r]), marker="o", capsize=3,
+                    color=f"C{i % 10}", label=r["label"], linestyle="none")
+    ax.set_xlabel("forgetting: rise of the reference text's loss over zero-shot (nats/token)")
+    ax.set_ylabel(f"test {view.metric}")
+    ax.set_title(f"learn / forget: each cell's mean ({view.conf}% t intervals); lower-left is better", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out / "learn_forget.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"frontier_plot": path}
+
+
+def _diagnostics_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """Per cell with knots: effective rank of the accumulated update and overlap of each new link."""
+    rows = [r for r in view.grid_cells if r.get("diagnostics")]
+    if not rows:
+        return {}
+    fig, (rax, oax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    for i, r in enumerate(rows):
+        d = r["diagnostics"]
+        rax.plot([p["knot"] for p in d], [p["effective_rank"] for p in d], marker="o", color=f"C{i % 10}",
+                 label=r["label"])
+        later = [p for p in d if p["overlap"] is not None]
+        oax.plot([p["knot"] for p in later], [p["overlap"] for p in later], marker="o", color=f"C{i % 10}",
+                 label=r["label"])
+    rax.set_title("effective rank of the accumulated update", fontsize=10)
+    oax.set_title("overlap of the new link with the previous links' span", fontsize=10)
+    for ax in (rax, oax):
+        ax.set_xlabel("knot (links folded so far)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "knot_diagnostics.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"diagnostics_plot": path}

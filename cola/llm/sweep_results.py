@@ -62,7 +62,12 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
     n_points = min(len(c) for c in curves)
     entry["validation_per_link"] = [
         {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
-         **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)]
+         **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)
+        if all(metric in c[i]["validation"] for c in curves)]
+    if all("forgetting" in found[s]["record"]["test"] for s in seeds):  # the corpus task: learn and forget
+        entry["forgetting_scores"] = {s: float(found[s]["record"]["test"]["forgetting"]) for s in seeds}
+        entry["forgetting"] = stats.describe(list(entry["forgetting_scores"].values()))
+    entry["diagnostics"] = knot_diagnostics([found[s]["record"] for s in seeds])
     curves = [losses(found[s]["record"]["train_loss"]) for s in seeds if found[s]["record"].get("train_loss")]
     if curves:
         n = min(len(x) for x in curves)
@@ -82,6 +87,23 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
     return entry
 
 
+def knot_diagnostics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per knot, over the layers and then the seeds: the mean effective rank and norm of the accumulated
+    update and the overlap of the newest link with the previous ones (:mod:`cola.diagnostics`)."""
+    reports = [r.get("knot_reports") or [] for r in records]
+    n = min((len(x) for x in reports), default=0)
+    out = []
+    for k in range(n):
+        point: dict[str, Any] = {"knot": k + 1, "step": reports[0][k]["step"]}
+        for key in ("effective_rank", "accumulated_norm", "overlap"):
+            per_seed = [np.mean([v for v in (x[k].get(key) or {}).values() if v is not None] or [np.nan])
+                        for x in reports]
+            finite = [float(v) for v in per_seed if np.isfinite(v)]
+            point[key] = float(np.mean(finite)) if finite else None
+        out.append(point)
+    return out
+
+
 def aggregate(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell]) -> list[dict[str, Any]]:
     """One summary per cell and baseline run, each cell with its paired comparison."""
     entries = {}
@@ -97,7 +119,11 @@ def aggregate(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell]) 
         if cell.is_baseline_only or base is None or cell.baseline_key == cell.key:
             entry["comparison"] = None
         else:
-            comp = stats.paired_difference(entry["scores"], base["scores"], spec.confidence, spec.ci)
+            comp = stats.paired_difference(entry["scores"], base["scores"], spec.confidence, spec.ci,
+                                           higher_better=stats.higher_is_better(spec.metric))
+            if "forgetting_scores" in entry and "forgetting_scores" in base:
+                comp["forgetting"] = stats.paired_difference(entry["forgetting_scores"], base["forgetting_scores"],
+                                                             spec.confidence, spec.ci, higher_better=False)
             mine = (entry.get("compute") or {}).get("train_flops")
             theirs = (base.get("compute") or {}).get("train_flops")
             comp["flops_ratio"] = mine / theirs if mine and theirs else None

@@ -31,9 +31,12 @@ AXIS_ALIASES = {
 #: settings a grid may not vary: the sweep owns them, or they do not change the numbers
 NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config", "threads",
             "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter", "save_links",
-            "save_merged", "fsdp")
+            "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile")
 #: test metrics a sweep can compare on (``results["runs"][i]["test"][metric]``)
-METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm")
+METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "perplexity", "loss", "bits_per_byte",
+           "forgetting", "reference_perplexity")
+"""Test metrics a sweep can compare on; perplexity, loss, bits per byte and forgetting (the corpus task's)
+are better when lower (:func:`cola.llm.stats.higher_is_better`)."""
 
 
 
@@ -45,6 +48,9 @@ class SweepSpec:
 
     settings: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    """Cells beyond the grid, each a table of axis values (e.g. ``{method = "full"}``, or LoRA of another
+    rank): compared with the baseline like the grid's cells."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     baseline: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     name: str | None = None
@@ -90,6 +96,7 @@ class SweepSpec:
                 grid[path] = list(values)
             if not p:
                 self.grid = grid
+        p += self._cell_problems()
         if (not isinstance(self.seeds, list) or not self.seeds
                 or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
             p.append(f"seeds={self.seeds!r}: expected a non-empty list of integers")
@@ -112,6 +119,22 @@ class SweepSpec:
             stats.check_ci(self.ci, self.confidence)
         except ConfigError as err:
             p += err.problems
+        return p
+
+    def _cell_problems(self) -> list[str]:
+        if not isinstance(self.cells, list) or not all(isinstance(c, dict) and c for c in self.cells):
+            return [f"cells={self.cells!r}: expected a list of non-empty tables of axis values"]
+        p, cells = [], []
+        for i, cell in enumerate(self.cells):
+            values = {}
+            for axis, value in cell.items():
+                try:
+                    values[axis_path(axis)] = value
+                except ConfigError as err:
+                    p += [f"cells[{i}]: {x}" for x in err.problems]
+            cells.append(values)
+        if not p:
+            self.cells = cells
         return p
 
     def to_dict(self) -> dict[str, Any]:

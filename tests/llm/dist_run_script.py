@@ -5,7 +5,7 @@ Run by tests/llm/test_llm_distributed.py, and importable for the one-process ref
     torchrun --standalone --nproc_per_node 2 tests/llm/dist_run_script.py JOBS_JSON RESULT_PT WATCHED_DIR
 
 ``JOBS_JSON``: a list of :class:`TrainSettings` field tables, run one after the other in the same
-process group. For each job rank 0 saves, in ``RESULT_PT``, the results, the final weights of every
+process group (also launched as two one-rank "nodes": ``torchrun --nnodes 2 --nproc_per_node 1 ...``). For each job rank 0 saves, in ``RESULT_PT``, the results, the final weights of every
 LoRA layer (``W0 + merged links + live link``, captured just before the outputs are written) and
 the largest difference of those weights between the ranks. Every rank other than 0 records each
 file it creates, writes, renames or removes under ``WATCHED_DIR`` (an audit hook): that list must
@@ -123,9 +123,12 @@ def main() -> None:
                         "weight_types": [t for types in _weight_types for t in types]})
     all_writes: list = [None] * cd.world_size()
     dist.all_gather_object(all_writes, writes)
+    launch = {k: os.environ.get(k) for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    launches: list = [None] * cd.world_size()   # each rank's node (GROUP_RANK) and place on it
+    dist.all_gather_object(launches, launch)
     if cd.is_main_process():
         torch.save({"jobs": per_job, "world_size": cd.world_size(), "backend": dist.get_backend(),
-                    "non_main_writes": [w for ws in all_writes[1:] for w in ws]}, out_file)
+                    "non_main_writes": [w for ws in all_writes[1:] for w in ws], "launch": launches}, out_file)
     cd.barrier()
     cd.shutdown()
 

