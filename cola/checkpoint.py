@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ColaError
+from .io import atomic_writer
 
 MAGIC = b"COLACKPT"
 TRAILER = len(MAGIC) + 32
@@ -38,30 +38,16 @@ def _digest(f, length: int) -> bytes:
 
 
 def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically, with a SHA-256 trailer."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            torch.save(obj, f)
-            f.flush()
-            size = f.seek(0, os.SEEK_END)
-            digest = _digest(f, size)
-            f.seek(0, os.SEEK_END)
-            f.write(MAGIC + digest)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save(obj)`` to ``path`` atomically (:func:`cola.io.atomic_writer`), with a SHA-256 trailer."""
+    def write(f) -> None:
+        torch.save(obj, f)
+        f.flush()
+        size = f.seek(0, os.SEEK_END)
+        digest = _digest(f, size)
+        f.seek(0, os.SEEK_END)
+        f.write(MAGIC + digest)
+
+    return atomic_writer(path, write)
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:

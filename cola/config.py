@@ -15,8 +15,21 @@ DEFAULT_LINKS = 3
 """The chain's length when none is given: the paper's longest chain (``cola train`` uses it too)."""
 
 
+class Validated:
+    """A dataclass that checks itself on construction: ``problems()`` lists every problem, and any
+    problem is raised at once as one :class:`ConfigError`."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:  # pragma: no cover - every subclass has its own
+        return []
+
+
 @dataclass
-class ChainConfig:
+class ChainConfig(Validated):
     """How a chain of LoRA links is trained. Validated on construction; all problems reported at once."""
 
     total_steps: int = field(metadata={"help": "T: optimizer steps of the whole chain"})
@@ -53,11 +66,6 @@ class ChainConfig:
                 "the weights are on an accelerator, device on CPU)"})
     diagnostics: bool = field(default=False, metadata={
         "help": "record gradient norm and effective rank of the accumulated update at each knot"})
-
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
 
     def problems(self) -> list[str]:
         """Every problem of this config (empty when valid); strategy names are checked by the chain."""

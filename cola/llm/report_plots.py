@@ -37,9 +37,10 @@ def _colors(results: dict[str, Any]) -> dict[str, str]:
     return {m: f"C{i}" for i, m in enumerate(results["plan"]["methods"])}
 
 
-def _save(plt, fig, path: Path, key: str) -> dict[str, Path]:
+def save_figure(plt, fig, path: Path, key: str, dpi: int = 120) -> dict[str, Path]:
+    """Lay out, write and close ``fig``; ``{key: path}`` for the results' file list."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return {key: path}
 
@@ -72,7 +73,7 @@ def _curve_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     name = "perplexity_per_link.png" if metric == "perplexity" else "accuracy_per_link.png"
-    return _save(plt, fig, out / name, f"{metric}_plot" if metric == "perplexity" else "accuracy_plot")
+    return save_figure(plt, fig, out / name, f"{metric}_plot" if metric == "perplexity" else "accuracy_plot")
 
 
 def _loss_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -105,7 +106,7 @@ def _loss_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set_title("training loss (mean over seeds; knots dashed)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(plt, fig, out / "training_loss.png", "loss_plot")
+    return save_figure(plt, fig, out / "training_loss.png", "loss_plot")
 
 
 DIAGNOSTICS = (("effective_rank", "effective rank of the accumulated update"),
@@ -143,7 +144,7 @@ def _diagnostics_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("what each knot added (mean over layers and seeds)", fontsize=10)
-    return _save(plt, fig, out / "knot_diagnostics.png", "diagnostics_plot")
+    return save_figure(plt, fig, out / "knot_diagnostics.png", "diagnostics_plot")
 
 
 def _frontier_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -166,4 +167,4 @@ def _frontier_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set_title("learn / forget: lower-left is better (small: each seed; large: mean)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, out / "learn_forget.png", "frontier_plot")
+    return save_figure(plt, fig, out / "learn_forget.png", "frontier_plot")

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cola.config import DEFAULT_LINKS, ChainConfig
+from cola.config import DEFAULT_LINKS, ChainConfig, Validated
 from cola.errors import ConfigError
 from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
@@ -75,7 +75,7 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Validated):
     """Everything a ``cola train`` run depends on. ``None`` means "automatic" where the help says so."""
 
     # -- model and task ---------------------------------------------------------------------
@@ -218,9 +218,7 @@ class TrainSettings:
             value = getattr(self, name)
             if base_type(tp) is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        super().__post_init__()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "settings") -> "TrainSettings":

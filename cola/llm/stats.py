@@ -149,12 +149,19 @@ def paired_difference(method: Mapping[Any, float], baseline: Mapping[Any, float]
     }
 
 
+def interval_text(comp: Mapping[str, Any], digits: int = 3) -> str:
+    """``+0.012 [-0.020, +0.044]``: a :func:`paired_difference`'s mean and interval (– without a mean)."""
+    if comp.get("mean") is None:
+        return "–"
+    text = f"{comp['mean']:+.{digits}f}"
+    if comp.get("ci_low") is not None:
+        text += f" [{comp['ci_low']:+.{digits}f}, {comp['ci_high']:+.{digits}f}]"
+    return text
+
+
 def format_difference(comp: Mapping[str, Any], digits: int = 3) -> str:
     """``+0.012 [-0.020, +0.044] within noise (n=3, 95% t)`` for a :func:`paired_difference` result."""
     if comp.get("mean") is None:
         return "no paired seeds"
-    text = f"{comp['mean']:+.{digits}f}"
-    if comp.get("ci_low") is not None:
-        text += f" [{comp['ci_low']:+.{digits}f}, {comp['ci_high']:+.{digits}f}]"
     conf = int(round(100 * comp["confidence"]))
-    return f"{text} {comp['verdict']} (n={comp['n']}, {conf}% {comp['ci']})"
+    return f"{interval_text(comp, digits)} {comp['verdict']} (n={comp['n']}, {conf}% {comp['ci']})"

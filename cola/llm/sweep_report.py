@@ -22,6 +22,7 @@ import numpy as np
 
 from cola.io import atomic_write, markdown_table, write_json
 from cola.llm import report, stats
+from cola.llm.report_plots import save_figure
 from cola.llm.sweep_spec import label_of, short_name
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["cells"]:
         comp = row.get("comparison") or {}
         compute = row.get("compute") or {}
-        diff, verdict, ratio = _difference(comp), comp.get("verdict"), _num(comp.get("flops_ratio"), 2)
+        diff, verdict, ratio = stats.interval_text(comp), comp.get("verdict"), _num(comp.get("flops_ratio"), 2)
         if comp.get("mean") is None:
             verdict = "(baseline)" if row.get("is_baseline_only") or row.get("baseline_key") == row["key"] else "–"
         curve = " → ".join(_num(p["mean"]) for p in row.get("validation_per_link") or []) or "–"
@@ -80,7 +81,7 @@ def markdown(results: dict[str, Any]) -> str:
         if forgets:
             forgetting = comp.get("forgetting") or {}
             cells[5:5] = [_score_text(row.get("forgetting") or {}, 4),
-                          _difference(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
+                          stats.interval_text(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
         table.append(cells)
     if not stats.higher_is_better(metric):
         lines += [f"Lower is better for {metric}" + (" and forgetting (the rise of the reference text's loss over "
@@ -98,15 +99,6 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("failures"):
         lines += ["", "Failed runs:"] + [f"- {f['label']} seed {f['seed']}: {f['error']}" for f in results["failures"]]
     return "\n".join(lines) + "\n"
-
-
-def _difference(comp: dict[str, Any], digits: int = 3) -> str:
-    if comp.get("mean") is None:
-        return "–"
-    text = f"{comp['mean']:+.{digits}f}"
-    if comp.get("ci_low") is not None:
-        text += f" [{comp['ci_low']:+.{digits}f}, {comp['ci_high']:+.{digits}f}]"
-    return text
 
 
 def _diagnostics_lines(results: dict[str, Any]) -> list[str]:
@@ -280,11 +272,7 @@ def _links_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
         a.grid(alpha=0.3)
         if len(groups) > 1 or next(iter(groups)) != "(base settings)":
             a.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "accuracy_vs_links.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"links_plot": path}
+    return save_figure(plt, fig, out / "accuracy_vs_links.png", "links_plot")
 
 
 def _rank_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
@@ -313,11 +301,7 @@ def _rank_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
     ax.set_title(f"{metric} vs later-link rank (baseline dashed; {conf}% t intervals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "accuracy_vs_later_rank.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"rank_plot": path}
+    return save_figure(plt, fig, out / "accuracy_vs_later_rank.png", "rank_plot")
 
 
 def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
@@ -364,11 +348,8 @@ def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
             ax.legend(fontsize=7)
         for p in range(len(names), rows_n * cols):
             grid[p // cols][p % cols].axis("off")
-        fig.tight_layout()
-        key = "loss_plot" if kind == "loss" else "link_plot"
-        paths[key] = out / ("loss_curves.png" if kind == "loss" else "link_curves.png")
-        fig.savefig(paths[key], dpi=110)
-        plt.close(fig)
+        paths.update(save_figure(plt, fig, out / ("loss_curves.png" if kind == "loss" else "link_curves.png"),
+                                 "loss_plot" if kind == "loss" else "link_plot", dpi=110))
     return paths
 
 
@@ -390,11 +371,7 @@ def _frontier_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
     ax.set_title(f"learn / forget: each cell's mean ({view.conf}% t intervals); lower-left is better", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = out / "learn_forget.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"frontier_plot": path}
+    return save_figure(plt, fig, out / "learn_forget.png", "frontier_plot")
 
 
 def _diagnostics_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
@@ -416,8 +393,4 @@ def _diagnostics_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
         ax.set_xlabel("knot (links folded so far)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "knot_diagnostics.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"diagnostics_plot": path}
+    return save_figure(plt, fig, out / "knot_diagnostics.png", "diagnostics_plot")

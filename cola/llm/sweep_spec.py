@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cola.config import Validated
 from cola.errors import ConfigError, closest
 from cola.llm import stats
 from cola.llm.config_files import checked, read_config_file
@@ -43,7 +44,7 @@ are better when lower (:func:`cola.llm.stats.higher_is_better`)."""
 # ============================================================================ the spec
 
 @dataclass
-class SweepSpec:
+class SweepSpec(Validated):
     """What a sweep runs. ``settings`` is a ``cola train`` settings table (as in a config file)."""
 
     settings: dict[str, Any] = field(default_factory=dict)
@@ -58,11 +59,6 @@ class SweepSpec:
     metric: str = "accuracy"
     ci: str = "t"
     confidence: float = 0.95
-
-    def __post_init__(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
 
     def problems(self) -> list[str]:
         p: list[str] = []
