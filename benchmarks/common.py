@@ -176,19 +176,25 @@ def adamw(params: Iterable[nn.Parameter], lr: float = 1e-4) -> torch.optim.Optim
     return torch.optim.AdamW(params, lr=lr, fused=fused)
 
 
+def _factor_dtype(model: nn.Module) -> torch.dtype | None:
+    """float32 factors over a bf16/fp16 base, as ``cola train`` and PEFT (``autocast_adapter_dtype``) do."""
+    return torch.float32 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else None
+
+
 def setup_cola_lora(model: nn.Module, target_modules: list[str], rank: int = 8, alpha: float = 16):
     """cola.inject_lora + AdamW over the LoRA factors."""
     import cola
-    cola.inject_lora(model, target_modules=target_modules, rank=rank, alpha=alpha)
+    cola.inject_lora(model, target_modules=target_modules, rank=rank, alpha=alpha, lora_dtype=_factor_dtype(model))
     params = [p for layer in cola.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     return model, adamw(params)
 
 
 def setup_cola_chain(model: nn.Module, target_modules: list[str], total_steps: int, links: int = 3,
                      rank: int = 8, alpha: float = 16, **config: Any):
-    """cola.inject_lora + cola.Chain (AdamW factory) with ``links`` evenly spaced links."""
+    """cola.inject_lora + cola.Chain (AdamW factory) with ``links`` evenly spaced links and the chain's
+    defaults (the non-finite guard on, the compensation buffer where ``auto`` puts it)."""
     import cola
-    cola.inject_lora(model, target_modules=target_modules, rank=rank, alpha=alpha)
+    cola.inject_lora(model, target_modules=target_modules, rank=rank, alpha=alpha, lora_dtype=_factor_dtype(model))
     return model, cola.Chain(model, adamw, cola.ChainConfig(total_steps=total_steps, links=links, **config))
 
 

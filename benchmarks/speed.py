@@ -33,6 +33,7 @@ import statistics
 import sys
 from typing import Any
 
+import torch
 
 from . import common as C
 
@@ -73,7 +74,7 @@ def _compiled(model, counters: dict[str, Any], name: str, backend: str) -> None:
 
 def bench_model(shape: str, args, log) -> dict[str, Any]:
     seq = args.seq or DEFAULT_SEQ.get(shape, 128)
-    base = C.build_model(shape, seed=args.seed)
+    base = C.build_model(shape, seed=args.seed, dtype=getattr(torch, args.dtype))
     vocab = base.config.vocab_size
     batch = C.make_batch(vocab, args.batch, seq, seed=args.seed)
     n_calls = args.warmup + args.rounds
@@ -235,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="a local model path (benchmarked instead of --shapes)")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), help=f"subset of {', '.join(CONFIGS)} (also: {', '.join(EXTRA_CONFIGS)})")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base weights' dtype (LoRA factors stay float32 over bf16/fp16, as in PEFT)")
     p.add_argument("--seq", type=int, default=None,
                    help="tokens per sequence (default 128; 64 for smollm2-135m, to fit 5 minutes)")
     p.add_argument("--rank", type=int, default=8)

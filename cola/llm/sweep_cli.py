@@ -61,6 +61,14 @@ def _axis(text: str) -> tuple[str, list[Any]]:
     return key.strip(), [_json_or_text(v.strip()) for v in values.split(",") if v.strip()]
 
 
+def _cell(text: str) -> dict[str, Any]:
+    """``KEY=VALUE,KEY=VALUE``: one extra cell's axis values (values parsed as JSON when possible)."""
+    cell = dict(_override(part) for part in text.split(",") if part.strip())
+    if not cell:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. method=lora,rank=8")
+    return cell
+
+
 def _override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. method=lora or links=1")
@@ -96,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           metavar="V", help=f"values of {path}")
     grid.add_argument("--seeds", nargs="+", type=int, dest="sweep_seeds", default=argparse.SUPPRESS, metavar="S",
                       help="seeds of every cell (default 0 1 2); each fixes the data draw, init and order")
+    grid.add_argument("--cell", action="append", type=_cell, dest="extra_cells", default=argparse.SUPPRESS,
+                      metavar="K=V[,K=V]", help="a cell beyond the grid (repeatable), e.g. --cell method=full or "
+                      "--cell method=lora,rank=8; compared with the baseline like the grid's cells")
     grid.add_argument("--axis", action="append", type=_axis, dest="axes", default=argparse.SUPPRESS,
                       metavar="AXIS=V1,V2", help="any other axis: a cola train setting, chain.<field> or "
                       "chain.<kind>_options.<option>; values as JSON when possible, or AXIS=[JSON list]")
@@ -153,6 +164,8 @@ def spec_from_args(args: argparse.Namespace):
         spec["seeds"] = list(args.sweep_seeds)
     if given.get("baseline"):
         spec["baseline"] = dict(args.baseline)
+    if given.get("extra_cells"):
+        spec["cells"] = [*(spec.get("cells") or []), *args.extra_cells]
     for key in ("metric", "ci", "confidence"):
         if given.get(key) is not None:
             spec[key] = given[key]
