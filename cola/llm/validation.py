@@ -15,6 +15,7 @@ from typing import Any
 
 from cola.config import STRATEGY_KINDS, ChainConfig
 from cola.errors import ConfigError, closest
+from cola.llm.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
 from cola.llm.tasks import BUILTIN_TASKS
 from cola.manager import get_plugin_manager
 
@@ -99,8 +100,13 @@ def _corpus_problems(v: Any) -> list[str]:
             p.append(f"{name} is not for --task corpus ({why})")
     for name in ("train_file", "reference_file"):
         value = getattr(v, name)
-        if value and not Path(value).exists():
-            p.append(f"{name}={value!r}: no such file or folder")
+        if value and value.startswith(EMBEDDED_PREFIX):
+            problem = embedded_name_problem(value)
+            if problem:
+                p.append(f"{name}={problem}")
+        elif value and not Path(value).exists():
+            p.append(f"{name}={value!r}: no such file or folder (or embedded:NAME, one of "
+                     f"{', '.join(EMBEDDED_CORPORA)})")
     return p
 
 
