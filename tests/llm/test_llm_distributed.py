@@ -71,6 +71,22 @@ def _common(data: Path) -> dict:
                 eval_batch_size=3, links=3, rank=2, alpha=4.0, lr=3e-2, plots=False, log_every=1, threads=1)
 
 
+def _corpus_common(root: Path) -> dict:
+    """The corpus task on the same tiny Llama: 30 text files of words the tiny tokenizer knows, blocks of
+    16 tokens, 6 steps of 8 blocks (4 per rank), knots at 2 and 4; a reference text for forgetting."""
+    rng = random.Random(3)
+    words = ["great", "terrible", "Yes", "No", "Maybe", "food", "staff", "room", "stay", "value"]
+    folder = root / "corpus"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(60)) + "\n")
+    (root / "reference.txt").write_text("\n\n".join(f"It was great. Yes {i}." for i in range(60)))
+    return dict(model="tiny-llama", task="corpus", train_file=str(folder), files="*.txt",
+                reference_file=str(root / "reference.txt"), max_length=16, n_val=4, n_test=7, steps=6,
+                batch_size=8, eval_batch_size=3, links=3, rank=2, alpha=4.0, lr=3e-2, plots=False, log_every=1,
+                threads=1)
+
+
 def _torchrun(args: list[str], timeout: float = 150.0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent.parent)
@@ -104,6 +120,7 @@ def _files(folder: Path) -> list[str]:
 def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-llm")
     common = _common(_reviews(root / "reviews.jsonl"))
+    corpus = _corpus_common(root)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     # a 1-rank run stopped after 3 steps, to be resumed on 2 ranks
@@ -119,6 +136,8 @@ def launched(tmp_path_factory):
         {**full, "output_dir": str(root / "full")},
         {**common, "output_dir": str(root / "ddp-ckpt"), "gradient_checkpointing": True},
         {**common, "output_dir": str(root / "fsdp-ckpt"), "gradient_checkpointing": True, "fsdp": True},
+        {**corpus, "output_dir": str(root / "corpus-ddp")},
+        {**corpus, "output_dir": str(root / "corpus-fsdp"), "fsdp": True},
         {**common, "output_dir": str(root / "ddp"), "_expect_error": True},   # already holds a run
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -126,12 +145,14 @@ def launched(tmp_path_factory):
     proc = _torchrun([str(HERE / "dist_run_script.py"), str(root / "jobs.json"), str(root / "result.pt"), str(root)])
     launch_s = time.perf_counter() - t1
     res = torch.load(root / "result.pt", weights_only=False)
-    names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "ddp_ckpt", "fsdp_ckpt", "refused"]
+    names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "ddp_ckpt", "fsdp_ckpt", "corpus_ddp",
+             "corpus_fsdp", "refused"]
     out = dict(zip(names, res["jobs"]), root=root, common=common, proc=proc, raw=res)
     # the one-process references
     out["ref"], out["ref_weights"] = script.run({**compare, "output_dir": str(root / "ref")})
     out["cola_ref"], out["cola_ref_weights"] = script.run({**common, "output_dir": str(root / "cola-ref")})
     out["full_ref"], out["full_ref_weights"] = script.run({**full, "output_dir": str(root / "full-ref")})
+    out["corpus_ref"], out["corpus_ref_weights"] = script.run({**corpus, "output_dir": str(root / "corpus-ref")})
     out["resumed_here"], out["resumed_here_weights"] = script.run(
         {**common, "output_dir": str(root / "two-then-one"), "resume": True})
     print(f"\n[dist-llm] torchrun launch ({len(jobs)} jobs, 2 ranks): {launch_s:.1f} s; "
@@ -163,6 +184,24 @@ def test_two_ranks_run_in_lock_step_and_match_one_rank(launched):
         c["validation"]["accuracy"] for c in ref["runs"][1]["curve"]]
     assert abs(run["test"]["loss"] - ref["runs"][1]["test"]["loss"]) < TOL
     assert ddp["results"]["zero_shot"]["test"]["accuracy"] == ref["zero_shot"]["test"]["accuracy"]
+
+
+@pytest.mark.parametrize("job", ["corpus_ddp", "corpus_fsdp"])
+def test_the_corpus_task_on_two_ranks_matches_one_rank(launched, job):
+    """--task corpus data-parallel (replicated, and FSDP): the blocks of each global batch split over the
+    ranks, the held-out and reference blocks scored sharded; the same weights, losses and perplexities."""
+    run, ref = launched[job], launched["corpus_ref"]
+    weight_diff = _max_diff(run["weights"], launched["corpus_ref_weights"])
+    loss_diff = _loss_diff(run["results"], ref)
+    mine, theirs = run["results"]["runs"][0], ref["runs"][0]
+    ppl_diff = abs(mine["test"]["perplexity"] - theirs["test"]["perplexity"]) / theirs["test"]["perplexity"]
+    print(f"\n[dist-llm] corpus ({job}), 2 ranks vs 1: weights {weight_diff:.3g}, losses {loss_diff:.3g}, "
+          f"test perplexity {mine['test']['perplexity']:.4f} vs {theirs['test']['perplexity']:.4f}, forgetting "
+          f"{mine['test']['forgetting']:+.4f} vs {theirs['test']['forgetting']:+.4f}")
+    assert run["rank_weight_diff"] == 0.0 and weight_diff < TOL and loss_diff < TOL
+    assert mine["knots"] == [2, 4] and [c["after_link"] for c in mine["curve"]] == [0, 1, 2, 3]
+    assert ppl_diff < TOL and abs(mine["test"]["forgetting"] - theirs["test"]["forgetting"]) < TOL
+    assert mine["test"]["tokens"] == theirs["test"]["tokens"] and mine["test"]["n"] == 7
 
 
 def test_full_fine_tuning_on_two_ranks_matches_one_rank(launched):
