@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from cola.errors import ConfigError
-from cola.llm.corpus_sources import (SAMPLE_BY, STDLIB_EXCLUDED_DIRS, TABLE_BUILDERS, Corpus,  # noqa: F401
+from cola.llm.corpus_sources import (EMBEDDED_PREFIX, SAMPLE_BY, STDLIB_EXCLUDED_DIRS, TABLE_BUILDERS,  # noqa: F401
+                                     Corpus,
                                      CorpusInfo, Document, _utf8_lengths, describe, embedded_corpus,
                                      embedded_reference, load_corpus, read_documents, stdlib_files)
 from cola.llm.tasks import DataError

@@ -91,15 +91,37 @@ class CorpusData:
                 "test": self.test.domain.n_blocks, "reference": self.test.reference.n_blocks}
 
 
+_CACHE: dict[tuple, object] = {}
+_CACHE_SIZE = 8
+
+
+def _cached(key: tuple, make, path: str | None = "embedded:"):
+    """``make()``, kept for the next run of the same process (a sweep, a dry run of many cells): the
+    embedded corpora (read) and anything keyed by a corpus's content fingerprint (tokenised). A user's
+    file (``path`` not ``embedded:...``) is read again each time: it may have changed."""
+    if path is not None and not str(path).startswith(corpus.EMBEDDED_PREFIX):
+        return make()
+    if key not in _CACHE:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
 def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tuple[CorpusTask, dict[int, CorpusData]]:
     """The documents of ``settings.train_file`` (default: the Python standard library) and the reference
     text (default: the embedded tweets), tokenised once, split by document and packed for each seed."""
     block = settings.max_length
-    text = corpus.load_corpus(settings.train_file, settings.files, settings.text_field)
-    reference_text = (corpus.load_corpus(settings.reference_file) if settings.reference_file  # its own defaults
-                      else corpus.embedded_reference())
-    encoded = corpus.encode_documents(text.documents, tokenizer)
-    reference = corpus.prepare_reference(reference_text.documents, tokenizer, block, settings.n_test)
+    text = _cached(("read", settings.train_file, settings.files, settings.text_field),
+                   lambda: corpus.load_corpus(settings.train_file, settings.files, settings.text_field),
+                   settings.train_file)
+    reference_text = _cached(("read", settings.reference_file), lambda: corpus.load_corpus(
+        settings.reference_file or "embedded:tweets"), settings.reference_file)  # its own files/text defaults
+    tokenizer_id = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
+    encoded = _cached(("encode", text.info.fingerprint, tokenizer_id),
+                      lambda: corpus.encode_documents(text.documents, tokenizer))
+    reference = _cached(("reference", reference_text.info.fingerprint, tokenizer_id, block, settings.n_test),
+                        lambda: corpus.prepare_reference(reference_text.documents, tokenizer, block, settings.n_test))
     reference_val = reference.evenly(settings.n_val)
     data = {}
     for seed in seeds:
