@@ -40,7 +40,6 @@ The blocks, the split and the metrics are :mod:`cola.llm.corpus`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import platform
@@ -53,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from cola.errors import ConfigError
-from cola.llm.data import datasets_session, load_tweets
+from cola.llm.data import datasets_session, load_tweets, package_file
 from cola.llm.tasks import DataError
 
 logger = logging.getLogger(__name__)
@@ -330,12 +329,7 @@ def cantonese_corpus() -> Corpus:
     121,137 sentences (5.5 MB, CC0 1.0), as shipped in the ``pycantonese`` 5.0.0 package; one sentence
     a document. A language SmolLM2 hardly knows (zero-shot perplexity about 100): where one low-rank
     LoRA falls clearly short of full fine-tuning. Read from the package's data file (not imported)."""
-    spec = importlib.util.find_spec(CANTONESE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the embedded corpus 'cantonese' needs the package pycantonese: {CANTONESE_PIP}")
-    path = Path(next(iter(spec.submodule_search_locations))) / CANTONESE_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing; reinstall with: {CANTONESE_PIP}")
+    path = package_file(CANTONESE_PACKAGE, CANTONESE_FILE, CANTONESE_PIP, "the embedded corpus 'cantonese'")
     sentences = json.loads(path.read_text(encoding="utf-8"))
     documents = tuple(Document(f"ctcpc#{i}", text) for i, text in enumerate(sentences)
                       if isinstance(text, str) and text.strip())

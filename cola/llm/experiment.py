@@ -41,7 +41,7 @@ from cola.llm.objective import default_max_length, encode_examples
 from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
 from cola.llm.plan import FLOPS_FORMULA, build_plan, corpus_sizes, example_sizes
 from cola.llm.records import RunRecord, primary_metric
-from cola.llm.settings import CORPUS, RUNTIME_FIELDS, TrainSettings
+from cola.llm.settings import CORPUS, RUNTIME_FIELDS, TrainSettings, default_of
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,9 @@ def prepare_output(settings: TrainSettings, out: Path) -> None:
             raise ConfigError(f"resume: {out} holds no run to resume (no settings.json)")
         saved = json.loads(saved_path.read_text())
         current = settings.to_dict()
-        differing = [f"{k} (saved {saved.get(k)!r}, now {current[k]!r})" for k in current
-                     if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
+        # a setting the saved run predates had its default then (settings are added with a neutral default)
+        differing = [f"{k} (saved {saved.get(k, default_of(k))!r}, now {current[k]!r})" for k in current
+                     if k not in RUNTIME_FIELDS and saved.get(k, default_of(k)) != current[k]]
         if differing:
             raise ConfigError([f"resume: the settings differ from the run in {out}:"] + differing)
         return

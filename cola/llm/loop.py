@@ -64,7 +64,7 @@ class FullFineTuning:
     interface, including its non-finite guard: a step whose loss or gradients are not finite leaves
     the weights alone, is counted, and (as in the chain) still counts as a step of the schedule."""
 
-    history: list = []
+    history: tuple = ()   # no knots: the chain's attributes the loop reads
     link = 0
 
     def __init__(self, model, settings: TrainSettings, total_steps: int, key: str):
@@ -211,7 +211,7 @@ def resume(run: Run) -> None:
 # ============================================================================ the loop
 
 class Training:
-    """The loop of one run: :meth:`run` trains until ``total_steps`` (or the step budget is spent)."""
+    """The loop of one run: :meth:`train` trains until ``total_steps`` (or the step budget is spent)."""
 
     def __init__(self, settings: TrainSettings, run: Run, evaluate: Evaluator, budget: StepBudget,
                  progress: bool = False):
