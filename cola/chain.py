@@ -90,6 +90,7 @@ class Chain:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
+        self.link_starts: dict[str, int] = {}  # per layer: where the live link's entries begin in layer.links
         self._start_link(None)            # link 0, initialised by the strategies too
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._notify_steps = self.pm.has_impls("cola_after_step")
@@ -129,6 +130,7 @@ class Chain:
     def _start_link(self, closure: Closure | None, ranks: dict[str, int] | None = None) -> None:
         """Re-init every layer for link ``self.link`` (the strategy's ``prepare`` first, once)."""
         ranks = ranks or {name: self._rank_for(name, self.link) for name in self.layers}
+        self.link_starts = {name: len(layer.links) for name, layer in self.layers.items()}
         reinit = self.strategies["reinit"]
         prepare = getattr(reinit, "prepare", None)
         if prepare is not None:
@@ -311,7 +313,8 @@ class Chain:
         """Per layer: effective rank and norm of the accumulated update, overlap of the newest link."""
         if not self.config.record_links:
             return {}
-        stats = {name: update_stats(layer.links) for name, layer in self.layers.items() if layer.links}
+        stats = {name: update_stats(layer.links, self.link_starts.get(name)) for name, layer in self.layers.items()
+                 if layer.links}
         return {"effective_rank": {n: s.effective_rank for n, s in stats.items()},
                 "accumulated_norm": {n: s.accumulated_norm for n, s in stats.items()},
                 "overlap": {n: s.overlap for n, s in stats.items()}}

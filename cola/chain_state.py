@@ -69,7 +69,7 @@ def state_dict(chain) -> dict[str, Any]:
         "versions": {"chain-of-lora": __version__, "torch": torch.__version__},
         "fingerprint": frozen_fingerprint(chain.model, chain.layers),
         "link": chain.link, "last_knot": chain.last_knot, "base_ranks": dict(chain.base_ranks),
-        "history": [r.to_dict() for r in chain.history], "layers": layers,
+        "link_starts": dict(chain.link_starts), "history": [r.to_dict() for r in chain.history], "layers": layers,
         "optimizer": dt.gather_tree(chain.optimizer.state_dict()),
         "scheduler": chain.scheduler.state_dict() if chain.scheduler is not None else None,
         "strategies": strategies, "rng": rng,
@@ -117,6 +117,7 @@ def load_state_dict(chain, state: dict[str, Any]) -> None:
     chain.step_count, chain.link, chain.last_knot = state["step"], state["link"], state["last_knot"]
     chain.counts.set(state.get("nonfinite_steps", 0))  # a resumed chain starts a fresh run of skips in a row
     chain.base_ranks = dict(state["base_ranks"])
+    chain.link_starts = dict(state.get("link_starts") or {n: len(layer.links) for n, layer in chain.layers.items()})
     chain.history = [KnotReport(**r) for r in state["history"]]
     chain.optimizer.load_state_dict(state["optimizer"])
     dt.redistribute_optimizer_state(chain.optimizer)

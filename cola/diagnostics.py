@@ -6,10 +6,15 @@ beyond the rank of one link. Three numbers per layer show whether that happens:
 
 * ``effective_rank``: the entropy effective rank (Roy & Vetterli) of ``U_m``;
 * ``accumulated_norm``: ``||U_m||_F``;
-* ``overlap``: how much of the newest link ``D = s_m B_m A_m`` lies in the span of the previous
+* ``overlap``: how much of the newest link's net update ``D`` lies in the span of the previous
   links, ``||P_B D P_A||_F / ||D||_F`` with ``P_B`` the projector on the previous ``B``'s columns and
   ``P_A`` on the previous ``A``'s rows: 0 means entirely new directions, 1 means the new link only
   re-weights directions the chain already had (its cosine with the previous links' subspace).
+
+A link's net update is what it added from its start to its knot: ``s B_m A_m`` for a link that
+starts at ``B = 0``, and that minus what its re-init folded out of the weight at its start for
+PiSSA-like re-inits (``fw`` with ``init="both"``), whose fold-out the layer records as an entry of
+its own (``links`` is every folded entry, in order).
 
 Everything is computed from thin QR factorisations of the stacked factors, in float64.
 """
@@ -58,25 +63,28 @@ def stacked(links: list[Link]) -> tuple[torch.Tensor, torch.Tensor]:
     return B, A
 
 
-def overlap(new: Link, previous: list[Link]) -> float | None:
-    """``||P_B D P_A||_F / ||D||_F`` for the newest link ``D`` against the span of ``previous``
-    (None when there is no previous link or ``D`` is zero)."""
-    if not previous:
+def overlap(new: list[Link], previous: list[Link]) -> float | None:
+    """``||P_B D P_A||_F / ||D||_F`` for the net update ``D`` of the entries ``new`` against the span of
+    ``previous`` (None when there is nothing previous or ``D`` is zero)."""
+    if not previous or not new:
         return None
-    b, a, s = new
-    D_norm = float(torch.linalg.matrix_norm(_core(b.double() * s, a)))
+    b, a = stacked(new)
+    D_norm = float(torch.linalg.matrix_norm(_core(b, a)))
     if D_norm == 0.0:
         return None
     QB, _ = torch.linalg.qr(torch.cat([p[0].double() for p in previous], dim=1))
     QA, _ = torch.linalg.qr(torch.cat([p[1].double() for p in previous], dim=0).T)
-    projected = (QB.T @ (b.double() * s)) @ (a.double() @ QA)     # (k x r) (r x k): Q_B^T D Q_A
+    projected = (QB.T @ b) @ (a @ QA)     # (k x R) (R x k): Q_B^T D Q_A
     return min(1.0, float(torch.linalg.matrix_norm(projected)) / D_norm)
 
 
-def update_stats(links: list[Link]) -> UpdateStats | None:
-    """The diagnostics of a layer whose folded links are ``links`` (None before the first knot)."""
+def update_stats(links: list[Link], newest_from: int | None = None) -> UpdateStats | None:
+    """The diagnostics of a layer whose folded entries are ``links`` (None before the first knot); the
+    newest link's net update is ``links[newest_from:]`` (default: the last entry)."""
     if not links:
         return None
+    start = len(links) - 1 if newest_from is None else newest_from
     B, A = stacked(links)
     core = _core(B, A)
-    return UpdateStats(effective_rank(B, A), float(torch.linalg.matrix_norm(core)), overlap(links[-1], links[:-1]))
+    return UpdateStats(effective_rank(B, A), float(torch.linalg.matrix_norm(core)),
+                       overlap(links[start:], links[:start]))

@@ -117,3 +117,26 @@ def test_power_iterations_cost_two_passes_each():
     config = cola.ChainConfig(total_steps=4, links=2, reinit="fw")
     assert pm.create("reinit", "fw", config, {}).probe_passes == 2
     assert pm.create("reinit", "fw", config, {"niter": 2}).probe_passes == 6
+
+
+def test_the_overlap_diagnostic_measures_each_links_net_update():
+    """With init="both" each link starts with what it folded out; its net update (knot minus start) is
+    what the overlap measures: new directions score low, like lora's, not the near 1 that comparing the
+    trained factors with their own fold-out would give."""
+    for init in ("A", "both"):
+        model, X, Y = _problem(0, d=24)
+        cola.inject_lora(model, ["0"], rank=2, alpha=4)
+        chain = cola.Chain(model, lambda p: torch.optim.Adam(p, lr=1e-2),
+                           cola.ChainConfig(total_steps=60, links=3, reinit="fw", diagnostics=True,
+                                            reinit_options={"init": init}))
+        for step in range(60):
+            def closure():
+                chain.zero_grad()
+                loss = ((model(X[:64]) - Y[:64]) ** 2).mean()
+                loss.backward()
+                return loss
+            chain.step(closure(), closure=closure)
+            chain.zero_grad()
+        overlaps = [r.overlap["0"] for r in chain.history]
+        assert overlaps[0] is None and all(o < 0.6 for o in overlaps[1:]), (init, overlaps)
+        assert chain.history[-1].effective_rank["0"] > 2.0
