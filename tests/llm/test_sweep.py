@@ -264,6 +264,8 @@ def test_shipped_recipes_parse_and_keep_equal_compute():
         s = load_recipe(name)
         cells, extra = build_cells(s)
         assert cells and s.description
+        if name.startswith("capacity-"):
+            continue                                   # checked in the test below
         assert all(c.settings.rank == 8 and c.settings.alpha == 16.0 for c in cells)
         assert all(c.settings.targets == ["q_proj", "v_proj"] for c in cells)
         assert all(c.settings.epochs == 5.0 for c in cells)
@@ -272,6 +274,30 @@ def test_shipped_recipes_parse_and_keep_equal_compute():
     assert step_down.grid["chain.rank_schedule_options.later_rank"] == [2, 4, 6, 8]
     cells, extra = build_cells(step_down)
     assert len(extra) == 1 and effective(extra[0].settings).method == "lora"
+
+
+
+@pytest.mark.parametrize("name", ["capacity-cpu", "capacity-opt-1.3b", "capacity-llama-2-7b"])
+def test_capacity_recipes_compare_at_equal_steps_and_tokens(name):
+    s = load_recipe(name)
+    cells, extra = build_cells(s)
+    everything = [c.settings for c in cells] + [c.settings for c in extra]
+    assert all(c.task == "corpus" for c in everything)
+    # equal steps and tokens in every cell: the comparison is at equal compute per step
+    assert len({(c.steps, c.batch_size, c.max_length) for c in everything}) == 1
+    methods = {effective(c).method for c in everything}
+    assert {"lora", "cola", "full"} <= methods
+    # LoRA of rank r (the baseline) and of the chains' total rank, chains of 2, 4 and 8 links
+    lora_ranks = {c.rank for c in everything if effective(c).method == "lora"}
+    base = s.settings["rank"]
+    assert base in lora_ranks and base * 4 in lora_ranks        # the 4-link chain's total rank
+    chains = [c for c in everything if effective(c).method == "cola"]
+    assert {c.links for c in chains} >= {2, 4, 8}
+    assert all(c.rank == base for c in chains)
+    reinits, policies = {c.chain.get("reinit", "lora") for c in chains}, {c.chain.get("lr_policy") for c in chains}
+    assert reinits >= {"lora", "fw"} and policies >= {"continue", "rewarm"}
+    if name == "capacity-cpu":                          # the run here crosses every re-init and LR policy
+        assert reinits >= {"lora", "orthogonal", "fw"} and policies >= {"continue", "restart", "rewarm"}
 
 
 def _cli(*argv: str) -> int:
