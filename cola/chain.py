@@ -116,16 +116,17 @@ class Chain:
 
     def _check_planned_ranks(self) -> None:
         """The plan holds for every layer: each (base rank, largest rank) pair is checked once."""
-        problems = []
+        problems: dict[str, str] = {}   # each problem once, with the first layer it was found on
         pairs = sorted({(self.base_ranks[n], layer.max_rank) for n, layer in self.layers.items()})
         for base, limit in pairs:
             try:
                 plan(self.config, base, limit, strategies=self.strategies)
             except ConfigError as err:
-                where = [n for n, layer in self.layers.items() if (self.base_ranks[n], layer.max_rank) == (base, limit)]
-                problems += [f"{p} (layers such as {where[0]})" for p in err.problems if p not in problems]
+                where = next(n for n, layer in self.layers.items()
+                             if (self.base_ranks[n], layer.max_rank) == (base, limit))
+                problems.update({p: f"{p} (layers such as {where})" for p in err.problems if p not in problems})
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(list(problems.values()))
 
     def _start_link(self, closure: Closure | None, ranks: dict[str, int] | None = None) -> None:
         """Re-init every layer for link ``self.link`` (the strategy's ``prepare`` first, once)."""
@@ -171,7 +172,10 @@ class Chain:
         leaves the weights and the optimizer state as they were; it still counts as a step of the
         schedule, and is counted in ``nonfinite_steps`` / ``nonfinite_in_row``. Nothing is read
         back to the host on a step that is not a knot: the returned :class:`~cola.guard.Verdict`
-        is true when the step was taken, and evaluating it reads that one flag.
+        is true when the step was taken, and evaluating it reads that one flag. (On an accelerator
+        that holds for fused optimizers, which skip inside their kernel; PyTorch's non-fused Adam
+        keeps its step counter in host memory, so undoing a step there copies the flag to the host:
+        pass ``fused=True``, as ``cola train`` does on CUDA.)
 
         ``closure`` (see :data:`Closure`) lets a re-init strategy probe the gradient at a knot.
         ``loss`` is read (a host sync) only when a plugin or the merge policy needs its value.

@@ -29,10 +29,10 @@ def frozen_fingerprint(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
     """Shape, dtype and float64 sum of every parameter and buffer the chain never changes.
 
     Saved with the chain's state, so resuming on a different base model is refused, naming
-    the parameters that differ. The LoRA layers' own weights and compensation buffers are excluded
-    (the state holds them; the buffer appears at the first knot of a bf16/fp16 chain).
+    the parameters that differ. The LoRA layers' own weights and factors are excluded (the state
+    holds them, with the compensation of a bf16/fp16 chain, which is not a registered buffer).
     """
-    skip = {f"{name}.{part}" for name in layers for part in ("base.weight", "lora_A", "lora_B", "residual")}
+    skip = {f"{name}.{part}" for name in layers for part in ("base.weight", "lora_A", "lora_B")}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     return {name: [list(t.shape), str(t.dtype), dt.sum64(t) if t.is_floating_point() else 0.0]
             for name, t in tensors if name not in skip and t is not None}

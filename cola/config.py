@@ -65,7 +65,9 @@ class ChainConfig(Validated):
                 "layer by layer: accelerator memory equal to LoRA's), device (beside the weight), or auto (host when "
                 "the weights are on an accelerator, device on CPU)"})
     diagnostics: bool = field(default=False, metadata={
-        "help": "record gradient norm and effective rank of the accumulated update at each knot"})
+        "help": "record at each knot the gradient norm and, per layer, the effective rank and norm of the "
+                "accumulated update and the new link's overlap with the previous ones (cola.diagnostics; the "
+                "last three need record_links, the default)"})
 
     def problems(self) -> list[str]:
         """Every problem of this config (empty when valid); strategy names are checked by the chain."""

@@ -35,6 +35,12 @@ class Verdict:
     def __init__(self, found_inf: torch.Tensor | bool):
         self._found = found_inf
 
+    @property
+    def flag(self) -> torch.Tensor | bool:
+        """The step's skip flag as the device holds it, not read: a 0-dim tensor (1.0 when the step was
+        skipped) or a bool (True when skipped); for a loop that reads many steps' flags at once."""
+        return self._found
+
     def __bool__(self) -> bool:
         found = self._found
         return not (bool(found.item() > 0) if isinstance(found, torch.Tensor) else found)

@@ -55,6 +55,17 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor:
     return torch.zeros_like(param, dtype=torch.float32) if g is None else g.detach().float()
 
 
+class _NonFinite(Exception):
+    """A probe's gradient is not finite (the knot fell on a step with a non-finite loss or gradient)."""
+
+
+def _finite(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``grads``, after one read of whether all of them are finite (raises :class:`_NonFinite` if not)."""
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+        raise _NonFinite
+    return grads
+
+
 class FrankWolfeInit:
     """Start each new link in the top-r singular subspace of the knot batch's full-weight gradient."""
 
@@ -90,12 +101,17 @@ class FrankWolfeInit:
             return
         width = {n: min(ranks[n] + self.oversample, layer.max_rank) for n, layer in layers.items()}
         omega = {n: torch.randn((width[n], layer.in_features), generator=info.generator) for n, layer in layers.items()}
-        Q = self._range(layers, omega, info.closure)
-        for _ in range(self.niter):
-            Z = self._left(layers, Q, info.closure)                 # Q^T G, (k x in)
-            P = {n: torch.linalg.qr(z.T)[0] for n, z in Z.items()}  # (in x k)
-            Q = self._range(layers, {n: p.T for n, p in P.items()}, info.closure)
-        M = self._left(layers, Q, info.closure)                     # Q^T G
+        try:
+            Q = self._range(layers, omega, info.closure)
+            for _ in range(self.niter):
+                Z = self._left(layers, Q, info.closure)                 # Q^T G, (k x in)
+                P = {n: torch.linalg.qr(z.T)[0] for n, z in Z.items()}  # (in x k)
+                Q = self._range(layers, {n: p.T for n, p in P.items()}, info.closure)
+            M = self._left(layers, Q, info.closure)                     # Q^T G
+        except _NonFinite:
+            log.warning("reinit 'fw': the knot batch's gradient is not finite, so link %d starts as 'lora' does",
+                        info.link)
+            return
         for name in layers:
             Ut, S, Vh = torch.linalg.svd(M[name].double(), full_matrices=False)
             r = ranks[name]
@@ -106,9 +122,9 @@ class FrankWolfeInit:
         for name, layer in layers.items():
             layer.set_factors_(rows[name], torch.zeros(layer.out_features, rows[name].shape[0]))
         self._backward(layers, closure)
-        out = {n: torch.linalg.qr(_grad(layer.lora_B) / layer.scaling)[0] for n, layer in layers.items()}
+        grads = {n: _grad(layer.lora_B) / layer.scaling for n, layer in layers.items()}
         self._clear(layers)
-        return out
+        return {n: torch.linalg.qr(g)[0] for n, g in _finite(grads).items()}
 
     def _left(self, layers, Q: dict, closure) -> dict[str, torch.Tensor]:
         """``Q^T G`` per layer: one backward with ``B = Q``, ``A = 0``."""
@@ -117,7 +133,7 @@ class FrankWolfeInit:
         self._backward(layers, closure)
         out = {n: _grad(layer.lora_A) / layer.scaling for n, layer in layers.items()}
         self._clear(layers)
-        return out
+        return _finite(out)
 
     @staticmethod
     def _backward(layers, closure) -> None:

@@ -95,6 +95,8 @@ class Plateau:
     def is_knot(self, info) -> bool:
         if info.loss is None:
             raise ConfigError("merge policy 'plateau' needs the loss: call chain.step(loss=loss)")
+        if not math.isfinite(info.loss):   # a skipped step's loss says nothing about a plateau
+            return False
         self.ema = info.loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * info.loss
         if self.ema < self.best - self.min_delta:
             self.best, self.since_best = self.ema, 0

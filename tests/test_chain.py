@@ -241,6 +241,21 @@ def test_plateau_ties_knots_when_loss_stalls():
     assert [r.step for r in chain.history][:3] == [4, 8, 12]
 
 
+def test_plateau_ignores_a_skipped_steps_nonfinite_loss():
+    """A skipped step still reaches the merge policy (it counts toward the schedule); its NaN loss
+    must not enter the plateau's moving average (a NaN there would never compare below the best)."""
+    model, chain = make_chain(cola.ChainConfig(total_steps=40, merge_policy="plateau",
+                                               merge_policy_options={"patience": 3, "smoothing": 0.5}))
+    for step in range(20):
+        x, y = next(batches(1))
+        ((model(x) - y) ** 2).mean().backward()
+        chain.step(torch.tensor(float("nan")) if step == 2 else torch.tensor(1.0 / (step + 1)))
+        chain.zero_grad()
+    policy = chain.strategies["merge_policy"]
+    assert chain.nonfinite_steps == 1 and math.isfinite(policy.ema)
+    assert chain.history == []   # the loss kept improving: no plateau, no knot
+
+
 def test_model_without_lora_and_bad_optimizer_factory():
     with pytest.raises(cola.ConfigError, match="inject_lora"):
         cola.Chain(MLP(), lambda p: torch.optim.SGD(p, lr=1), cola.ChainConfig(total_steps=2, links=1))

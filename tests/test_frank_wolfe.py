@@ -102,6 +102,31 @@ def test_without_a_closure_later_links_start_as_lora_and_a_warning_says_so(caplo
     assert "no closure" in caplog.text
 
 
+@pytest.mark.parametrize("init", ["A", "both"])
+def test_a_knot_on_a_nonfinite_batch_starts_the_link_as_lora_and_leaves_the_weights_finite(caplog, init):
+    """A skipped step still counts, so a knot can fall on a batch whose gradient is NaN: the probe
+    must not put NaN into the factors (or, with init='both', into the weight it folds out of)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    cola.inject_lora(model, ["0"], rank=2)
+    chain = cola.Chain(model, lambda p: torch.optim.SGD(p, lr=0.1),
+                       cola.ChainConfig(total_steps=4, links=2, reinit="fw", reinit_options={"init": init}))
+    x = torch.randn(4, 8)
+
+    def closure():
+        chain.zero_grad()
+        loss = model(x).sum() * float("nan")
+        loss.backward()
+        return loss
+
+    with caplog.at_level(logging.WARNING):
+        chain.tie_knot(closure=closure)
+    layer = chain.layers["0"]
+    assert chain.link == 1 and "not finite" in caplog.text
+    assert all(bool(torch.isfinite(t).all()) for t in (layer.lora_A, layer.lora_B, layer.base.weight))
+    assert not layer.lora_B.any()   # started as 'lora': B = 0
+
+
 @pytest.mark.parametrize("options, message", [({"init": "B"}, "init='B'"), ({"oversample": -1}, "oversample"),
                                               ({"niter": 1.5}, "niter"), ({"scale": 0}, "scale")])
 def test_bad_options_are_refused_with_the_value(options, message):

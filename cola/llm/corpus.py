@@ -474,7 +474,7 @@ def evaluate_corpus(model: PreTrainedModel, blocks: Blocks | torch.Tensor, batch
         model.train(was_training)
     loss = total / tokens
     n_bytes = int(token_bytes[:, 1:][keep].sum()) if token_bytes is not None else None
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+    return {"loss": loss, "perplexity": math.exp(loss) if not loss >= 700 else math.inf,  # NaN stays NaN
             "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
             "tokens": tokens, "bytes": n_bytes, "n_blocks": int(ids.shape[0])}
 

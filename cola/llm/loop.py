@@ -28,6 +28,7 @@ import cola
 import cola.distributed as cd
 from cola.config import schedule_multiplier
 from cola.errors import ColaError
+from cola.guard import Verdict
 from cola.llm import corpus, objective
 from cola.llm.evaluation import Evaluator
 from cola.llm.inputs import epoch_batches
@@ -80,9 +81,9 @@ class FullFineTuning:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: float) -> bool:
+    def step(self, loss: torch.Tensor | float) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        taken = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+        taken = math.isfinite(float(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
         if taken:
             self.nonfinite_in_row = 0
             self.optimizer.step()
@@ -97,15 +98,19 @@ class FullFineTuning:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": {n: p.detach().clone() for n, p in self.model.named_parameters()},
+        # the weights go to host memory one by one (no second copy of the model on an accelerator)
+        return {"model": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: dict[str, Any], record: RunRecord) -> None:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count, self.nonfinite_steps = record.steps_taken, record.nonfinite_steps
 
 
@@ -218,6 +223,7 @@ class Training:
         self.settings, self.run, self.evaluate, self.budget = settings, run, evaluate, budget
         self.progress = progress
         self.knots_seen = len(run.chain.history) if run.chain else 0
+        self.pending: list[tuple[Any, Any]] = []   #: (loss, verdict) of the steps not yet read back
         self.tic = time.perf_counter()
 
     @property
@@ -240,16 +246,14 @@ class Training:
                 if self.budget.spent:  # spent on an earlier run
                     raise RunStopped(f"{run.key}: stopped before step {self.steps_taken + 1} of {total} (stop_after)")
                 lr_now = current_lr(run.trainer)
-                loss = self.accumulate()
-                taken = self.take_step(loss)
-                self.after_step(loss if taken else None, lr_now, bar)
-                self.stop_if_failing()
+                self.take_step(self.accumulate(), lr_now)
+                self.after_step(bar)
         finally:
             if bar is not None:
                 bar.close()
         run.model.eval()
 
-    def accumulate(self) -> float:
+    def accumulate(self) -> torch.Tensor | float:
         """Forward and backward of ``grad_accum`` micro-batches; the (global, averaged) loss."""
         s, run = self.settings, self.run
         distributed = cd.is_distributed()
@@ -265,11 +269,13 @@ class Training:
             run.record.position += 1
         return self.backward()
 
-    def backward(self) -> float:
-        """Loss and gradients of this step's micro-batches, averaged over the ranks; the loss."""
+    def backward(self) -> torch.Tensor | float:
+        """Loss and gradients of this step's micro-batches, averaged over the ranks; the loss, left on
+        the device in one process (read back with the steps around it, :meth:`flush`), a float on
+        several ranks (their average, the same on every rank)."""
         s, run = self.settings, self.run
         pad = run.tokenizer.pad_token_id or 0
-        total = 0.0
+        total = None
         for mine, scale in self.step_batches:
             if run.blocks:
                 loss = as_forward(run.model, lambda: corpus.lm_loss(run.model, torch.stack(mine)))
@@ -277,31 +283,50 @@ class Training:
                 loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
             loss = loss * (scale / s.grad_accum)
             loss.backward()
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
         if cd.is_distributed():
             cd.sync_gradients(run.model)  # every trainable weight (a probing re-init's factors too): the mean
-            total = cd.average(total)                                             # the same loss on every rank
+            return cd.average(total)                                              # the same loss on every rank
         return total
 
-    def closure(self) -> float:
+    def closure(self) -> torch.Tensor | float:
         """This step's loss and gradients again (what a re-init that probes the gradient calls at a knot)."""
         self.run.trainer.zero_grad()
         return self.backward()
 
-    def take_step(self, loss: float) -> bool:
-        """The trainer's step (a knot may follow). A skipped (non-finite) step is logged and counted;
-        too many in a row stop the run with a checkpoint. True when the step was taken."""
+    def take_step(self, loss: torch.Tensor | float, lr_now: float) -> None:
+        """The trainer's step (a knot may follow). Whether it was taken is left on the device with its
+        loss until :meth:`flush` reads the pending steps at once."""
         run = self.run
-        taken = bool(run.trainer.step(loss, closure=self.closure) if run.chain else run.trainer.step(loss))
+        verdict = run.trainer.step(loss, closure=self.closure) if run.chain else run.trainer.step(loss)
         run.trainer.zero_grad()
-        if taken:
-            run.record.nonfinite_in_row = 0
-            return True
-        record = run.record
-        record.nonfinite_steps, record.nonfinite_in_row = run.trainer.nonfinite_steps, run.trainer.nonfinite_in_row
-        log.warning("%s: step %d skipped: non-finite loss or gradient (%d in a row, %d in all)", run.key,
-                    self.steps_taken, record.nonfinite_in_row, record.nonfinite_steps)
-        return False
+        self.pending.append((loss, verdict))
+        run.record.lr_per_step.append(lr_now)
+
+    def flush(self) -> None:
+        """Read the pending steps back from the device in one transfer: each one's loss into the record
+        (None for a skipped step), the skipped-step counts, a warning per skipped step."""
+        if not self.pending:
+            return
+        values: list = []
+        for loss, verdict in self.pending:   # a Verdict's flag is 1 (or True) when skipped; a bool verdict is "taken"
+            values += [loss, verdict.flag if isinstance(verdict, Verdict) else not verdict]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else [])
+        values = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+        run, record = self.run, self.run.record
+        first = self.steps_taken - len(self.pending) + 1
+        for i in range(len(self.pending)):
+            skipped = values[2 * i + 1] > 0
+            record.train_loss.append(None if skipped else values[2 * i])
+            if skipped:
+                record.nonfinite_steps += 1
+                record.nonfinite_in_row += 1
+                log.warning("%s: step %d skipped: non-finite loss or gradient (%d in a row, %d in all)", run.key,
+                            first + i, record.nonfinite_in_row, record.nonfinite_steps)
+            else:
+                record.nonfinite_in_row = 0
+        self.pending = []
 
     def stop_if_failing(self) -> None:
         """``max_nonfinite_in_row`` skipped steps in a row: checkpoint and stop with an error naming both."""
@@ -315,37 +340,43 @@ class Training:
                         f"good one was {self.steps_taken - in_row}; checkpoint {run.checkpoint}. Lower {run.lr_hint} "
                         f"or check the data, then continue with cola train --resume (max_nonfinite_in_row={in_row})")
 
-    def after_step(self, loss: float | None, lr_now: float, bar) -> None:
-        """Record the step (loss None: skipped), log it, evaluate after a knot, checkpoint, and honour
-        the step budget."""
+    def after_step(self, bar) -> None:
+        """After a step: read the pending steps back where something needs them (a log line, a knot's
+        evaluation, a checkpoint, the end, and every ``min(log_every, max_nonfinite_in_row)`` steps for
+        the non-finite check), evaluate after a knot, checkpoint, and honour the step budget."""
         s, run, record = self.settings, self.run, self.run.record
         step, total = self.steps_taken, record.total_steps
-        record.train_loss.append(loss)
-        record.lr_per_step.append(lr_now)
         record.seconds["train"] += time.perf_counter() - self.tic
         self.tic = time.perf_counter()
         link = run.chain.link if run.chain else 0
+        knot = run.chain is not None and len(run.chain.history) > self.knots_seen
+        self.budget.take()
+        stop = self.budget.spent and step < total
+        checkpoint = step < total and (knot or stop or bool(s.checkpoint_every and step % s.checkpoint_every == 0))
+        logged = step % s.log_every == 0 or step == total
+        if logged or knot or checkpoint or step % min(s.log_every, s.max_nonfinite_in_row) == 0:
+            self.flush()
+            if logged:
+                recent = record.train_loss[-s.log_every:]
+                mean, loss = mean_loss(recent), record.train_loss[-1]
+                log.info("%s step %d/%d link %d: loss %s (mean of last %d %s), lr %.3g", run.key, step, total, link,
+                         "skipped" if loss is None else f"{loss:.4f}", len(recent),
+                         "–" if mean is None else f"{mean:.4f}", record.lr_per_step[-1])
+            if bar is not None:
+                loss = record.train_loss[-1]
+                bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", link=link, refresh=False)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", link=link)
-        if step % s.log_every == 0 or step == total:
-            recent = record.train_loss[-s.log_every:]
-            mean = mean_loss(recent)
-            log.info("%s step %d/%d link %d: loss %s (mean of last %d %s), lr %.3g", run.key, step, total, link,
-                     "skipped" if loss is None else f"{loss:.4f}", len(recent),
-                     "–" if mean is None else f"{mean:.4f}", lr_now)
-        knot = run.chain is not None and len(run.chain.history) > self.knots_seen
         if knot:
             self.knots_seen = len(run.chain.history)
             if s.eval_links:
                 self.evaluate_link(step)
-        self.budget.take()
-        stop = self.budget.spent and step < total
-        if step < total and (knot or stop or (s.checkpoint_every and step % s.checkpoint_every == 0)):
+        if checkpoint:
             save_checkpoint(run)
             self.tic = time.perf_counter()
         if stop:
             raise RunStopped(f"{run.key}: stopped after step {step} of {total} (stop_after)")
+        self.stop_if_failing()   # the counts are those of the last flush
 
     def evaluate_link(self, step: int) -> None:
         """Validation after the link that just ended (a point of the COLA curve)."""

@@ -8,8 +8,11 @@ gain of each method over the first, with an honest noise statement) to a results
 * ``results.json``: every figure and setting, versions, timings, trainable parameters, FLOPs;
 * ``results.csv``: one row per run (method, seed);
 * ``results.md``: the markdown table :func:`markdown` prints;
-* ``accuracy_per_link.png`` (validation accuracy after each link, mean and std over seeds)
-  and ``training_loss.png`` (loss per step, knots marked), when matplotlib is installed.
+* the plots (:mod:`cola.llm.report_plots`, when matplotlib is installed): ``training_loss.png``
+  (loss per step, knots marked); ``accuracy_per_link.png`` or, for the corpus task,
+  ``perplexity_per_link.png`` and ``learn_forget.png`` (the validation score after each link, mean
+  and std over seeds; perplexity against forgetting); ``knot_diagnostics.png`` (effective rank and
+  norm of the accumulated update and each new link's overlap with the previous ones, per knot).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cola.io import atomic_writer
 from cola.llm.records import complete_runs, losses, primary_metric
 
 
@@ -38,10 +39,13 @@ def _colors(results: dict[str, Any]) -> dict[str, str]:
 
 
 def save_figure(plt, fig, path: Path, key: str, dpi: int = 120) -> dict[str, Path]:
-    """Lay out, write and close ``fig``; ``{key: path}`` for the results' file list."""
+    """Lay out, write (atomically, as every result file) and close ``fig``; ``{key: path}`` for the
+    results' file list."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        atomic_writer(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
     return {key: path}
 
 

@@ -162,7 +162,9 @@ class TrainSettings(Validated):
                    "log-likelihoods (the paper); lm: NLL of the gold answer's tokens", group="optimisation",
                    choices=LOSSES)
     max_nonfinite_in_row: int = _f(20, "steps with a non-finite loss/gradient are skipped; after this many "
-                                   "in a row the run is checkpointed and stopped", group="optimisation")
+                                   "in a row the run is checkpointed and stopped (checked every "
+                                   "min(log_every, this) steps, when the loop reads the steps back)",
+                                   group="optimisation")
     seeds: list[int] = _f([0], "seeds: each draws its own train/validation sample, LoRA init and "
                           "data order; results are mean and std over them", group="optimisation")
 

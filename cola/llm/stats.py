@@ -10,7 +10,8 @@ every seed), so the per-seed difference removes what the two runs share. What is
   n = 3) or a paired percentile bootstrap (resampling seeds; with very few seeds it has only a
   few distinct resamples and comes out too narrow, which the report says);
 * a verdict: ``"better"`` / ``"worse"`` when the interval excludes zero, ``"within noise"`` when it
-  covers zero, ``"no interval"`` with fewer than two paired seeds.
+  covers zero, ``"no interval"`` with fewer than two paired seeds, ``"not finite"`` when a run
+  diverged (a NaN or infinite score on a seed: no interval is drawn).
 
 The distributions are scipy's: the t quantile and cdf are :data:`scipy.stats.t`, the bootstrap is
 :func:`scipy.stats.bootstrap` (percentile method, seeded; it draws the same resamples as
@@ -42,8 +43,9 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
     """``mean``, ``std`` (sample, ddof 1; None for n < 2), ``sem``, ``n`` and the ``values``."""
     vals = [float(v) for v in values]
     n = len(vals)
-    mean = float(np.mean(vals)) if n else None
-    std = float(np.std(vals, ddof=1)) if n > 1 else None
+    with np.errstate(invalid="ignore"):   # a diverged (infinite) score: the std is NaN, quietly
+        mean = float(np.mean(vals)) if n else None
+        std = float(np.std(vals, ddof=1)) if n > 1 else None
     return {"mean": mean, "std": std, "sem": std / math.sqrt(n) if std is not None else None, "n": n,
             "values": vals}
 
@@ -137,13 +139,15 @@ def paired_difference(method: Mapping[Any, float], baseline: Mapping[Any, float]
     check_ci(ci, confidence)
     seeds = sorted(set(method) & set(baseline), key=str)
     diffs = [float(method[s]) - float(baseline[s]) for s in seeds]
-    t_low, t_high = mean_interval(diffs, confidence, "t")
-    b_low, b_high = mean_interval(diffs, confidence, "bootstrap", n_boot, seed)
+    finite = all(math.isfinite(d) for d in diffs)   # a diverged run (NaN or inf) has no interval, and says so
+    t_low, t_high = mean_interval(diffs, confidence, "t") if finite else (None, None)
+    b_low, b_high = mean_interval(diffs, confidence, "bootstrap", n_boot, seed) if finite else (None, None)
     low, high = (t_low, t_high) if ci == "t" else (b_low, b_high)
     d = describe(diffs)
     return {
         "n": len(seeds), "seeds": seeds, "differences": diffs, "mean": d["mean"], "std": d["std"],
-        "ci": ci, "confidence": confidence, "ci_low": low, "ci_high": high, "verdict": verdict(low, high, higher_better),
+        "ci": ci, "confidence": confidence, "ci_low": low, "ci_high": high,
+        "verdict": verdict(low, high, higher_better) if finite else "not finite",
         "t_interval": [t_low, t_high], "bootstrap_interval": [b_low, b_high],
         "unpaired_seeds": sorted((set(method) | set(baseline)) - set(seeds), key=str),
     }

@@ -89,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--baseline", metavar="KEY=VALUE", action="append", type=_override,
                        help="the baseline as overrides of each cell (repeatable; default method=lora: one LoRA "
                             "link with the cell's other settings)")
-    sweep.add_argument("--metric", choices=METRICS, help="test metric compared (default: accuracy, under "
-                       "--eval-rule)")
+    sweep.add_argument("--metric", choices=METRICS, help="test metric compared (default: the task's own, "
+                       "perplexity for --task corpus and accuracy under --eval-rule otherwise)")
     sweep.add_argument("--ci", choices=CI_METHODS, help="interval of the mean paired difference: t (default) "
                        "or a paired bootstrap over seeds")
     sweep.add_argument("--confidence", type=float, help="confidence of the intervals (default 0.95)")

@@ -7,7 +7,9 @@
 * ``results.md``: the table :func:`markdown` prints, with the statistics stated under it.
 * ``accuracy_vs_links.png`` (when the grid varies ``links``), ``accuracy_vs_later_rank.png``
   (when the cells' later links differ in rank), ``loss_curves.png`` (mean training loss per
-  cell, knots dashed) and ``link_curves.png`` (validation score after each link).
+  cell, knots dashed), ``link_curves.png`` (validation score after each link), and for the corpus
+  task ``learn_forget.png`` (each cell's perplexity against its forgetting, the learn/forget frontier)
+  and ``knot_diagnostics.png`` (the chains' effective rank, norm and overlap per knot).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from cola.config import Validated
 from cola.errors import ConfigError, closest
 from cola.llm import stats
 from cola.llm.config_files import checked, read_config_file
+from cola.llm.records import primary_metric
 from cola.llm.settings import CHAIN_KEYS, FIELD_NAMES, FILE_KEYS
 
 #: short axis names -> their setting path
@@ -38,6 +39,8 @@ METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "perplexit
            "forgetting", "reference_perplexity")
 """Test metrics a sweep can compare on; perplexity, loss, bits per byte and forgetting (the corpus task's)
 are better when lower (:func:`cola.llm.stats.higher_is_better`)."""
+CORPUS_METRICS = ("perplexity", "loss", "bits_per_byte", "forgetting", "reference_perplexity")
+"""The corpus task's metrics (the others are the classification tasks')."""
 
 
 
@@ -56,7 +59,8 @@ class SweepSpec(Validated):
     baseline: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     name: str | None = None
     description: str | None = None
-    metric: str = "accuracy"
+    metric: str | None = None
+    """The test metric compared; default: the task's own (perplexity for the corpus task, accuracy otherwise)."""
     ci: str = "t"
     confidence: float = 0.95
 
@@ -109,13 +113,31 @@ class SweepSpec(Validated):
                     p += err.problems
             if not p:
                 self.baseline = base
-        if self.metric not in METRICS:
-            p.append(f"metric={self.metric!r}: allowed {', '.join(METRICS)}")
+        p += self._metric_problems()
         try:
             stats.check_ci(self.ci, self.confidence)
         except ConfigError as err:
             p += err.problems
         return p
+
+    def _metric_problems(self) -> list[str]:
+        """Check ``metric`` against the sweep's tasks (filling in the task's own metric when unset)."""
+        tasks = {str(t) for t in self.grid.get("task", [])} if isinstance(self.grid, dict) else set()
+        if isinstance(self.settings, dict):
+            tasks = tasks or {str(self.settings.get("task"))}
+        kinds = {"corpus" if t == "corpus" else "classification" for t in tasks}
+        if len(kinds) > 1:
+            return [f"grid.task={sorted(tasks)}: a sweep compares one kind of task (corpus or classification), "
+                    "since the metric it compares is one of them"]
+        kind = kinds.pop() if kinds else "classification"
+        if self.metric is None:
+            self.metric = primary_metric({"task": "corpus" if kind == "corpus" else None})
+        if self.metric not in METRICS:
+            return [f"metric={self.metric!r}: allowed {', '.join(METRICS)}"]
+        allowed = CORPUS_METRICS if kind == "corpus" else tuple(m for m in METRICS if m not in CORPUS_METRICS)
+        if self.metric not in allowed:
+            return [f"metric={self.metric!r}: not a metric of the {kind} task; allowed {', '.join(allowed)}"]
+        return []
 
     def _cell_problems(self) -> list[str]:
         if not isinstance(self.cells, list) or not all(isinstance(c, dict) and c for c in self.cells):

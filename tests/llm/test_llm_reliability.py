@@ -83,6 +83,55 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tmp_path, loader, monk
     assert saved["runs"][0]["train_loss"][2:4] == [None, None]  # strict JSON: no NaN in the file
 
 
+HOST_READS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy")
+
+
+@pytest.mark.parametrize("method", ["lora", "cola"])
+def test_the_training_loop_reads_the_device_only_when_it_reports(tmp_path, loader, monkeypatch, method):
+    """Issue 14: cola train's own loop keeps each step's loss and skip flag on the device and reads
+    the pending steps back at once where it reports them (every log_every steps, at a knot, at the
+    end): no host read inside an ordinary step, from any of cola's modules."""
+    from cola.llm import loop
+
+    in_step, reads, flushed = [None], [], []   # in_step: the step being taken (None: outside a step)
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            frame = sys._getframe(1)
+            caller = frame.f_globals.get("__name__", "")
+            # iterate_batches draws each epoch's data order with a host generator: host data, not a device read
+            if in_step[0] and caller.startswith("cola") and frame.f_code.co_name != "iterate_batches":
+                reads.append((in_step[0], _name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for name in ("accumulate", "take_step"):
+        original = getattr(loop.Training, name)
+
+        def inside(self, *args, _original=original, **kwargs):
+            in_step[0] = self.steps_taken + 1
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                in_step[0] = None
+
+        monkeypatch.setattr(loop.Training, name, inside)
+    flush = loop.Training.flush
+    monkeypatch.setattr(loop.Training, "flush",
+                        lambda self: (flushed.append(self.steps_taken) if self.pending else None, flush(self)))
+    results = run_experiment(TrainSettings(**tiny_fields(tmp_path / "run", method=method, steps=12, log_every=5,
+                                                         checkpoint_every=0)), loader=loader)
+    monkeypatch.undo()
+    (run,) = results["runs"]
+    knots = {r["step"] for r in run["knot_reports"]}
+    assert knots == ({4, 8} if method == "cola" else set())
+    assert flushed == sorted({5, 10, 12} | knots)
+    assert len(run["train_loss"]) == 12 and all(math.isfinite(v) for v in run["train_loss"])
+    # a knot may read (its finiteness checks, before anything is written); an ordinary step does not
+    assert {step for step, _ in reads} == knots, reads
+
+
 @pytest.mark.parametrize("method", ["cola", "full"])
 def test_too_many_nonfinite_steps_in_a_row_checkpoint_and_stop_then_resume(tmp_path, loader, monkeypatch, method):
     out = tmp_path / "run"

@@ -82,6 +82,19 @@ def test_a_baseline_outside_the_grid_is_run_once_for_all_cells():
     assert effective(extra[0].settings).rank == 2  # link 0's rank of the step-down schedule
 
 
+def test_the_metric_defaults_to_the_tasks_own_and_must_belong_to_it():
+    assert spec().metric == "accuracy"
+    corpus = {**TINY, "task": "corpus", "train_file": "embedded:python-stdlib"}
+    assert spec(settings=corpus).metric == "perplexity"
+    assert spec(settings=corpus, metric="forgetting").metric == "forgetting"
+    with pytest.raises(ConfigError, match="metric='accuracy': not a metric of the corpus task; allowed perplexity"):
+        spec(settings=corpus, metric="accuracy")
+    with pytest.raises(ConfigError, match="metric='perplexity': not a metric of the classification task"):
+        spec(metric="perplexity")
+    with pytest.raises(ConfigError, match="a sweep compares one kind of task"):
+        spec(grid={"task": ["sst2", "corpus"]})
+
+
 def test_bad_axes_and_values_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         SweepSpec(settings=dict(TINY), grid={"linkz": [1], "seeds": [0], "lr": 1e-3, "reinit": []}, seeds=[0, 0],
@@ -251,6 +264,14 @@ def test_intervals_cover_the_true_difference_at_their_level(ci, n, low, high):
         comp = stats.paired_difference(dict(enumerate(method)), dict(enumerate(base)), ci=ci, n_boot=2000, seed=r)
         hits += comp["ci_low"] <= 0.01 <= comp["ci_high"]
     assert low <= hits / reps <= high
+
+
+def test_a_diverged_seed_is_not_called_within_noise():
+    comp = stats.paired_difference({0: 20.0, 1: math.inf, 2: 21.0}, {0: 19.0, 1: 19.5, 2: 19.2},
+                                   higher_better=False)
+    assert comp["verdict"] == "not finite" and comp["ci_low"] is None and comp["ci_high"] is None
+    comp = stats.paired_difference({0: 20.0, 1: math.nan, 2: 21.0}, {0: 19.0, 1: 19.5, 2: 19.2})
+    assert comp["verdict"] == "not finite"
 
 
 # ------------------------------------------------------------------------------ recipes and the CLI
