@@ -215,6 +215,13 @@ def resume(run: Run) -> None:
 
 # ============================================================================ the loop
 
+def _to_host(values: list) -> list[float]:
+    """``values`` (tensors and numbers) as floats, the tensors read back in one transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 class Training:
     """The loop of one run: :meth:`train` trains until ``total_steps`` (or the step budget is spent)."""
 
@@ -308,17 +315,15 @@ class Training:
         (None for a skipped step), the skipped-step counts, a warning per skipped step."""
         if not self.pending:
             return
-        values: list = []
-        for loss, verdict in self.pending:   # a Verdict's flag is 1 (or True) when skipped; a bool verdict is "taken"
-            values += [loss, verdict.flag if isinstance(verdict, Verdict) else not verdict]
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        read = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist() if tensors else [])
-        values = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+        n = len(self.pending)
+        # a Verdict's flag is 1 (or True) when the step was skipped; FullFineTuning's bool is "taken"
+        flags = [v.flag if isinstance(v, Verdict) else not v for _, v in self.pending]
+        values = _to_host([loss for loss, _ in self.pending] + flags)
         run, record = self.run, self.run.record
-        first = self.steps_taken - len(self.pending) + 1
-        for i in range(len(self.pending)):
-            skipped = values[2 * i + 1] > 0
-            record.train_loss.append(None if skipped else values[2 * i])
+        first = self.steps_taken - n + 1
+        for i, (loss, flag) in enumerate(zip(values[:n], values[n:])):
+            skipped = flag > 0
+            record.train_loss.append(None if skipped else loss)
             if skipped:
                 record.nonfinite_steps += 1
                 record.nonfinite_in_row += 1

@@ -25,7 +25,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cola.io import atomic_write, markdown_table, write_json
@@ -37,13 +36,6 @@ log = logging.getLogger(__name__)
 
 TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss", "perplexity", "bits_per_byte",
                 "reference_loss", "reference_perplexity", "forgetting")
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    values = [float(v) for v in values]
-    n = len(values)
-    return {"mean": float(np.mean(values)) if n else None,
-            "std": float(np.std(values, ddof=1)) if n > 1 else None, "n": n, "values": values}
 
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
@@ -58,18 +50,18 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
         for metric in TEST_METRICS:
             values = [r["test"][metric] for r in runs if metric in r["test"]]
             if values:
-                entry[f"test_{metric}"] = _stats(values)
+                entry[f"test_{metric}"] = stats.describe(values)
         curves = [r.get("curve", []) for r in runs]
         n_points = min((len(c) for c in curves), default=0)
         for name, metric in (("validation_curve", primary_metric(results["settings"])),
                              ("forgetting_curve", "forgetting")):
             points = [i for i in range(n_points) if all(metric in c[i]["validation"] for c in curves)]
             entry[name] = [{"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
-                            **_stats([c[i]["validation"][metric] for c in curves])} for i in points]
+                            **stats.describe([c[i]["validation"][metric] for c in curves])} for i in points]
         finals = [mean_loss(r["train_loss"][-10:]) for r in runs if r["train_loss"]]
-        entry["final_train_loss"] = _stats([v for v in finals if v is not None])
-        entry["train_seconds"] = _stats([r["seconds"]["train"] for r in runs])
-        entry["eval_seconds"] = _stats([r["seconds"]["eval"] for r in runs])
+        entry["final_train_loss"] = stats.describe([v for v in finals if v is not None])
+        entry["train_seconds"] = stats.describe([r["seconds"]["train"] for r in runs])
+        entry["eval_seconds"] = stats.describe([r["seconds"]["eval"] for r in runs])
         entry["trainable_params"] = runs[0]["trainable_params"]
         summary[method] = entry
     results["summary"] = summary

@@ -131,7 +131,7 @@ class SweepSpec(Validated):
                     "since the metric it compares is one of them"]
         kind = kinds.pop() if kinds else "classification"
         if self.metric is None:
-            self.metric = primary_metric({"task": "corpus" if kind == "corpus" else None})
+            self.metric = primary_metric({"task": next(iter(tasks), None)})
         if self.metric not in METRICS:
             return [f"metric={self.metric!r}: allowed {', '.join(METRICS)}"]
         allowed = CORPUS_METRICS if kind == "corpus" else tuple(m for m in METRICS if m not in CORPUS_METRICS)
