@@ -17,7 +17,7 @@ import torch
 import cola.distributed as cd
 from cola.errors import ConfigError
 from cola.io import write_json
-from cola.llm import corpus
+from cola.llm import corpus, facts
 from cola.llm.objective import CandidateScores, candidate_scores, encode_examples, evaluate, metrics
 from cola.llm.parallel import as_forward, is_sharded, on_main
 from cola.llm.settings import TrainSettings
@@ -140,6 +140,39 @@ class CorpusEvaluator:
         return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
                 "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None, "tokens": int(tokens),
                 "bytes": int(n_bytes), "n_blocks": blocks.n_blocks}
+
+
+@dataclass
+class FactsEvaluator:
+    """Scores a facts run (:class:`cola.llm.inputs.FactsEvalSet`): recall, token accuracy and answer loss
+    of the facts and of their paraphrases, which facts were recalled, and the reference text's loss
+    (forgetting); the same call signature as :class:`Evaluator`.
+
+    Under torchrun every rank scores every fact (the same numbers on each: the facts are short, and
+    under FSDP every forward is a collective that all ranks join anyway)."""
+
+    settings: TrainSettings
+    eos_id: int
+
+    def __call__(self, model, tokenizer, evalset, what: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        size, pad = self.settings.eval_batch_size, tokenizer.pad_token_id or 0
+        scores = as_forward(model, lambda: facts.score_answers(model, evalset.encoded, size, pad))
+        result = {**facts.answer_metrics(scores), "recalled": facts.recalled_text(scores)}
+        if evalset.paraphrases:
+            para = as_forward(model, lambda: facts.score_answers(model, evalset.paraphrases, size, pad))
+            result.update(facts.answer_metrics(para, "paraphrase_"))
+        reference = as_forward(model, lambda: corpus.evaluate_corpus(model, evalset.reference, size,
+                                                                     boundary_id=self.eos_id))
+        result.update({f"reference_{k}": reference[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens",
+                                                                "n_blocks")})
+        result["seconds"] = time.perf_counter() - start
+        paraphrased = (f", paraphrases {result['paraphrase_recall']:.4f} (n={result['paraphrase_n']})"
+                       if "paraphrase_recall" in result else "")
+        log.info("%s: recall %.4f (token accuracy %.4f, answer loss %.4f; n=%d facts)%s; reference perplexity %.3f "
+                 "in %.1f s", what, result["recall"], result["token_accuracy"], result["answer_loss"], result["n"],
+                 paraphrased, result["reference_perplexity"], result["seconds"])
+        return result
 
 
 def zero_shot(evaluator: Evaluator, host, out: Path, splits: dict) -> dict[str, Any]:

@@ -33,15 +33,15 @@ from cola.io import write_json
 from cola.llm import report
 from cola.llm.artifacts import save_outputs
 from cola.llm.corpus import special_ids
-from cola.llm.evaluation import CorpusEvaluator, Evaluator, zero_shot
+from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, zero_shot
 from cola.llm.host import Loader, ModelHost, default_loader, meta_model
-from cola.llm.inputs import build_task, load_corpus_data, load_data
+from cola.llm.inputs import build_task, load_corpus_data, load_data, load_facts_data
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
 from cola.llm.objective import default_max_length, encode_examples
 from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
 from cola.llm.plan import FLOPS_FORMULA, build_plan, corpus_sizes, example_sizes
 from cola.llm.records import RunRecord, primary_metric
-from cola.llm.settings import CORPUS, RUNTIME_FIELDS, TrainSettings, default_of
+from cola.llm.settings import CORPUS, FACTS, RUNTIME_FIELDS, TrainSettings, default_of
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         model, tokenizer = host.get()
     inputs = prepare_inputs(settings, model, tokenizer)
     sizes = (corpus_sizes(inputs.max_length) if settings.task == CORPUS
-             else example_sizes(inputs.encoded[settings.seeds[0]], settings.loss))
+             else example_sizes(inputs.encoded[settings.seeds[0]], settings.objective))
     plan = build_plan(settings, model, inputs.task, inputs.splits, sizes, inputs.max_length, inputs.total_steps)
     if settings.dry_run:
         return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
@@ -116,6 +116,7 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     log.info("output folder: %s", out)
     main = cd.is_main_process()
     evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main) if settings.task == CORPUS
+                else FactsEvaluator(settings, special_ids(tokenizer)[0]) if settings.task == FACTS
                 else Evaluator(settings, inputs.task, inputs.max_length, progress and main))
     exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan)
     results = _results_header(settings, out, plan, started)
@@ -150,8 +151,12 @@ def prepare_inputs(settings: TrainSettings, model, tokenizer) -> Inputs:
         task, splits = load_corpus_data(settings, tokenizer, settings.seeds)
         total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
         return Inputs(task, splits, {s: d.train for s, d in splits.items()}, settings.max_length, total_steps)
-    task = build_task(settings)
     max_length = settings.max_length if settings.max_length is not None else default_max_length(model, tokenizer)
+    if settings.task == FACTS:
+        task, splits = load_facts_data(settings, tokenizer, settings.seeds, max_length)
+        total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
+        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, max_length, total_steps)
+    task = build_task(settings)
     splits = {seed: load_data(settings, task, seed) for seed in settings.seeds}
     encoded = {seed: encode_examples(tokenizer, splits[seed].train, task, max_length) for seed in settings.seeds}
     total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
@@ -265,7 +270,7 @@ def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: di
     if settings.eval_links:
         record.add_curve_point(0, 0, scores["validation"][seed])
     return Run(key, model, tokenizer, trainer, exp.inputs.encoded[seed], exp.inputs.splits[seed], record,
-               run_dir / "checkpoint.pt", seed, hint, blocks=settings.task == CORPUS)
+               run_dir / "checkpoint.pt", seed, hint, objective=settings.objective)
 
 
 def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any]) -> None:

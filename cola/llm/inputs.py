@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cola.llm import corpus, data
-from cola.llm.objective import iterate_batches
-from cola.llm.settings import CORPUS, TrainSettings
+from cola.llm import corpus, data, facts
+from cola.llm.facts_sources import Fact, FactSet, facts_summary, load_facts
+from cola.llm.objective import EncodedExample, iterate_batches
+from cola.llm.settings import CORPUS, FACTS, TrainSettings
 from cola.llm.tasks import Task, get_task, make_task
 
 
@@ -134,3 +135,89 @@ def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tu
     info = {"corpus": text.info.to_dict(), "reference": reference_text.info.to_dict(),
             "reference_blocks": {**reference.summary(), "documents": None}}
     return CorpusTask(info), data
+
+
+# ============================================================================ the facts task
+
+#: the length of the reference text's blocks that a facts run's forgetting is measured on
+FACTS_REFERENCE_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class FactsTask:
+    """The facts task as the plan and the report see it: a name, no answers, the facts' source."""
+
+    info: dict
+    name: str = FACTS
+    answers: tuple = ()
+
+
+@dataclass(frozen=True, eq=False)
+class FactsEvalSet:
+    """What one evaluation of a facts run scores: the facts (and their paraphrases), and reference blocks."""
+
+    facts: tuple[Fact, ...]
+    encoded: list[EncodedExample]
+    paraphrases: list[EncodedExample]
+    reference: corpus.Blocks
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+@dataclass(frozen=True, eq=False)
+class FactsData:
+    """A seed's facts, shaped like a classification task's ``Splits``: ``train`` is every fact (encoded:
+    the loop's examples), ``validation`` the facts scored after every link, ``test`` all of them."""
+
+    train: list[EncodedExample]
+    validation: FactsEvalSet
+    test: FactsEvalSet
+    summary: dict
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test),
+                "paraphrases": len(self.test.paraphrases), "reference": self.test.reference.n_blocks}
+
+
+def _facts_taught(settings: TrainSettings) -> FactSet:
+    """The facts of ``settings.train_file`` (``n_train`` of them, drawn by ``test_seed``, when it is set)."""
+    found = _cached(("facts", settings.train_file, settings.test_seed, settings.prompt_field, settings.answer_field,
+                     settings.paraphrases_field),
+                    lambda: load_facts(settings.train_file, settings.test_seed, settings.prompt_field,
+                                       settings.answer_field, settings.paraphrases_field),
+                    None if str(settings.train_file).startswith("synthetic:") else settings.train_file)
+    if settings.n_train is None or settings.n_train >= len(found):
+        return found
+    pick = sorted(np.random.default_rng([settings.test_seed, 3]).permutation(len(found))[:settings.n_train])
+    chosen = tuple(found.facts[i] for i in pick)
+    return FactSet(chosen, {**found.info, "n_facts": len(chosen), "n_of": len(found)})
+
+
+def load_facts_data(settings: TrainSettings, tokenizer, seeds: list[int],
+                    max_length: int | None) -> tuple[FactsTask, dict[int, FactsData]]:
+    """The facts taught, encoded once, and the reference text (default: the embedded tweets) in blocks.
+
+    Every seed is taught the same facts (their order is the seed's); the validation facts are
+    ``n_val`` of them, evenly spaced (all by default), without their paraphrases; the test facts all of
+    them with their paraphrases.
+    """
+    taught = _facts_taught(settings)
+    train = facts.encode_facts(tokenizer, taught.facts, max_length)
+    paraphrases = facts.encode_paraphrases(tokenizer, taught.facts, max_length)
+    reference_text = _cached(("read", settings.reference_file), lambda: corpus.load_corpus(
+        settings.reference_file or "embedded:tweets"), settings.reference_file)
+    tokenizer_id = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
+    reference = _cached(("reference", reference_text.info.fingerprint, tokenizer_id, FACTS_REFERENCE_BLOCK,
+                         settings.n_test),
+                        lambda: corpus.prepare_reference(reference_text.documents, tokenizer, FACTS_REFERENCE_BLOCK,
+                                                         settings.n_test))
+    test = FactsEvalSet(taught.facts, train, paraphrases, reference)
+    # after every link: the facts (all, or n_val evenly spaced) and the reference; paraphrases at the end only
+    keep = corpus.evenly_spaced(len(train), len(train) if settings.n_val is None else settings.n_val).tolist()
+    validation = FactsEvalSet(tuple(taught.facts[i] for i in keep), [train[i] for i in keep], [],
+                              reference if settings.n_val is None else reference.evenly(settings.n_val))
+    summary = {"facts": facts_summary(taught), "validation_facts": len(validation),
+               "reference": {**reference.summary(), "documents": None}}
+    info = {"facts": summary["facts"], "reference": reference_text.info.to_dict()}
+    return FactsTask(info), {seed: FactsData(train, validation, test, summary) for seed in seeds}

@@ -135,7 +135,7 @@ class Run:
     checkpoint: Path
     seed: int
     lr_hint: str = ""               #: the flag to lower when steps keep failing
-    blocks: bool = False            #: the corpus task: examples are token blocks, the loss is the LM loss
+    objective: str = "classification"  #: the loss: blocks (the corpus task's LM loss), lm or classification
     _batches: tuple[int, list] = field(default=(-1, []), repr=False)
 
     @property
@@ -269,7 +269,7 @@ class Training:
             batch = run.micro_batch(s.batch_size)
             if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
                 mine = cd.shard(batch)
-                kind = "blocks" if run.blocks else s.loss
+                kind = run.objective
                 self.step_batches.append((mine, cd.loss_scale(shares(mine, kind), shares(batch, kind))))
             else:
                 self.step_batches.append((batch, 1.0))
@@ -284,10 +284,10 @@ class Training:
         pad = run.tokenizer.pad_token_id or 0
         total = None
         for mine, scale in self.step_batches:
-            if run.blocks:
+            if run.objective == "blocks":
                 loss = as_forward(run.model, lambda: corpus.lm_loss(run.model, torch.stack(mine)))
             else:
-                loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, s.loss, pad))
+                loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, run.objective, pad))
             loss = loss * (scale / s.grad_accum)
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()

@@ -73,7 +73,7 @@ class CandidateScores:
 
 # ------------------------------------------------------------------------------------ encoding
 
-def _special_affixes(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def special_affixes(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Special tokens the tokenizer puts before the text (e.g. OPT's ``</s>``, Llama's ``<s>``)."""
     plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
     full = tokenizer("hello", add_special_tokens=True)["input_ids"]
@@ -83,7 +83,7 @@ def _special_affixes(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def _continuation(prompt_ids: list[int], full_ids: list[int]) -> list[int] | None:
+def continuation(prompt_ids: list[int], full_ids: list[int]) -> list[int] | None:
     """Tokens of ``full`` after ``prompt``, when tokenising the whole text keeps the prompt's tokens."""
     if len(full_ids) > len(prompt_ids) and full_ids[:len(prompt_ids)] == prompt_ids:
         return full_ids[len(prompt_ids):]
@@ -103,7 +103,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
     Raises:
         ConfigError: ``max_length`` leaves no room for the prompt's last token and the answer.
     """
-    leading = _special_affixes(tokenizer)
+    leading = special_affixes(tokenizer)
     prompts = [task.prompt(ex) for ex in examples]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     candidate_ids = []
@@ -113,7 +113,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
         full = tokenizer([p + candidate for p in prompts], add_special_tokens=False)["input_ids"] if prompts else []
         column = []
         for ids, whole in zip(prompt_ids, full):
-            cont = _continuation(ids, whole)
+            cont = continuation(ids, whole)
             fallback += cont is None
             column.append(tuple(cont if cont is not None else alone[c]))
         candidate_ids.append(column)
@@ -125,7 +125,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
         candidates = tuple(column[i] for column in candidate_ids)
         if any(not cand for cand in candidates):
             raise ConfigError(f"{task.name}: a candidate of {list(task.candidates)} tokenises to nothing")
-        context, dropped = _fit(leading, list(prompt_ids[i]), max(map(len, candidates)), max_length)
+        context, dropped = fit_context(leading, list(prompt_ids[i]), max(map(len, candidates)), max_length)
         encoded.append(EncodedExample(tuple(context), candidates, task.label(ex), dropped))
     truncated = [e.truncated for e in encoded if e.truncated]
     if truncated:
@@ -134,7 +134,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
     return encoded
 
 
-def _fit(leading: list[int], body: list[int], answer_len: int, max_length: int | None) -> tuple[list[int], int]:
+def fit_context(leading: list[int], body: list[int], answer_len: int, max_length: int | None) -> tuple[list[int], int]:
     """``leading + body`` cut from the left of ``body`` so that answer tokens fit ``max_length``."""
     if max_length is None or len(leading) + len(body) + answer_len <= max_length:
         return leading + body, 0
@@ -160,7 +160,7 @@ def _input_device(model: PreTrainedModel) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _hidden_states(model: PreTrainedModel, sequences: Sequence[Sequence[int]],
+def hidden_states(model: PreTrainedModel, sequences: Sequence[Sequence[int]],
                    pad_token_id: int) -> torch.Tensor:
     """Last hidden states ``[n, longest, hidden]`` of right-padded ``sequences`` (no LM head)."""
     longest = max(len(s) for s in sequences)
@@ -174,7 +174,7 @@ def _hidden_states(model: PreTrainedModel, sequences: Sequence[Sequence[int]],
     return out[0]
 
 
-def _log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the vocabulary of the LM head applied to ``hidden`` rows only (float32)."""
     logits = model.get_output_embeddings()(hidden)
     return F.log_softmax(logits.float(), dim=-1)
@@ -187,9 +187,9 @@ def _single_token(batch: Sequence[EncodedExample]) -> bool:
 def _next_token_scores(model: PreTrainedModel, batch: Sequence[EncodedExample],
                        pad_token_id: int) -> CandidateScores:
     """Fast path: every candidate is one token; one forward of the contexts scores them all."""
-    hidden = _hidden_states(model, [ex.context for ex in batch], pad_token_id)
+    hidden = hidden_states(model, [ex.context for ex in batch], pad_token_id)
     last = torch.tensor([len(ex.context) - 1 for ex in batch], device=hidden.device)
-    logp = _log_probs(model, hidden[torch.arange(len(batch), device=hidden.device), last])
+    logp = log_probs(model, hidden[torch.arange(len(batch), device=hidden.device), last])
     ids = torch.tensor([[c[0] for c in ex.candidates] for ex in batch], device=hidden.device)
     sums = logp.gather(1, ids)
     return CandidateScores(sums, torch.ones_like(sums))
@@ -199,7 +199,7 @@ def _sequence_scores(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
                      continuations: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability and token count of each continuation after its context."""
     sequences = [tuple(ctx) + tuple(cont) for ctx, cont in zip(contexts, continuations)]
-    hidden = _hidden_states(model, sequences, pad_token_id)
+    hidden = hidden_states(model, sequences, pad_token_id)
     rows: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
@@ -211,7 +211,7 @@ def _sequence_scores(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
     device = hidden.device
     row_index = torch.tensor(rows, device=device)
     picked = hidden[row_index, torch.tensor(positions, device=device)]
-    token_logp = _log_probs(model, picked).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    token_logp = log_probs(model, picked).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
     sums = torch.zeros(len(sequences), device=device).index_add(0, row_index, token_logp)
     counts = torch.tensor([float(len(c)) for c in continuations], device=device)
     return sums, counts

@@ -172,10 +172,10 @@ def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: Exampl
     }
     first = splits[seeds[0]]
     n_val, n_test = len(first.validation), len(first.test)
-    if hasattr(first.test, "reference"):  # the corpus task scores the reference text beside each split
+    if hasattr(first.test, "reference"):  # the corpus and facts tasks score the reference text beside each split
         n_val += first.validation.reference.n_blocks
-        n_test += first.test.reference.n_blocks
-        plan["corpus"] = {**task.info, "splits": {str(s): splits[s].summary for s in seeds}}
+        n_test += first.test.reference.n_blocks + len(getattr(first.test, "paraphrases", ()))
+        plan[task.name] = {**task.info, "splits": {str(s): splits[s].summary for s in seeds}}
     eval_fwd = flops_per_example(sizes.eval_tokens, sizes.eval_positions, size.body, 0, 0, size.vocab, size.width,
                                  backward=False)
     for p in plan["methods"].values():

@@ -14,11 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from cola.llm.facts import retention
+
 
 def primary_metric(settings: dict[str, Any]) -> str:
-    """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task,
-    test accuracy (under the run's rule) for the classification tasks."""
-    return "perplexity" if settings.get("task") == "corpus" else "accuracy"
+    """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task, exact-match
+    recall of the facts taught for the facts task, test accuracy (under the run's rule) for the
+    classification tasks."""
+    return {"corpus": "perplexity", "facts": "recall"}.get(settings.get("task"), "accuracy")
 
 
 def complete_runs(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
@@ -79,11 +82,14 @@ class RunRecord:
         return f"{self.method}-seed{self.seed}"
 
     def add_curve_point(self, after_link: int, step: int, validation: dict[str, Any]) -> None:
-        """A point of the COLA curve; for the corpus task with its forgetting so far (the rise of the
-        reference loss over the zero-shot point, the curve's first)."""
+        """A point of the COLA curve; for the corpus and facts tasks with its forgetting so far (the rise
+        of the reference loss over the zero-shot point, the curve's first); for the facts task with what
+        the link did to the facts recalled before it (:func:`cola.llm.facts.retention`)."""
         if self.curve and "reference_loss" in validation:
             validation = {**validation,
                           "forgetting": validation["reference_loss"] - self.curve[0]["validation"]["reference_loss"]}
+        if self.curve and "recalled" in validation and "recalled" in self.curve[-1]["validation"]:
+            validation = {**validation, **retention(self.curve[-1]["validation"]["recalled"], validation["recalled"])}
         self.curve.append({"after_link": after_link, "step": step, "validation": validation})
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,10 @@ from cola.llm.report_plots import write_plots
 log = logging.getLogger(__name__)
 
 TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss", "perplexity", "bits_per_byte",
-                "reference_loss", "reference_perplexity", "forgetting")
+                "reference_loss", "reference_perplexity", "forgetting", "recall", "token_accuracy", "answer_loss",
+                "paraphrase_recall", "paraphrase_token_accuracy", "paraphrase_answer_loss")
+#: what a facts run's link did to the facts recalled before it (see cola.llm.facts.retention)
+RETENTION = ("kept", "lost", "new", "kept_fraction")
 
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +61,11 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
             points = [i for i in range(n_points) if all(metric in c[i]["validation"] for c in curves)]
             entry[name] = [{"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
                             **stats.describe([c[i]["validation"][metric] for c in curves])} for i in points]
+        if n_points and all("kept" in c[-1]["validation"] for c in curves):  # the facts task: link by link
+            entry["retention"] = [{"after_link": curves[0][i]["after_link"],
+                                   **{k: stats.describe([c[i]["validation"][k] for c in curves
+                                                         if c[i]["validation"][k] is not None]) for k in RETENTION}}
+                                  for i in range(1, n_points)]
         finals = [mean_loss(r["train_loss"][-10:]) for r in runs if r["train_loss"]]
         entry["final_train_loss"] = stats.describe([v for v in finals if v is not None])
         entry["train_seconds"] = stats.describe([r["seconds"]["train"] for r in runs])
@@ -118,6 +126,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The results table (and the comparison) as markdown."""
     if results["settings"].get("task") == "corpus":
         return corpus_markdown(results)
+    if results["settings"].get("task") == "facts":
+        return facts_markdown(results)
     settings, plan = results["settings"], results["plan"]
     zero = results["zero_shot"]["test"]
     rule = settings["eval_rule"]
@@ -183,13 +193,50 @@ def corpus_markdown(results: dict[str, Any]) -> str:
     return _finish_markdown(results, lines)
 
 
+def facts_markdown(results: dict[str, Any]) -> str:
+    """The facts task's table: recall after each link, test recall, token accuracy, answer loss, recall on
+    the paraphrases and the forgetting; then, per method, what each link did to the facts recalled before."""
+    settings, plan = results["settings"], results["plan"]
+    zero = results["zero_shot"]["test"]
+    lines = [f"### facts on {settings['model']}: exact-match recall of {zero['n']} facts taught "
+             f"({plan['facts']['facts']['source']}), {plan['total_steps']} steps of {plan['examples_per_step']} facts "
+             f"({plan['epochs']:.1f} epochs), seeds {', '.join(map(str, settings['seeds']))}", ""]
+    header = ["method", "links", "ranks", "trainable", "recall after each link", "test recall", "token acc",
+              "answer loss", "paraphrase recall", "forgetting (nats)", "train s/run"]
+    table = [["zero-shot", "–", "–", "0", "–", f"{zero['recall']:.3f}", f"{zero['token_accuracy']:.3f}",
+              f"{zero['answer_loss']:.3f}", f"{zero['paraphrase_recall']:.3f}" if "paraphrase_recall" in zero else "–",
+              "0", "–"]]
+    retained = []
+    for method, entry in results.get("summary", {}).items():
+        p = plan["methods"][method]
+        curve = " → ".join(f"{c['mean']:.3f}" for c in entry["validation_curve"]) or "–"
+        table.append([method, str(p["links"]), "/".join(map(str, p["ranks"])) if p["ranks"] else "all",
+                      f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_recall")),
+                      _pm(entry.get("test_token_accuracy")), _pm(entry.get("test_answer_loss")),
+                      _pm(entry.get("test_paraphrase_recall")), _pm(entry.get("test_forgetting"), 4),
+                      f"{entry['train_seconds']['mean']:.0f}"])
+        for link in entry.get("retention", [])[1:]:
+            retained.append([method, str(link["after_link"]), _pm(link["kept"], 1), _pm(link["lost"], 1),
+                             _pm(link["new"], 1), _pm(link["kept_fraction"])])
+    lines += [markdown_table(header, table), "",
+              "Recall: the fraction of facts whose whole answer greedy decoding gives (every answer token the "
+              "argmax); forgetting: the rise of the reference text's loss over zero-shot, in nats per token.", ""]
+    if retained:
+        lines += ["Link by link (validation facts, mean ± std over seeds): kept = recalled before the link and "
+                  "after it, lost = recalled before only, new = recalled after only.", "",
+                  markdown_table(["method", "after link", "kept", "lost", "new", "kept / recalled before"], retained),
+                  ""]
+    return _finish_markdown(results, lines)
+
+
 def comparison_lines(results: dict[str, Any]) -> list[str]:
     comparison = results.get("comparison")
     if not comparison:
         return []
     lines = []
     base, metric = comparison["baseline"], comparison["metric"]
-    what = f"test {metric}" + (f", rule {comparison['rule']}" if metric == "accuracy" else ", lower is better")
+    what = f"test {metric}" + (f", rule {comparison['rule']}" if metric == "accuracy" else
+                               ", lower is better" if not comparison["higher_is_better"] else "")
     for method, g in comparison["gains"].items():
         per_seed = ", ".join(f"{d:+.3f}" for d in g["per_seed"])
         interval = (f" [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] ({int(round(100 * g['confidence']))}% t interval, "
@@ -209,6 +256,11 @@ def headline(results: dict[str, Any]) -> str:
             f"{m} {_pm(e.get('test_perplexity'))} (forgetting {_pm(e.get('test_forgetting'), 4)})"
             for m, e in results.get("summary", {}).items()]
         return f"corpus test perplexity (n={zero['n']} blocks): " + " | ".join(parts)
+    if results["settings"].get("task") == "facts":
+        parts = [f"zero-shot {zero['recall']:.3f}"] + [
+            f"{m} {_pm(e.get('test_recall'))} (forgetting {_pm(e.get('test_forgetting'), 4)})"
+            for m, e in results.get("summary", {}).items()]
+        return f"facts recall (n={zero['n']} facts): " + " | ".join(parts)
     rule = results["settings"]["eval_rule"]
     parts = [f"zero-shot {zero['accuracy']:.3f}"]
     for method, entry in results.get("summary", {}).items():
@@ -217,6 +269,13 @@ def headline(results: dict[str, Any]) -> str:
 
 
 def _task_line(plan: dict[str, Any], sizes: dict[str, int]) -> str:
+    if "facts" in plan:
+        facts = plan["facts"]["facts"]
+        return (f"task facts: {sizes['train']} facts from {facts['source']} (fingerprint {facts['fingerprint']}), "
+                f"every one trained on and tested, {sizes['validation']} scored after every link, "
+                f"{sizes['paraphrases']} paraphrased prompts tested; {plan['tokens_per_example']:.1f} tokens per fact "
+                f"on average; forgetting on {sizes['reference']} blocks of "
+                f"{plan['facts']['reference']['description']}")
     if "corpus" not in plan:
         return (f"task {plan['task']} (answers {', '.join(plan['answers'])}): {sizes['train']} train / "
                 f"{sizes['validation']} validation / {sizes['test']} test; {plan['tokens_per_example']:.1f} tokens "
@@ -305,7 +364,8 @@ def versions() -> dict[str, str | None]:
 CSV_COLUMNS = ["method", "seed", "status", "links", "knots", "ranks", "trainable_params", "total_steps", "lr",
                "zero_shot_test_accuracy", "test_accuracy", "test_macro_f1", "test_acc_mean", "test_acc_sum",
                "test_acc_norm", "test_loss", "zero_shot_test_perplexity", "test_perplexity", "test_bits_per_byte",
-               "test_reference_perplexity", "test_forgetting", "validation_curve", "final_train_loss",
+               "test_reference_perplexity", "test_forgetting", "zero_shot_test_recall", "test_recall",
+               "test_token_accuracy", "test_answer_loss", "test_paraphrase_recall", "validation_curve", "final_train_loss",
                "train_seconds", "eval_seconds", "train_flops"]
 
 
@@ -323,7 +383,9 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             "total_steps": r["total_steps"], "lr": r["lr"],
             "zero_shot_test_accuracy": results["zero_shot"]["test"].get("accuracy"),
             "zero_shot_test_perplexity": results["zero_shot"]["test"].get("perplexity"),
-            **{f"test_{k}": test.get(k) for k in ("perplexity", "bits_per_byte", "reference_perplexity", "forgetting")},
+            "zero_shot_test_recall": results["zero_shot"]["test"].get("recall"),
+            **{f"test_{k}": test.get(k) for k in ("perplexity", "bits_per_byte", "reference_perplexity", "forgetting",
+                                                  "recall", "token_accuracy", "answer_loss", "paraphrase_recall")},
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
             "test_acc_mean": test.get("acc_mean"), "test_acc_sum": test.get("acc_sum"),
             "test_acc_norm": test.get("acc_norm"), "test_loss": test.get("loss"),

@@ -69,15 +69,16 @@ def _curve_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
     if not drawn:
         plt.close(fig)
         return {}
-    what = "perplexity (held-out blocks)" if metric == "perplexity" else \
-        f"accuracy (rule {results['settings']['eval_rule']})"
+    what = {"perplexity": "perplexity (held-out blocks)", "recall": "recall (exact match, facts taught)"}.get(
+        metric, f"accuracy (rule {results['settings']['eval_rule']})")
     ax.set_xlabel("optimizer step (points: zero-shot, then after each link)")
     ax.set_ylabel(f"validation {what}")
     ax.set_title(f"{results['plan']['task']}: {metric} after each link (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    name = "perplexity_per_link.png" if metric == "perplexity" else "accuracy_per_link.png"
-    return save_figure(plt, fig, out / name, f"{metric}_plot" if metric == "perplexity" else "accuracy_plot")
+    if metric == "accuracy":
+        return save_figure(plt, fig, out / "accuracy_per_link.png", "accuracy_plot")
+    return save_figure(plt, fig, out / f"{metric}_per_link.png", f"{metric}_plot")
 
 
 def _loss_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -104,7 +105,8 @@ def _loss_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
     if not drawn:
         plt.close(fig)
         return {}
-    objective = "LM loss" if results["settings"].get("task") == "corpus" else results["settings"]["loss"]
+    objective = {"corpus": "LM loss", "facts": "answer tokens' NLL"}.get(results["settings"].get("task"),
+                                                                        results["settings"]["loss"])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss ({objective})")
     ax.set_title("training loss (mean over seeds; knots dashed)")
@@ -152,23 +154,26 @@ def _diagnostics_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path
 
 
 def _frontier_plot(plt, results: dict[str, Any], out: Path) -> dict[str, Path]:
-    if results["settings"].get("task") != "corpus":
+    task = results["settings"].get("task")
+    if task not in ("corpus", "facts"):
         return {}
+    metric = primary_metric(results["settings"])
     colors = _colors(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     zero = results["zero_shot"]["test"]
-    ax.scatter([0.0], [zero["perplexity"]], marker="*", s=120, color="black", label="zero-shot")
+    ax.scatter([0.0], [zero[metric]], marker="*", s=120, color="black", label="zero-shot")
     for method in results["plan"]["methods"]:
         runs = complete_runs(results, method)
-        points = [(r["test"]["forgetting"], r["test"]["perplexity"]) for r in runs if "forgetting" in r["test"]]
+        points = [(r["test"]["forgetting"], r["test"][metric]) for r in runs if "forgetting" in r["test"]]
         if not points:
             continue
         x, y = zip(*points)
         ax.scatter(x, y, color=colors[method], alpha=0.45, s=18)
         ax.scatter([np.mean(x)], [np.mean(y)], color=colors[method], s=70, edgecolor="black", label=method)
     ax.set_xlabel("forgetting: rise of the reference loss over zero-shot (nats/token)")
-    ax.set_ylabel("held-out domain perplexity (test)")
-    ax.set_title("learn / forget: lower-left is better (small: each seed; large: mean)", fontsize=10)
+    corner = "lower-left" if metric == "perplexity" else "upper-left"
+    ax.set_ylabel("held-out domain perplexity (test)" if metric == "perplexity" else "recall of the facts taught")
+    ax.set_title(f"learn / forget: {corner} is better (small: each seed; large: mean)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(plt, fig, out / "learn_forget.png", "frontier_plot")

@@ -42,7 +42,7 @@ from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.models import EMBEDDED_MODEL
 from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, CORPUS, DTYPE_NAMES,  # noqa: F401
-                                 LOSSES, METHODS, RULES, value_problems)
+                                 FACTS, LOSSES, METHODS, RULES, value_problems)
 from cola.io import write_json
 
 #: quick CPU budget of the embedded default (``cola train`` with no arguments)
@@ -51,6 +51,10 @@ EMBEDDED_PROFILE = {"n_train": 240, "n_val": 64, "n_test": 200, "steps": 60, "ma
 #: is used): the embedded model on CPU, and every other model
 CORPUS_PROFILE = {"n_train": None, "n_val": 32, "n_test": 128, "steps": 120, "max_length": 64}
 CORPUS_PAPER_PROFILE = {"n_train": None, "n_val": 64, "n_test": 256, "steps": 1000, "max_length": 512}
+#: the facts task (every fact trained on and scored; n_val: facts scored after every link, all by default;
+#: n_test: blocks of the reference text its forgetting is measured on)
+FACTS_PROFILE = {"n_train": None, "n_val": None, "n_test": 64, "epochs": 20.0, "max_length": 96}
+FACTS_PAPER_PROFILE = {"n_train": None, "n_val": None, "n_test": 256, "epochs": 20.0, "max_length": None}
 #: the paper's protocol (MeZO splits, 5 epochs) for every other model
 PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "max_length": None}
 
@@ -82,8 +86,10 @@ class TrainSettings(Validated):
     model: str = _f("embedded", "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)",
                     group="model and data")
     task: str = _f("tweets", "built-in task (tweets, sst2, rte, cb, boolq, wsc, wic, multirc), 'custom' with "
-                   "--template/--answers/--train-file, or 'corpus': language modelling on raw text (--train-file, "
-                   "default the Python standard library's source), scored by held-out perplexity and forgetting",
+                   "--template/--answers/--train-file, 'corpus': language modelling on raw text (--train-file, "
+                   "default the Python standard library's source), scored by held-out perplexity and forgetting, "
+                   "or 'facts': knowledge injection (--train-file a table of prompt/answer facts or synthetic:N "
+                   "invented ones), scored by exact-match recall of every fact taught, on paraphrases and forgetting",
                    group="model and data")
     data_dir: str | None = _f(None, "folder (or file) with the task's data: <dir>/<task>/train.jsonl "
                               "and validation.jsonl; default: built-in source (tweets: offline; others: hub)",
@@ -91,7 +97,9 @@ class TrainSettings(Validated):
     train_file: str | None = _f(None, "file of training examples (jsonl/json/csv/parquet); train and "
                                 "validation are drawn from it. With --task corpus: a text file, a folder of "
                                 "text files (--files) or a jsonl/json/csv/parquet table (--text-field), split "
-                                "by document", group="model and data")
+                                "by document. With --task facts: a jsonl/json/csv/parquet table of facts (--prompt-field, --answer-field, "
+                                "optional --paraphrases-field) or synthetic:N[:SEED], N invented facts drawn from SEED "
+                                "(default --test-seed)", group="model and data")
     test_file: str | None = _f(None, "file of test examples; without it the test set is set aside "
                                "from --train-file", group="model and data")
     template: str | None = _f(None, "prompt template of --task custom, e.g. '{text} It was {answer}' "
@@ -104,16 +112,22 @@ class TrainSettings(Validated):
                     "recursively (e.g. '*.py')", group="model and data")
     text_field: str = _f("text", "--task corpus with a table as --train-file: the column of each document's text",
                          group="model and data")
-    reference_file: str | None = _f(None, "--task corpus: general text the run never trains on, whose loss rise "
+    prompt_field: str = _f("prompt", "--task facts: the column of each fact's prompt", group="model and data")
+    answer_field: str = _f("answer", "--task facts: the column of each fact's answer", group="model and data")
+    paraphrases_field: str = _f("paraphrases", "--task facts: the column of each fact's other prompts (a list; "
+                                "scored, never trained on; optional)", group="model and data")
+    reference_file: str | None = _f(None, "--task corpus and facts: general text the run never trains on, whose loss rise "
                                     "over zero-shot is the forgetting (a file, folder or table like --train-file; "
                                     "default: the embedded tweets)", group="model and data")
     n_train: int | None = _f(None, f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
                              f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's)", group="model and data")
-    n_val: int | None = _f(None, f"validation examples (--task corpus: held-out blocks), scored after every link "
+    n_val: int | None = _f(None, f"validation examples (--task corpus: held-out blocks; --task facts: facts, "
+                           f"default all), scored after every link "
                            f"(default "
                            f"{EMBEDDED_PROFILE['n_val']} / {PAPER_PROFILE['n_val']})",
                            group="model and data")
-    n_test: int | None = _f(None, f"test examples (--task corpus: held-out blocks) (default "
+    n_test: int | None = _f(None, f"test examples (--task corpus: held-out blocks; --task facts: blocks of the "
+                            f"reference text; every fact is tested) (default "
                             f"{EMBEDDED_PROFILE['n_test']} / "
                             f"{PAPER_PROFILE['n_test']})", group="model and data")
     test_seed: int = _f(0, "seed of the test draw (fixed so every run is scored on the same examples)",
@@ -248,6 +262,12 @@ class TrainSettings(Validated):
         return list(self.compare) if self.compare else [self.method]
 
     @property
+    def objective(self) -> str:
+        """What a step's loss is: ``blocks`` (the corpus task's LM loss on token blocks), ``lm`` (the
+        answer tokens' NLL: the facts task, or ``loss="lm"``) or ``classification``."""
+        return "blocks" if self.task == CORPUS else "lm" if self.task == FACTS else self.loss
+
+    @property
     def is_embedded(self) -> bool:
         return self.model == EMBEDDED_MODEL
 
@@ -255,6 +275,8 @@ class TrainSettings(Validated):
         """A copy with every automatic (``None``) default filled in from the model's profile."""
         if self.task == CORPUS:
             profile = CORPUS_PROFILE if self.is_embedded else CORPUS_PAPER_PROFILE
+        elif self.task == FACTS:
+            profile = FACTS_PROFILE if self.is_embedded else FACTS_PAPER_PROFILE
         else:
             profile = EMBEDDED_PROFILE if self.is_embedded else PAPER_PROFILE
         changes = {}

@@ -105,9 +105,10 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-#: metrics where a lower value is better (the corpus task's); every other metric: higher is better
+#: metrics where a lower value is better (losses, perplexities, forgetting); every other metric: higher is better
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "bits_per_byte", "forgetting", "reference_loss",
-                             "reference_perplexity", "reference_bits_per_byte"})
+                             "reference_perplexity", "reference_bits_per_byte", "answer_loss",
+                             "paraphrase_answer_loss"})
 
 
 def higher_is_better(metric: str) -> bool:

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import cola
 from cola.errors import ColaError, ConfigError
 from cola.io import write_json
-from cola.llm import report, sweep_report
+from cola.llm import report, sweep_report, sweep_tuning
 from cola.llm.experiment import run_experiment
 from cola.llm.models import load_model
 from cola.llm.settings import TrainSettings
@@ -154,20 +154,25 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
     started = time.time()
     out = Path(out)
     cells, extra = build_cells(spec)
+    groups = sweep_tuning.candidates(spec, cells, extra) if spec.tune else {}
     if dry_run:
-        return _plan(spec, cells, extra, out)
-    units = _units(spec, cells, extra)
+        return _plan(spec, cells, extra, out, groups)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
     _prepare(spec, out, resume)
     failures: list[dict[str, Any]] = []
+    runner = _Runner(out, loader, progress, max_runs, failures)
+    untuned = (cells, extra)
     try:
-        status = _run_units(units, out, loader, progress, max_runs, failures)
+        status = runner.run(sweep_tuning.tuning_units(spec, groups), "tuning") if groups else "complete"
+        cells, extra = _tuned(spec, out, *untuned, groups)
+        chosen = all(c.tuning["chosen"] for c in [*cells, *extra]) if groups else True
+        status = runner.run(_units(spec, cells, extra), "sweep") if status == "complete" and chosen else "partial"
     except KeyboardInterrupt:
         log.warning("sweep interrupted; continue with: cola sweep --resume %s", out)
-        _finish(spec, out, cells, extra, started, "partial", failures)
+        _finish(spec, out, *_tuned(spec, out, *untuned, groups), started, "partial", failures)
         raise
     if failures:
         status = "partial"
@@ -176,47 +181,65 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
     return results
 
 
-def _run_units(units: list[tuple[Cell, int]], out: Path, loader, progress: bool, max_runs: int | None,
-               failures: list[dict[str, Any]]) -> str:
-    """Run the (cell, seed) units not finished yet (at most ``max_runs``); ``complete`` or ``partial``.
-    A failing run is logged and added to ``failures``; the others go on."""
-    cache = _ModelCache()
-    done_now, status = 0, "complete"
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+def _tuned(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell],
+           groups: dict[str, list[Cell]]) -> tuple[list[Cell], list[Cell]]:
+    """The cells at their tuned values, each with its tuning record (as they were without tuning)."""
+    if not groups:
+        return cells, extra
+    records = {key: sweep_tuning.choose(spec, out, group) for key, group in groups.items()}
+    return sweep_tuning.apply(cells, extra, groups, records)
 
-        bar = tqdm(total=len(units), desc="sweep", unit="run", dynamic_ncols=True, position=0)
-    try:
-        for i, (cell, seed) in enumerate(units, 1):
-            run_dir = out / "runs" / cell.key / f"seed{seed}"
-            state = run_status(run_dir)
-            if state != "complete":
-                if max_runs is not None and done_now >= max_runs:
-                    return "partial"
-                log.info("sweep run %d/%d: %s, seed %d (%s)", i, len(units), cell.label, seed,
-                         "resuming" if state == "partial" else "new")
-                settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir),
-                                                            resume=state == "partial")
-                _share_zero_shot(out, settings, seed, run_dir, "in")
-                ok = False
-                try:
-                    results = run_experiment(settings, loader=loader or cache.loader(settings), progress=progress)
-                    ok = results.get("status") == "complete"
-                except ColaError as err:
-                    log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
-                    failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})
-                finally:
-                    cache.after(settings, ok)
-                    _share_zero_shot(out, settings, seed, run_dir, "out")
-                status = status if ok else "partial"
-                done_now += 1
+
+class _Runner:
+    """Runs (cell, seed) units not finished yet, at most ``max_runs`` in all the calls of one invocation.
+    A failing run is logged and added to ``failures``; the others go on."""
+
+    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]]):
+        self.out, self.loader, self.progress, self.max_runs, self.failures = out, loader, progress, max_runs, failures
+        self.cache = _ModelCache()
+        self.done_now = 0
+
+    def run(self, units: list[tuple[Cell, int]], what: str) -> str:
+        """``complete`` when every unit is finished, else ``partial``."""
+        status = "complete"
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(units), desc=what, unit="run", dynamic_ncols=True, position=0)
+        try:
+            for i, (cell, seed) in enumerate(units, 1):
+                run_dir = self.out / "runs" / cell.key / f"seed{seed}"
+                state = run_status(run_dir)
+                if state != "complete":
+                    if self.max_runs is not None and self.done_now >= self.max_runs:
+                        return "partial"
+                    log.info("%s run %d/%d: %s, seed %d (%s)", what, i, len(units), cell.label, seed,
+                             "resuming" if state == "partial" else "new")
+                    status = status if self.one(cell, seed, run_dir, state) else "partial"
+                    self.done_now += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return status
+                bar.close()
+        return status
+
+    def one(self, cell: Cell, seed: int, run_dir: Path, state: str) -> bool:
+        settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir), resume=state == "partial")
+        _share_zero_shot(self.out, settings, seed, run_dir, "in")
+        ok = False
+        try:
+            results = run_experiment(settings, loader=self.loader or self.cache.loader(settings),
+                                     progress=self.progress)
+            ok = results.get("status") == "complete"
+        except ColaError as err:
+            log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
+            self.failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})
+        finally:
+            self.cache.after(settings, ok)
+            _share_zero_shot(self.out, settings, seed, run_dir, "out")
+        return ok
 
 
 def _units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[Cell, int]]:
@@ -253,8 +276,10 @@ def _prepare(spec: SweepSpec, out: Path, resume: bool) -> None:
                              "updated": datetime.now().isoformat(timespec="seconds")})
 
 
-def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path) -> dict[str, Any]:
-    """The dry run: per cell its run key, knots, ranks, trainable parameters and FLOPs."""
+def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path,
+          groups: dict[str, list[Cell]]) -> dict[str, Any]:
+    """The dry run: per cell its run key, knots, ranks, trainable parameters and FLOPs (for a tuned sweep:
+    of the first candidate), and how many tuning candidates each cell has."""
     plans: dict[str, Any] = {}
     rows = []
     for cell in [*extra, *cells]:
@@ -267,13 +292,16 @@ def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path) -> d
                      "is_baseline_only": cell.is_baseline_only, "method": p["method"], "links": p["links"],
                      "knots": p["knots"], "ranks": p["ranks"], "steps": p["total_steps"],
                      "trainable_params_per_link": p["trainable_params"], "train_flops_per_link": p["train_flops"],
-                     "train_flops": sum(p["train_flops"]) if p["train_flops"] else None})
+                     "train_flops": sum(p["train_flops"]) if p["train_flops"] else None,
+                     "tuning_candidates": len(groups.get(cell.key, [])) if groups else None})
     base_flops = {r["key"]: r["train_flops"] for r in rows}
     for cell, row in zip([*extra, *cells], rows):
         b = base_flops.get(cell.baseline_key) if cell.baseline_key else None
         row["flops_ratio"] = row["train_flops"] / b if row["train_flops"] and b else None
     runs = len({(c.key, s) for c in [*extra, *cells] for s in spec.seeds})
-    return {"dry_run": True, "spec": spec.to_dict(), "output_dir": str(out), "cells": rows, "runs": runs}
+    tuning = len(sweep_tuning.tuning_units(spec, groups)) if groups else 0
+    return {"dry_run": True, "spec": spec.to_dict(), "output_dir": str(out), "cells": rows, "runs": runs + tuning,
+            "tuning_runs": tuning}
 
 
 

@@ -43,6 +43,7 @@ class Cell:
     baseline_key: str | None = None
     baseline_label: str | None = None
     is_baseline_only: bool = False
+    tuning: dict[str, Any] | None = None  #: how its tuned values were chosen (:mod:`cola.llm.sweep_tuning`)
 
 
 def expand(spec: SweepSpec) -> list[dict[str, Any]]:

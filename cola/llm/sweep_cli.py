@@ -6,6 +6,7 @@
     cola sweep --axis chain.rank_schedule_options.later_rank=2,4,6,8 --rank-schedule step-down --links 2
     cola sweep --resume sweeps/chain-length-cpu-20261128-2200  # continue (or grow) a sweep
     cola sweep --recipe rank-step-down-cpu --dry-run           # cells, knots, ranks, FLOPs; no training
+    cola sweep --links 1 3 --tune lr=1e-3,2e-3,5e-3 --tune-seeds 100  # each cell at its own best LR
 
 Grid flags take several values (each makes an axis); every other ``cola train`` flag sets the
 base settings of all cells. The library function is :func:`cola.llm.sweep.run_sweep`.
@@ -90,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the baseline as overrides of each cell (repeatable; default method=lora: one LoRA "
                             "link with the cell's other settings)")
     sweep.add_argument("--metric", choices=METRICS, help="test metric compared (default: the task's own, "
-                       "perplexity for --task corpus and accuracy under --eval-rule otherwise)")
+                       "perplexity for --task corpus, recall for --task facts and accuracy under --eval-rule "
+                       "otherwise)")
     sweep.add_argument("--ci", choices=CI_METHODS, help="interval of the mean paired difference: t (default) "
                        "or a paired bootstrap over seeds")
     sweep.add_argument("--confidence", type=float, help="confidence of the intervals (default 0.95)")
@@ -98,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "(default: --output-dir); grid flags given too replace its axes (finished runs are reused)")
     sweep.add_argument("--max-runs", type=int, metavar="N", help="run at most N (cell, seed) runs, then write "
                        "the results so far (continue with --resume)")
+    sweep.add_argument("--tune", action="append", type=_axis, dest="tune_axes", default=argparse.SUPPRESS,
+                       metavar="AXIS=V1,V2", help="pick each cell's (and baseline's) own value of AXIS before scoring "
+                       "it, by the validation metric of --tune-seeds (repeatable: --tune lr=1e-3,2e-3,5e-3 --tune "
+                       "full_lr=1e-5,1e-4); replaces a recipe's [tune] table")
+    sweep.add_argument("--tune-seeds", nargs="+", type=int, metavar="S", default=argparse.SUPPRESS,
+                       help="seeds of the tuning runs, disjoint from --seeds (default 1000)")
     grid = parser.add_argument_group("grid axes (two or more values make an axis; one value sets every cell)")
     for flag, (path, kind) in GRID_FLAGS.items():
         grid.add_argument(f"--{flag}", nargs="+", type=kind, dest=f"grid:{path}", default=argparse.SUPPRESS,
@@ -166,6 +174,10 @@ def spec_from_args(args: argparse.Namespace):
         spec["baseline"] = dict(args.baseline)
     if given.get("extra_cells"):
         spec["cells"] = [*(spec.get("cells") or []), *args.extra_cells]
+    if given.get("tune_axes"):
+        spec["tune"] = {key: values for key, values in args.tune_axes}
+    if given.get("tune_seeds"):
+        spec["tune_seeds"] = list(args.tune_seeds)
     for key in ("metric", "ci", "confidence"):
         if given.get(key) is not None:
             spec[key] = given[key]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cola.io import atomic_write, markdown_table, write_json
-from cola.llm import report, stats
+from cola.llm import report, stats, sweep_tuning
 from cola.llm.report_plots import save_figure
 from cola.llm.sweep_spec import label_of, short_name
 
@@ -62,12 +62,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [spec["description"].strip(), ""]
     lines += [f"Test {metric}, mean ± std over seeds; the difference with the baseline is paired by seed "
               f"(mean [{conf}% {spec['ci']} interval]). Baseline: {_baseline_text(spec['baseline'])}. "
-              f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", ""]
+              f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", "",
+              sweep_tuning.statement(spec), ""]
     forgets = any("forgetting" in row for row in results["cells"])
-    header = ["cell", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
+    header = ["cell", "tuned", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
               "trainable / link", "train FLOPs", "× baseline", "s/run"]
     if forgets:
-        header[5:5] = ["forgetting", "− baseline (forgetting)"]
+        header[6:6] = ["forgetting", "− baseline (forgetting)"]
     table = []
     for row in results["cells"]:
         comp = row.get("comparison") or {}
@@ -77,18 +78,19 @@ def markdown(results: dict[str, Any]) -> str:
             verdict = "(baseline)" if row.get("is_baseline_only") or row.get("baseline_key") == row["key"] else "–"
         curve = " → ".join(_num(p["mean"]) for p in row.get("validation_per_link") or []) or "–"
         wall = (compute.get("wall_seconds") or {}).get("mean")
-        cells = [row["label"], str(row["score"]["n"]), _score_text(row["score"]), diff, verdict, curve,
-                 _params_text(compute.get("trainable_params_per_link")), report.count_text(compute.get("train_flops")),
-                 ratio, _num(wall, 0)]
+        cells = [row["label"], sweep_tuning.chosen_text(row.get("tuning")), str(row["score"]["n"]),
+                 _score_text(row["score"]), diff, verdict, curve, _params_text(compute.get("trainable_params_per_link")),
+                 report.count_text(compute.get("train_flops")), ratio, _num(wall, 0)]
         if forgets:
             forgetting = comp.get("forgetting") or {}
-            cells[5:5] = [_score_text(row.get("forgetting") or {}, 4),
+            cells[6:6] = [_score_text(row.get("forgetting") or {}, 4),
                           stats.interval_text(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
         table.append(cells)
     if not stats.higher_is_better(metric):
         lines += [f"Lower is better for {metric}" + (" and forgetting (the rise of the reference text's loss over "
                   "zero-shot, nats per token)" if forgets else "") + ": \"better\" means lower.", ""]
-    lines += [markdown_table(header, table), ""] + _diagnostics_lines(results) + [
+    lines += [markdown_table(header, table), ""] + sweep_tuning.tuning_lines(results) + _retention_lines(results) \
+        + _diagnostics_lines(results) + [
               "Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
               f"\"within noise\": the {conf}% interval of the mean paired difference covers 0; "
               "\"better\"/\"worse\": it does not. With 3 seeds a t interval is wide (t factor 4.30): "
@@ -101,6 +103,18 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("failures"):
         lines += ["", "Failed runs:"] + [f"- {f['label']} seed {f['seed']}: {f['error']}" for f in results["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _retention_lines(results: dict[str, Any]) -> list[str]:
+    """The facts task: what each link after the first did to the facts recalled before it."""
+    rows = [[r["label"], " → ".join(f"{p['kept']['mean']:.1f}/{p['lost']['mean']:.1f}/{p['new']['mean']:.1f}"
+                                     if p["kept"]["n"] else "–" for p in r["retention"])]
+            for r in results["cells"] if r.get("retention") and not r.get("is_baseline_only")]
+    if not rows:
+        return []
+    return ["Facts kept / lost / new in each link after the first (validation facts, mean over seeds: kept = "
+            "recalled before the link and after it, lost = before only, new = after only):", "",
+            markdown_table(["cell", "links 2, 3, ...: kept/lost/new"], rows), ""]
 
 
 def _diagnostics_lines(results: dict[str, Any]) -> list[str]:
@@ -128,8 +142,15 @@ def format_plan(plan: dict[str, Any]) -> str:
     rows = [[r["label"], r["key"], r["method"], str(r["steps"]), " ".join(map(str, r["knots"] or [])) or "–",
              " ".join(map(str, r["ranks"] or [])) or "–", _params_text(r["trainable_params_per_link"]),
              report.count_text(r["train_flops"]), _num(r["flops_ratio"], 2)] for r in plan["cells"]]
-    return (f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once); output {plan['output_dir']}"
-            f"\n\n{markdown_table(header, rows)}\n")
+    tuned = ""
+    if plan.get("tuning_runs") is not None and plan["spec"].get("tune"):
+        header.append("tuning candidates")
+        for row, r in zip(rows, plan["cells"]):
+            row.append(str(r["tuning_candidates"]))
+        tuned = (f"; {plan['tuning_runs']} of them tuning runs (seeds "
+                 f"{', '.join(map(str, plan['spec']['tune_seeds']))}; plans at the settings' own values)")
+    return (f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once{tuned}); output "
+            f"{plan['output_dir']}\n\n{markdown_table(header, rows)}\n")
 
 
 def log_summary(results: dict[str, Any]) -> None:
@@ -163,7 +184,8 @@ def csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns and rows of ``results.csv``: one row per cell."""
     axes = list(results["spec"]["grid"])
     extra_axes = [a for a in results["spec"]["baseline"] if a not in axes]
-    columns = ["cell", *axes, *extra_axes, "is_baseline", "baseline", "method", "links", "knots", "ranks", "steps",
+    columns = ["cell", *axes, *extra_axes, "tuned", "lr", "is_baseline", "baseline", "method", "links", "knots",
+               "ranks", "steps",
                "n", "seeds", "mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std", "diff_ci_low",
                "diff_ci_high", "verdict", "validation_per_link", "final_train_loss", "trainable_params_per_link",
                "train_flops_per_link", "train_flops", "flops_ratio", "train_seconds_mean", "wall_seconds_mean"]
@@ -172,7 +194,9 @@ def csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         comp = r.get("comparison") or {}
         compute = r.get("compute") or {}
         score = r["score"]
+        tuned = (r.get("tuning") or {}).get("chosen")
         row = {"cell": r["label"], **{a: _csv_value(r["values"].get(a)) for a in [*axes, *extra_axes]},
+               "tuned": _csv_value(tuned["values"]) if tuned and r["tuning"].get("tuned") else None, "lr": r.get("lr"),
                "is_baseline": bool(r.get("is_baseline_only") or r.get("baseline_key") == r["key"]),
                "baseline": r.get("baseline"), "method": r.get("method"), "links": r.get("links"),
                "knots": " ".join(map(str, r.get("knots") or [])), "ranks": " ".join(map(str, r.get("ranks") or [])),

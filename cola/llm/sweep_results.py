@@ -48,7 +48,7 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
     entry: dict[str, Any] = {
         "label": cell.label, "values": cell.values, "key": cell.key, "is_baseline_only": cell.is_baseline_only,
         "baseline": cell.baseline_label, "baseline_key": cell.baseline_key, "seeds": seeds, "scores": scores,
-        "score": stats.describe(list(scores.values())),
+        "score": stats.describe(list(scores.values())), "tuning": cell.tuning,
     }
     low, high = stats.mean_interval(list(scores.values()), spec.confidence, "t") if len(scores) > 1 else (None, None)
     entry["score"]["ci"] = [low, high]
@@ -67,6 +67,7 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
     if all("forgetting" in found[s]["record"]["test"] for s in seeds):  # the corpus task: learn and forget
         entry["forgetting_scores"] = {s: float(found[s]["record"]["test"]["forgetting"]) for s in seeds}
         entry["forgetting"] = stats.describe(list(entry["forgetting_scores"].values()))
+    entry["retention"] = retention_per_link(curves)
     entry["diagnostics"] = knot_diagnostics([found[s]["record"] for s in seeds])
     curves = [losses(found[s]["record"]["train_loss"]) for s in seeds if found[s]["record"].get("train_loss")]
     if curves:
@@ -85,6 +86,22 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
         "wall_seconds": stats.describe([found[s]["record"]["seconds"].get("total", 0.0) for s in seeds]),
     }
     return entry
+
+
+def retention_per_link(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The facts task, per link after the first: facts kept from the link before, lost and new (mean and
+    std over seeds; :func:`cola.llm.facts.retention`); empty for the other tasks."""
+    n = min((len(c) for c in curves), default=0)
+    out = []
+    for i in range(2, n):
+        if not all("kept" in c[i]["validation"] for c in curves):
+            continue
+        point = {"after_link": curves[0][i]["after_link"]}
+        for key in ("kept", "lost", "new", "kept_fraction"):
+            values = [c[i]["validation"][key] for c in curves if c[i]["validation"][key] is not None]
+            point[key] = stats.describe(values)
+        out.append(point)
+    return out
 
 
 def knot_diagnostics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

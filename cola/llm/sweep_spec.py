@@ -36,11 +36,15 @@ NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop
             "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile")
 #: test metrics a sweep can compare on (``results["runs"][i]["test"][metric]``)
 METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "perplexity", "loss", "bits_per_byte",
-           "forgetting", "reference_perplexity")
-"""Test metrics a sweep can compare on; perplexity, loss, bits per byte and forgetting (the corpus task's)
-are better when lower (:func:`cola.llm.stats.higher_is_better`)."""
+           "forgetting", "reference_perplexity", "recall", "token_accuracy", "answer_loss", "paraphrase_recall")
+"""Test metrics a sweep can compare on; perplexity, loss, bits per byte, answer loss and forgetting are better
+when lower (:func:`cola.llm.stats.higher_is_better`)."""
 CORPUS_METRICS = ("perplexity", "loss", "bits_per_byte", "forgetting", "reference_perplexity")
-"""The corpus task's metrics (the others are the classification tasks')."""
+"""The corpus task's metrics."""
+FACTS_METRICS = ("recall", "token_accuracy", "answer_loss", "paraphrase_recall", "forgetting", "reference_perplexity")
+"""The facts task's metrics (the rest are the classification tasks')."""
+TASK_METRICS = {"corpus": CORPUS_METRICS, "facts": FACTS_METRICS,
+                "classification": tuple(m for m in METRICS if m not in CORPUS_METRICS + FACTS_METRICS)}
 
 
 
@@ -63,6 +67,11 @@ class SweepSpec(Validated):
     """The test metric compared; default: the task's own (perplexity for the corpus task, accuracy otherwise)."""
     ci: str = "t"
     confidence: float = 0.95
+    tune: dict[str, list[Any]] = field(default_factory=dict)
+    """Axes each cell picks its own value of before it is scored (e.g. ``{"lr": [1e-3, 2e-3, 5e-3]}``): on the
+    validation split of ``tune_seeds`` (:mod:`cola.llm.sweep_tuning`)."""
+    tune_seeds: list[int] = field(default_factory=lambda: [1000])
+    """The seeds of the tuning runs: disjoint from ``seeds``, so that the report seeds never see the tuning."""
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -114,6 +123,7 @@ class SweepSpec(Validated):
             if not p:
                 self.baseline = base
         p += self._metric_problems()
+        p += self._tune_problems()
         try:
             stats.check_ci(self.ci, self.confidence)
         except ConfigError as err:
@@ -125,19 +135,55 @@ class SweepSpec(Validated):
         tasks = {str(t) for t in self.grid.get("task", [])} if isinstance(self.grid, dict) else set()
         if isinstance(self.settings, dict):
             tasks = tasks or {str(self.settings.get("task"))}
-        kinds = {"corpus" if t == "corpus" else "classification" for t in tasks}
+        kinds = {t if t in ("corpus", "facts") else "classification" for t in tasks}
         if len(kinds) > 1:
-            return [f"grid.task={sorted(tasks)}: a sweep compares one kind of task (corpus or classification), "
+            return [f"grid.task={sorted(tasks)}: a sweep compares one kind of task (corpus, facts or classification), "
                     "since the metric it compares is one of them"]
         kind = kinds.pop() if kinds else "classification"
         if self.metric is None:
             self.metric = primary_metric({"task": next(iter(tasks), None)})
         if self.metric not in METRICS:
             return [f"metric={self.metric!r}: allowed {', '.join(METRICS)}"]
-        allowed = CORPUS_METRICS if kind == "corpus" else tuple(m for m in METRICS if m not in CORPUS_METRICS)
+        allowed = TASK_METRICS[kind]
         if self.metric not in allowed:
             return [f"metric={self.metric!r}: not a metric of the {kind} task; allowed {', '.join(allowed)}"]
         return []
+
+    def _tune_problems(self) -> list[str]:
+        if not isinstance(self.tune, dict):
+            return [f"tune: expected a table of axis = [values], got {type(self.tune).__name__}"]
+        p, tune = [], {}
+        varied = set(self.grid) if isinstance(self.grid, dict) else set()
+        fixed = set(self.baseline) if isinstance(self.baseline, dict) else set()
+        for cell in self.cells if isinstance(self.cells, list) else []:
+            fixed |= set(cell) if isinstance(cell, dict) else set()
+        for axis, values in self.tune.items():
+            try:
+                path = axis_path(axis)
+            except ConfigError as err:
+                p += [f"tune: {x}" for x in err.problems]
+                continue
+            if not isinstance(values, list) or not values:
+                p.append(f"tune.{axis}={values!r}: expected a non-empty list of values")
+                continue
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                p.append(f"tune.{axis}={values!r}: a value is listed twice")
+            if path in varied or path in fixed:
+                p.append(f"tune.{axis}: {path} is also set by the grid, a cell or the baseline; a tuned axis is "
+                         "chosen per cell, so give it in one place only")
+            tune[path] = list(values)
+        if not p:
+            self.tune = tune
+        seeds = self.tune_seeds
+        if (not isinstance(seeds, list) or not seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            p.append(f"tune_seeds={seeds!r}: expected a non-empty list of integers")
+        elif len(set(seeds)) != len(seeds):
+            p.append(f"tune_seeds={seeds}: a seed is listed twice")
+        elif isinstance(self.seeds, list) and set(seeds) & set(self.seeds):
+            p.append(f"tune_seeds={seeds} share {sorted(set(seeds) & set(self.seeds))} with seeds={self.seeds}: the "
+                     "report seeds must never see the tuning; choose other tuning seeds")
+        return p
 
     def _cell_problems(self) -> list[str]:
         if not isinstance(self.cells, list) or not all(isinstance(c, dict) and c for c in self.cells):
@@ -177,8 +223,8 @@ class SweepSpec(Validated):
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
         """A TOML or YAML sweep file: ``name``, ``description``, ``seeds``, ``metric``, ``ci``,
-        ``confidence``, and the tables ``[settings]`` (with ``[settings.chain]``), ``[grid]`` and
-        ``[baseline]``."""
+        ``confidence``, ``tune_seeds``, and the tables ``[settings]`` (with ``[settings.chain]``),
+        ``[grid]``, ``[baseline]``, ``[tune]`` and ``[[cells]]``."""
         return cls.from_dict(read_config_file(path), str(path))
 
 

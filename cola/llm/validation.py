@@ -16,6 +16,7 @@ from typing import Any
 from cola.config import STRATEGY_KINDS, ChainConfig
 from cola.errors import ConfigError, closest
 from cola.llm.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
+from cola.llm.facts_sources import SYNTHETIC_PREFIX, parse_synthetic
 from cola.llm.tasks import BUILTIN_TASKS
 from cola.manager import get_plugin_manager
 
@@ -35,6 +36,8 @@ CHAIN_DEFAULTS = {"lr_schedule": "linear", "diagnostics": True}
 
 CORPUS = "corpus"
 """The task name of language modelling on raw text (:mod:`cola.llm.corpus`)."""
+FACTS = "facts"
+"""The task name of knowledge injection (:mod:`cola.llm.facts`)."""
 
 
 def value_problems(v: Any) -> list[str]:
@@ -98,24 +101,60 @@ def _corpus_problems(v: Any) -> list[str]:
                       ("data_dir", "it reads --train-file (a file or a folder)")):
         if getattr(v, name) is not None:
             p.append(f"{name} is not for --task corpus ({why})")
-    for name in ("train_file", "reference_file"):
-        value = getattr(v, name)
-        if value and value.startswith(EMBEDDED_PREFIX):
-            problem = embedded_name_problem(value)
-            if problem:
-                p.append(f"{name}={problem}")
-        elif value and not Path(value).exists():
-            p.append(f"{name}={value!r}: no such file or folder (or embedded:NAME, one of "
-                     f"{', '.join(EMBEDDED_CORPORA)})")
-    return p
+    value = v.train_file
+    if value and value.startswith(EMBEDDED_PREFIX):
+        problem = embedded_name_problem(value)
+        if problem:
+            p.append(f"train_file={problem}")
+    elif value and not Path(value).exists():
+        p.append(f"train_file={value!r}: no such file or folder (or embedded:NAME, one of "
+                 f"{', '.join(EMBEDDED_CORPORA)})")
+    return p + _reference_problems(v)
+
+
+def _reference_problems(v: Any) -> list[str]:
+    value = v.reference_file
+    if value and value.startswith(EMBEDDED_PREFIX):
+        problem = embedded_name_problem(value)
+        return [f"reference_file={problem}"] if problem else []
+    if value and not Path(value).exists():
+        return [f"reference_file={value!r}: no such file or folder (or embedded:NAME, one of "
+                f"{', '.join(EMBEDDED_CORPORA)})"]
+    return []
+
+
+def _facts_problems(v: Any) -> list[str]:
+    p = []
+    for name, why in (("template", "each fact is its own prompt"), ("answers", "each fact has its own answer"),
+                      ("test_file", "every fact of --train-file is trained on and tested"),
+                      ("data_dir", "it reads --train-file"), ("label_field", "a fact's answer is its label")):
+        if getattr(v, name) is not None:
+            p.append(f"{name} is not for --task facts ({why})")
+    value = v.train_file
+    if not value:
+        p.append("task 'facts' needs --train-file: a jsonl/json/csv/parquet table of facts (prompt, answer[, "
+                 "paraphrases]) or synthetic:N for N invented facts")
+    elif value.startswith(SYNTHETIC_PREFIX):
+        try:
+            parse_synthetic(value)
+        except ConfigError as err:
+            p += err.problems
+    elif not Path(value).is_file():
+        p.append(f"train_file={value!r}: no such file (or synthetic:N for N invented facts)")
+    for name in ("prompt_field", "answer_field", "paraphrases_field"):
+        if not getattr(v, name):
+            p.append(f"{name}: give a column name")
+    return p + _reference_problems(v)
 
 
 def _task_problems(v: Any) -> list[str]:
     if v.task == CORPUS:
         return _corpus_problems(v)
+    if v.task == FACTS:
+        return _facts_problems(v)
     p = []
     if v.reference_file is not None:
-        p.append("reference_file is for --task corpus (the text its forgetting is measured on)")
+        p.append("reference_file is for --task corpus and --task facts (the text their forgetting is measured on)")
     if v.task == "custom":
         if not v.template:
             p.append("task 'custom' needs --template, e.g. '{text} It was {answer}'")
@@ -125,10 +164,10 @@ def _task_problems(v: Any) -> list[str]:
             p.append("task 'custom' needs --train-file (or --data-dir)")
     else:
         if v.task not in BUILTIN_TASKS:
-            known = [*BUILTIN_TASKS, CORPUS]
+            known = [*BUILTIN_TASKS, CORPUS, FACTS]
             p.append(f"task={v.task!r}: unknown; closest: {', '.join(closest(v.task, known))}; "
-                     f"known: {', '.join(BUILTIN_TASKS)}, {CORPUS} (raw text), or 'custom' with --template and "
-                     "--answers")
+                     f"known: {', '.join(BUILTIN_TASKS)}, {CORPUS} (raw text), {FACTS} (knowledge injection), or "
+                     "'custom' with --template and --answers")
         for name in ("template", "answers"):
             if getattr(v, name) is not None:
                 p.append(f"{name} is for --task custom (task {v.task!r} has its own prompt and answers)")

@@ -83,16 +83,16 @@ def test_a_knot_between_checkpointed_steps_keeps_the_function(make_model):
     model.train()
 
     def loss_of() -> torch.Tensor:
-        return objective._hidden_states(model, ids.tolist(), 0).pow(2).mean()
+        return objective.hidden_states(model, ids.tolist(), 0).pow(2).mean()
 
     for _ in range(2):
         loss = loss_of()
         loss.backward()
         chain.step(loss)
         chain.zero_grad()
-    before = objective._hidden_states(model, ids.tolist(), 0).detach()   # train mode, grad on: checkpointed
+    before = objective.hidden_states(model, ids.tolist(), 0).detach()   # train mode, grad on: checkpointed
     chain.tie_knot()
-    after = objective._hidden_states(model, ids.tolist(), 0).detach()
+    after = objective.hidden_states(model, ids.tolist(), 0).detach()
     assert len(chain.history) == 1
     assert torch.allclose(before, after, atol=1e-5, rtol=1e-5), float((before - after).abs().max())
     loss = loss_of()
