@@ -65,6 +65,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", "",
               sweep_tuning.statement(spec), ""]
     forgets = any("forgetting" in row for row in results["cells"])
+    tuned = bool(spec.get("tune"))  # a "tuned" column only where the sweep tunes: the chosen values
     header = ["cell", "tuned", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
               "trainable / link", "train FLOPs", "× baseline", "s/run"]
     if forgets:
@@ -85,7 +86,9 @@ def markdown(results: dict[str, Any]) -> str:
             forgetting = comp.get("forgetting") or {}
             cells[6:6] = [_score_text(row.get("forgetting") or {}, 4),
                           stats.interval_text(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
-        table.append(cells)
+        table.append(cells if tuned else cells[:1] + cells[2:])
+    if not tuned:
+        header.remove("tuned")
     if not stats.higher_is_better(metric):
         lines += [f"Lower is better for {metric}" + (" and forgetting (the rise of the reference text's loss over "
                   "zero-shot, nats per token)" if forgets else "") + ": \"better\" means lower.", ""]
@@ -147,9 +150,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         header.append("tuning candidates")
         for row, r in zip(rows, plan["cells"]):
             row.append(str(r["tuning_candidates"]))
-        tuned = (f"; {plan['tuning_runs']} of them tuning runs (seeds "
-                 f"{', '.join(map(str, plan['spec']['tune_seeds']))}; plans at the settings' own values)")
-    return (f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once{tuned}); output "
+        tuned = (f", {plan['tuning_runs']} of them tuning runs on seeds "
+                 f"{', '.join(map(str, plan['spec']['tune_seeds']))} (the plans below: at the settings' own values)")
+    return (f"{len(plan['cells'])} rows, {plan['runs']} runs (shared runs counted once){tuned}; output "
             f"{plan['output_dir']}\n\n{markdown_table(header, rows)}\n")
 
 
@@ -244,7 +247,7 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
     view = _PlotView(results)
     paths: dict[str, Path] = {}
-    for draw in (_links_plot, _rank_plot, _curve_plots, _frontier_plot, _diagnostics_plot):
+    for draw in (_links_plot, _rank_plot, _axis_plots, _curve_plots, _frontier_plot, _diagnostics_plot):
         paths.update(draw(plt, view, out))
     return paths
 
@@ -299,6 +302,42 @@ def _links_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
         if len(groups) > 1 or next(iter(groups)) != "(base settings)":
             a.legend(fontsize=8)
     return save_figure(plt, fig, out / "accuracy_vs_links.png", "links_plot")
+
+
+#: numeric axes with plots of their own (links, later_rank) or that are no "amount" to plot against
+_NOT_PLOTTED = ("links", "chain.rank_schedule_options.later_rank", "seeds")
+
+
+def _axis_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
+    """Score vs every numeric axis with three or more values (e.g. ``n_train``: a capacity map), one line
+    per value of the other axes, the extra cells that share the axis included; log scale for a geometric
+    axis."""
+    paths: dict[str, Path] = {}
+    for axis in view.axes:
+        rows = [r for r in view.cells if isinstance(r["values"].get(axis), (int, float))
+                and not isinstance(r["values"].get(axis), bool)]
+        values = sorted({r["values"][axis] for r in rows})
+        if axis in _NOT_PLOTTED or len(values) < 3:
+            continue
+        fig, ax = plt.subplots(figsize=(6.8, 4.4))
+        groups: dict[str, list] = {}
+        for r in rows:
+            groups.setdefault(label_of({k: v for k, v in r["values"].items() if k != axis}), []).append(r)
+        for i, (name, group) in enumerate(groups.items()):
+            group = sorted(group, key=lambda r: r["values"][axis])
+            ax.errorbar([r["values"][axis] for r in group], [r["score"]["mean"] for r in group],
+                        yerr=_errors(group), marker="o", capsize=3, color=f"C{i % 10}", label=name)
+        if values[0] > 0 and values[-1] / values[0] >= 8:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(values)
+            ax.set_xticklabels([f"{v:g}" for v in values])
+        ax.set_xlabel(short_name(axis))
+        ax.set_ylabel(f"test {view.metric}")
+        ax.set_title(f"{view.metric} vs {short_name(axis)} (mean, {view.conf}% t interval)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.update(save_figure(plt, fig, out / f"{view.metric}_vs_{short_name(axis)}.png", f"{axis}_plot"))
+    return paths
 
 
 def _rank_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
