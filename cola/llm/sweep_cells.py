@@ -25,7 +25,8 @@ SWEEP_DEFAULTS = {"save_adapter": False, "save_links": False, "plots": False}
 #: settings that do not change what a run computes (left out of its identity)
 _NOT_IDENTITY = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config",
                  "threads", "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter",
-                 "save_links", "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile")
+                 "save_links", "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile",
+                 "report_to", "take_over_lock")
 #: chain fields that only matter at a knot (dropped from a one-link run's identity)
 _KNOT_ONLY = ("links", "knots", "merge_policy", "merge_policy_options", "merge_rule", "merge_rule_options",
               "optimizer_policy", "optimizer_policy_options", "lr_policy", "lr_policy_options", "rank_schedule",
@@ -74,7 +75,9 @@ def effective(settings: TrainSettings) -> TrainSettings:
         return s.replace(chain={}, links=default_of("links"), rank=default_of("rank"), alpha=default_of("alpha"),
                          targets=default_of("targets"), dropout=default_of("dropout"), lr=default_of("lr"))
     s = s.replace(full_lr=default_of("full_lr"))
-    total = s.total_steps(s.n_train)
+    # the number of examples is known only once the data is read (the corpus and facts tasks by default use
+    # them all): any count will do to ask whether the chain plans knots at all
+    total = s.total_steps(s.n_train if s.n_train is not None else 10**6)
     plan = cola.plan(s.chain_config(s.method, total, 0), s.rank)
     if plan.knots is None or plan.knots:  # a chain with knots (or knots decided while training)
         return s

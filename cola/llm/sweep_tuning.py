@@ -50,15 +50,16 @@ def candidates(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> dict[st
     for cell in [*extra, *cells]:
         if cell.key in groups:
             continue
-        found: dict[str, Cell] = {}
+        found: dict[str, tuple[dict[str, Any], Cell]] = {}
         for combo in combinations(spec):
             values = {**cell.values, **combo}
             settings = cell_settings(spec, values)
             key = run_key(settings)
             if key not in found:
-                found[key] = Cell(values, f"tuning {cell.label}: {label_of(combo)}", settings, key,
-                                  is_baseline_only=True)
-        groups[cell.key] = list(found.values())
+                found[key] = (combo, Cell(values, "", settings, key, is_baseline_only=True))
+        varying = [a for a in spec.tune if len({repr(combo[a]) for combo, _ in found.values()}) > 1]
+        groups[cell.key] = [replace(cand, label=f"tuning {cell.label}: {label_of({a: combo[a] for a in varying})}")
+                            for combo, cand in found.values()]
     return groups
 
 
@@ -93,7 +94,7 @@ def choose(spec: SweepSpec, out: Path, group: list[Cell]) -> dict[str, Any]:
     while a candidate has a tuning run to finish)."""
     metric = spec.metric
     higher = stats.higher_is_better(metric)
-    axes = list(spec.tune)
+    axes = [a for a in spec.tune if _varies(group, a)] or list(spec.tune)  # those that change this cell's run
     record: dict[str, Any] = {"axes": {a: list(spec.tune[a]) for a in axes}, "seeds": list(spec.tune_seeds),
                               "metric": f"validation {metric} after the last link", "candidates": [],
                               "chosen": None, "tuned": len(group) > 1, "complete": True, "at_edge": []}
@@ -124,8 +125,8 @@ def choose(spec: SweepSpec, out: Path, group: list[Cell]) -> dict[str, Any]:
         return record
     best = group[min(ranked)[2]]
     record["chosen"] = {"values": {a: best.values.get(a) for a in axes}, "key": best.key}
-    record["at_edge"] = [a for a in axes if len(spec.tune[a]) > 1 and best.values.get(a) in
-                         (spec.tune[a][0], spec.tune[a][-1]) and _varies(group, a)]
+    record["at_edge"] = [a for a in axes if len(spec.tune[a]) > 1
+                         and best.values.get(a) in (spec.tune[a][0], spec.tune[a][-1])]
     return record
 
 

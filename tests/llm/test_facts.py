@@ -260,3 +260,20 @@ def test_a_fact_file_trains_with_its_own_column_names(tmp_path, reference, tok, 
 def test_fact_dataclass_prefix_is_part_of_the_taught_text(tok):
     (ex,) = facts.encode_facts(tok, [Fact("f", "A is", "Yes", (), " ")])
     assert tok.decode(list(ex.candidates[0])) == " Yes"
+
+
+def test_the_restart_recipe_of_relora_is_expressible_as_settings(tmp_path, reference, tok, make_model):
+    """Optimizer state 99%-pruned at each knot, the LR dropped and re-warmed over a jagged cosine schedule,
+    links starting in the gradient's top subspace (fw, both factors): all plain settings."""
+    chain = {"optimizer_policy": "prune", "optimizer_policy_options": {"fraction": 0.99}, "lr_policy": "rewarm",
+             "lr_policy_options": {"steps": 3}, "lr_schedule": "cosine", "warmup_steps": 2, "reinit": "fw",
+             "reinit_options": {"init": "both"}}
+    results = run_experiment(facts_settings(tmp_path, reference, steps=12, links=2, chain=chain),
+                             loader=loader_of(make_model, tok))
+    (run,) = results["runs"]
+    assert run["knots"] == [6] and run["chain_config"]["optimizer_policy_options"] == {"fraction": 0.99}
+    lr = run["lr_per_step"]
+    assert lr[1] > lr[0]                                              # the warm-up
+    assert lr[6] < lr[5] / 2                                          # dropped at the knot ...
+    assert lr[6] < lr[7] < lr[8] and lr[9] < lr[8]                    # ... re-warmed over 3 steps, then the cosine
+    assert run["knot_reports"][0]["step"] == 6

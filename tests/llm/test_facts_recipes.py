@@ -1,0 +1,114 @@
+"""The facts recipes: the capacity map and the chain comparison (CPU and GPU scale), checked for what they
+promise, and dry-run with the real architectures of OPT-1.3B and Llama-2-7B built on the meta device (their
+configs written out here: the hub is not reachable)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cola.llm import experiment
+from cola.llm.sweep import run_sweep
+from cola.llm.sweep_cells import build_cells, effective
+from cola.llm.sweep_spec import load_recipe
+from cola.llm.sweep_tuning import candidates, tuning_units
+
+MAPS = ["capacity-map-cpu", "capacity-map-opt-1.3b", "capacity-map-llama-2-7b"]
+CHAINS = ["facts-chains-cpu", "facts-chains-opt-1.3b", "facts-chains-llama-2-7b"]
+
+
+def _all(spec):
+    cells, extra = build_cells(spec)
+    return cells, extra, [effective(c.settings) for c in [*cells, *extra]]
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_capacity_maps_cover_ranks_r_to_8r_at_equal_steps_each_tuned_r_and_4r_at_every_n(name):
+    spec = load_recipe(name)
+    cells, extra, runs = _all(spec)
+    assert all(s.task == "facts" and s.train_file.startswith("synthetic:") for s in runs)
+    assert len({(s.steps, s.batch_size) for s in runs}) == 1                  # equal steps and facts per step
+    r = spec.baseline["rank"]
+    lora = [s for s in runs if s.method == "lora"]
+    assert {s.rank for s in lora} == {r, 2 * r, 4 * r, 8 * r}
+    assert all(s.alpha == 2 * s.rank for s in lora)                           # the same scaling at every rank
+    sizes = sorted({s.n_train for s in lora})
+    covered = {(x.rank, x.n_train) for x in lora}
+    assert len(sizes) >= 3 and all((rank, n) in covered for rank in (r, 4 * r) for n in sizes)  # r and 4r: every N
+    assert any(s.method == "full" for s in runs)
+    assert set(spec.tune) == {"lr", "full_lr"} and not set(spec.tune_seeds) & set(spec.seeds)
+    groups = candidates(spec, cells, extra)
+    for group in groups.values():                                             # every cell picks among its LRs
+        full = group[0].settings.method == "full"
+        assert len(group) == len(spec.tune["full_lr" if full else "lr"]) >= 3
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_chain_comparisons_have_every_arm_the_issue_names(name):
+    spec = load_recipe(name)
+    cells, extra, runs = _all(spec)
+    r = spec.settings["rank"]
+    assert len({(s.steps, s.batch_size, s.train_file) for s in runs}) == 1
+    assert {(s.method, s.rank) for s in runs if s.method == "lora"} == {("lora", r), ("lora", 4 * r)}
+    assert any(s.method == "full" for s in runs)
+    chains = [s for s in runs if s.method == "cola"]
+    assert all(s.rank == r for s in chains)
+    kinds = {(s.links, s.chain.get("reinit"), s.chain.get("lr_policy", "continue"),
+              s.chain.get("optimizer_policy", "reset")) for s in chains}
+    for links in (2, 4):
+        for reinit in ("lora", "fw"):
+            assert (links, reinit, "continue", "reset") in kinds
+    assert {(4, reinit, "rewarm", "prune") for reinit in ("lora", "fw")} <= kinds
+    relora = [s for s in chains if s.chain.get("optimizer_policy") == "prune"]
+    assert all(s.chain["optimizer_policy_options"] == {"fraction": 0.99} for s in relora)
+    assert len(spec.seeds) >= 3 and spec.metric == "recall" and spec.baseline == {"method": "lora", "rank": r}
+    groups = candidates(spec, cells, extra)
+    assert len(tuning_units(spec, groups)) == 3 * len(groups)                 # every arm tuned on 3 values
+
+
+def test_the_tuned_natural_text_recipe_is_capacity_cpu_with_every_arm_tuned():
+    old, new = load_recipe("capacity-cpu"), load_recipe("capacity-tuned-cpu")
+    for key in ("model", "task", "train_file", "max_length", "steps", "batch_size", "rank", "alpha", "targets"):
+        assert old.settings[key] == new.settings[key]
+    assert new.tune == {"lr": [2e-3, 5e-3, 1e-2]} and "lr" not in new.settings.get("chain", {})
+    _, _, runs = _all(new)
+    assert {(s.method, s.rank, s.chain.get("reinit", "lora")) for s in runs} == {
+        ("lora", 2, "lora"), ("lora", 8, "lora"), ("cola", 2, "lora"), ("cola", 2, "fw")}
+
+
+ARCHITECTURES = {
+    "facebook/opt-1.3b": ("OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=50272, hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+        max_position_embeddings=2048, word_embed_proj_dim=2048)),
+    "meta-llama/Llama-2-7b-hf": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096)),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in MAPS + CHAINS if not n.endswith("-cpu")])
+def test_gpu_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypatch, tmp_path):
+    import transformers
+
+    tok = copy.deepcopy(tokenizer)
+
+    def meta_model(settings):
+        config_cls, model_cls, config = ARCHITECTURES[settings.model]
+        with torch.device("meta"):
+            model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+        return model, tok
+
+    monkeypatch.setattr(experiment, "meta_model", meta_model)
+    spec = load_recipe(name)
+    plan = run_sweep(spec, tmp_path / "plan", dry_run=True)
+    model = next(iter(ARCHITECTURES.values()))[2] if "opt" in name else ARCHITECTURES["meta-llama/Llama-2-7b-hf"][2]
+    width, inner = model["hidden_size"], model.get("ffn_dim", model.get("intermediate_size"))
+    for row in plan["cells"]:
+        if row["method"] == "full":
+            continue
+        assert row["trainable_params_per_link"][0] == row["ranks"][0] * (width + inner)   # one down-projection
+        assert row["steps"] == spec.settings["steps"] and row["tuning_candidates"] == len(spec.tune["lr"])
+    assert plan["tuning_runs"] == sum(r["tuning_candidates"] for r in {r["key"]: r for r in plan["cells"]}.values())
+    assert not (tmp_path / "plan").exists()
