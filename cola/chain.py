@@ -34,6 +34,10 @@ __all__ = ["Chain", "KnotReport", "effective_rank"]
 
 log = logging.getLogger(__name__)
 
+_SHARDED_RANK = ("rank schedule {schedule!r} gives {where} rank {rank}, but FSDP shards its LoRA factors (rank {base}), "
+                 "whose rank cannot change: keep the factors replicated (cola.distributed.fsdp(model), "
+                 "shard_lora=False) to change ranks; nothing was changed")
+
 Closure = Callable[[], Any]
 """``closure()`` re-evaluates the model on the current batch as torch optimizers' closures do: it
 zeroes the gradients, computes the loss, calls ``backward()`` (and, data-parallel, averages the
@@ -112,19 +116,29 @@ class Chain:
 
     def _rank_for(self, name: str, link: int) -> int:
         rank = self.strategies["rank_schedule"].rank(link, self.base_ranks[name])
-        return check_rank(rank, self.layers[name].max_rank, self.config.rank_schedule, link, f" of {name}")
+        rank = check_rank(rank, self.layers[name].max_rank, self.config.rank_schedule, link, f" of {name}")
+        if rank != self.base_ranks[name] and dt.is_dtensor(self.layers[name].lora_A):  # before anything is written
+            raise ConfigError(_SHARDED_RANK.format(schedule=self.config.rank_schedule, where=f"link {link} of {name}",
+                                                   rank=rank, base=self.base_ranks[name]))
+        return rank
 
     def _check_planned_ranks(self) -> None:
-        """The plan holds for every layer: each (base rank, largest rank) pair is checked once."""
+        """The plan holds for every layer: each (base rank, largest rank) pair is checked once; a layer whose
+        factors FSDP shards keeps its rank in every link."""
         problems: dict[str, str] = {}   # each problem once, with the first layer it was found on
-        pairs = sorted({(self.base_ranks[n], layer.max_rank) for n, layer in self.layers.items()})
-        for base, limit in pairs:
+        sharded = {n for n, layer in self.layers.items() if dt.is_dtensor(layer.lora_A)}
+        pairs = sorted({(self.base_ranks[n], layer.max_rank, n in sharded) for n, layer in self.layers.items()})
+        for base, limit, fixed in pairs:
+            where = next(n for n, layer in self.layers.items()
+                         if (self.base_ranks[n], layer.max_rank, n in sharded) == (base, limit, fixed))
             try:
-                plan(self.config, base, limit, strategies=self.strategies)
+                ranks = plan(self.config, base, limit, strategies=self.strategies).ranks
             except ConfigError as err:
-                where = next(n for n, layer in self.layers.items()
-                             if (self.base_ranks[n], layer.max_rank) == (base, limit))
                 problems.update({p: f"{p} (layers such as {where})" for p in err.problems if p not in problems})
+                continue
+            if fixed and set(ranks) != {base}:
+                problems.setdefault("sharded", _SHARDED_RANK.format(schedule=self.config.rank_schedule, base=base,
+                                                                    where=f"the links of {where}", rank=list(ranks)))
         if problems:
             raise ConfigError(list(problems.values()))
 

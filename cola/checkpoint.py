@@ -2,9 +2,10 @@
 
 A checkpoint is ``torch.save``'s file followed by a 40-byte trailer: ``COLACKPT`` and the
 SHA-256 of everything before it. It is written to a temporary file, fsynced, then renamed into
-place, so a crash leaves the old file or the new one, never half of one; loading verifies the
-checksum, so a truncated or corrupted file is refused with a clear error instead of being
-half-read.
+place, so a crash leaves the old file or the new one, never half of one (a full or read-only disk
+is a :class:`cola.io.OutputError` that names the file and the space it needs, and leaves the old
+file too); loading verifies the checksum, so a truncated or corrupted file is refused with a clear
+error instead of being half-read.
 """
 
 from __future__ import annotations

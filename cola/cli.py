@@ -14,6 +14,7 @@ import logging
 import sys
 
 from .errors import ColaError
+from .io import output_error
 from .manager import get_plugin_manager
 
 #: subcommand -> (module, one-line help)
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args._module).run(args)
     except ColaError as err:
         print(f"cola {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a write the library does not wrap, failing for the machine (a full disk, ...)
+        fault = output_error(err, getattr(err, "filename", None) or ".")
+        if fault is None:
+            raise
+        print(f"cola {args.command}: error: {fault}", file=sys.stderr)
         return 2
 
 

@@ -10,8 +10,6 @@ renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import torch
 
 from .chain import Chain
 from .errors import ColaError, ConfigError
-from .io import write_json
+from .io import atomic_folder, make_folder, write_json
 from .lora import LoRALinear
 
 
@@ -43,23 +41,17 @@ def write_adapter(folder: str | os.PathLike, factors: dict[str, tuple[torch.Tens
 
     if not factors:
         raise ConfigError("nothing to export: no LoRA layers")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tensors = {}
-        for name, (B, A) in factors.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    tensors = {}
+    for name, (B, A) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    config = _adapter_config(factors, base_model_name_or_path, task_type)
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        _adapter_config(factors, base_model_name_or_path, task_type).save_pretrained(str(tmp))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        config.save_pretrained(str(tmp))
+
+    return atomic_folder(folder, write, "adapter")
 
 
 def _base_name(chain: Chain, given: str | None) -> str | None:
@@ -95,8 +87,7 @@ def save_link_adapters(chain: Chain, folder: str | os.PathLike, base_model_name_
     counts = {len(v) for v in per_layer.values()}
     if len(counts) != 1:
         raise ColaError(f"layers hold different numbers of links ({sorted(counts)}): cannot export per link")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder, "link adapters")
     base = _base_name(chain, base_model_name_or_path)
     knots = [r.step for r in chain.history]
     entries = []

@@ -53,15 +53,16 @@ The parts: :mod:`~cola.distributed.env` (the process group), :mod:`~cola.distrib
 
 from __future__ import annotations
 
-from .collectives import (all_reduce_mean_, average, ddp, loss_scale, save_on_main, shard, shard_sizes,
-                          sync_gradients)
+from .collectives import (all_reduce_mean_, any_over_ranks, average, average_and_any, ddp, loss_scale, save_on_main,
+                          shard, shard_sizes, sync_gradients)
 from .env import (BACKEND_ENV, DistEnv, barrier, default_backend, detect, device, init, is_distributed, is_initialized,
                   is_main_process, local_rank, quiet_non_main, rank, shutdown, world_size)
 from .fsdp import fsdp, reshard
 from .lockstep import PLUGIN_NAME, LockStep, attach, broadcast_, check, detach, verify_in_sync
 
 __all__ = [
-    "BACKEND_ENV", "DistEnv", "LockStep", "PLUGIN_NAME", "all_reduce_mean_", "attach", "average", "barrier",
+    "BACKEND_ENV", "DistEnv", "LockStep", "PLUGIN_NAME", "all_reduce_mean_", "any_over_ranks", "attach", "average",
+    "average_and_any", "barrier",
     "broadcast_", "check", "ddp", "default_backend", "detach", "detect", "device", "fsdp", "init", "is_distributed",
     "is_initialized", "is_main_process", "local_rank", "loss_scale", "quiet_non_main", "rank", "reshard",
     "save_on_main", "shard", "shard_sizes", "shutdown", "sync_gradients", "verify_in_sync", "world_size",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 from .. import _dtensor as dt
 from ..checkpoint import save_checkpoint
 from ..errors import ConfigError
-from .env import _comm_device, _dist, _require_group, barrier, is_main_process, rank, world_size
+from ..io import OutputError
+from .env import _comm_device, _dist, _require_group, is_main_process, rank, world_size
 
 log = logging.getLogger("cola.distributed")
 
@@ -61,14 +63,30 @@ def average(value: torch.Tensor | float, weight: float = 1.0) -> float:
     Pass every rank's loss here before ``chain.step(loss)``: loss-driven merge policies
     (``plateau``) and the non-finite guard then see the same number on every rank.
     """
+    return average_and_any(value, (), weight)[0]
+
+
+def average_and_any(value: torch.Tensor | float, flags: Sequence[bool],
+                    weight: float = 1.0) -> tuple[float, list[bool]]:
+    """:func:`average` of ``value`` and, in the same all-reduce, each of ``flags`` OR-ed over the ranks.
+
+    A loop that averages its loss every step can so agree on a decision taken on one rank (``cola
+    train``: a SIGTERM that one rank received stops every rank after the same step) at no extra cost.
+    """
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not _require_group():
-        return v
+        return v, [bool(f) for f in flags]
     dist = _dist()
-    t = torch.tensor([v * weight, float(weight)], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([v * weight, float(weight), *(float(bool(f)) for f in flags)], dtype=torch.float64,
+                     device=_comm_device())
     dist.all_reduce(t)
-    total, weights = t.tolist()
-    return total / weights if weights else math.nan
+    total, weights, *summed = t.tolist()
+    return (total / weights if weights else math.nan), [s > 0 for s in summed]
+
+
+def any_over_ranks(flags: Sequence[bool]) -> list[bool]:
+    """Each of ``flags`` OR-ed over the ranks (one all-reduce); the flags themselves with one process."""
+    return average_and_any(0.0, flags)[1]
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
@@ -162,8 +180,23 @@ def ddp(model: nn.Module, **kwargs) -> nn.Module:
 def save_on_main(path, obj) -> None:
     """Write ``obj`` with :func:`cola.save_checkpoint` on rank 0 only, then wait for it on every rank.
 
-    Under FSDP build ``obj`` (e.g. ``chain.state_dict()``, a collective) on every rank first.
+    Under FSDP build ``obj`` (e.g. ``chain.state_dict()``, a collective) on every rank first. When the
+    write fails for the machine (a full or read-only disk: :class:`cola.io.OutputError`) every rank
+    raises it, none is left waiting.
     """
+    error = None
     if is_main_process():
-        save_checkpoint(path, obj)
-    barrier()
+        try:
+            save_checkpoint(path, obj)
+        except OutputError as err:
+            error = err
+    if not _require_group():
+        if error is not None:
+            raise error
+        return
+    box = [None if error is None else (str(error), error.errno)]
+    _dist().broadcast_object_list(box, src=0)   # every rank waits for rank 0's write, as a barrier would
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise OutputError(f"rank 0 failed: {box[0][0]}", box[0][1], Path(path))

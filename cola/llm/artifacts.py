@@ -15,8 +15,9 @@ from typing import Any
 import cola
 import cola.distributed as cd
 from cola import export
+from cola.io import OutputError, atomic_folder
 from cola.llm.host import model_source
-from cola.llm.parallel import is_sharded
+from cola.llm.parallel import gather_errors, is_sharded
 from cola.llm.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,30 @@ def save_merged(run_dir: Path, model, tokenizer, chain) -> dict[str, Any]:
     main = cd.is_main_process()
     if chain is not None:
         cola.merge_and_unload(model)
+    full = None
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         cd.reshard(model)   # an evaluation leaves the root unsharded; gather from the shards
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if main:
-            model.save_pretrained(merged, state_dict=full)
-        del full
-    elif main:
-        model.save_pretrained(merged)
+
+    def write(folder: Path) -> None:   # into a temporary folder, renamed into place: never half a model
+        model.save_pretrained(folder, **({"state_dict": full} if full is not None else {}))
+        tokenizer.save_pretrained(folder)
+
     outputs = {}
+    error = None
     if main:
-        tokenizer.save_pretrained(merged)
-        outputs["merged"] = str(merged)
-    cd.barrier()
+        try:
+            outputs["merged"] = str(atomic_folder(merged, write, "merged model"))
+        except OutputError as err:   # raised on every rank below, none left waiting
+            error = err
+    del full
+    failed = gather_errors(str(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if failed:
+        raise OutputError(f"rank 0 failed: {failed}")
     return outputs
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import typing
 from dataclasses import fields
@@ -28,7 +29,8 @@ from cola.config import STRATEGY_KINDS, ChainConfig
 import cola.distributed as cd
 from cola.errors import ColaError, ConfigError
 from cola.fieldtypes import base_type, field_types
-from cola.llm import report
+from cola.io import OutputError
+from cola.llm import report, stopping
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.experiment import output_dir, run_experiment
 from cola.llm.parallel import on_main, start_distributed
@@ -96,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+", type=typing.get_args(tp)[0])
         else:
             kwargs["type"] = tp
-            if "choices" in f.metadata:  # checked with the other settings, so all problems come at once
-                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        if "choices" in f.metadata:  # checked with the other settings, so all problems come at once
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         group.add_argument(_flag(f.name), **kwargs)
         if f.name == "method":
             group.add_argument("--resume", nargs="?", const=True, default=argparse.SUPPRESS, metavar="DIR",
@@ -160,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
             raise ConfigError(f"--resume: no run to resume in {str(folder) if folder else 'runs/'} "
                               "(a run folder holds settings.json)")
         saved = json.loads((folder / "settings.json").read_text())
-        for key in ("stop_after", "dry_run", "resume", "config"):  # this invocation's, not the saved run's
+        for key in ("stop_after", "dry_run", "resume", "config", "take_over_lock"):  # this invocation's, not the saved run's
             saved.pop(key, None)
         layers.append(checked(saved, str(folder / "settings.json"), FIELD_NAMES))
         flags.update(resume=True, output_dir=str(folder))
@@ -173,6 +175,18 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     if config:
         merged["config"] = str(config)
     return TrainSettings(**merged)
+
+
+def stopped(stop: BaseException, resume: str, main: bool) -> int:
+    """What a command stopped by a signal prints (rank 0, on stderr) and returns: 128 + the signal's number.
+    A first SIGTERM / SIGINT stopped after a step with a checkpoint (:class:`~cola.llm.stopping.SignalStop`),
+    a second one (or a KeyboardInterrupt from elsewhere) at once."""
+    signum = getattr(stop, "signum", signal.SIGINT)
+    if main:
+        what = stop if isinstance(stop, stopping.SignalStop) else (
+            f"interrupted ({stop or signal.Signals(signum).name}): the last checkpoint is where it continues from")
+        print(f"\n{what}\ncontinue with: {resume}", file=sys.stderr)
+    return 128 + signum
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,11 +234,12 @@ def _run(args: argparse.Namespace, main: bool) -> int:
                 results = run_experiment(settings, progress=True)
         else:
             results = run_experiment(settings)
-    except KeyboardInterrupt:
-        if main:
-            print(f"\ninterrupted: continue from the last checkpoint with: cola train --resume {settings.output_dir}",
-                  file=sys.stderr)
-        return 130
+    except (stopping.SignalStop, KeyboardInterrupt) as stop:
+        return stopped(stop, f"cola train --resume {settings.output_dir}", main)
+    except OutputError as err:  # a full, read-only or vanished disk: what to run once it is fixed
+        again = (f"continue with: cola train --resume {settings.output_dir}"
+                 if (Path(settings.output_dir) / "settings.json").is_file() else "run the command again")
+        raise OutputError(f"{err}, then {again}", err.errno, err.path) from None
     if not main:
         return 0
     print()

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,19 +30,21 @@ import torch
 import cola
 import cola.distributed as cd
 from cola.errors import ConfigError
-from cola.io import write_json
-from cola.llm import report
+from cola.io import make_folder, write_json
+from cola.llm import report, stopping
 from cola.llm.artifacts import save_outputs
 from cola.llm.corpus import special_ids
 from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, zero_shot
 from cola.llm.host import Loader, ModelHost, default_loader, meta_model
 from cola.llm.inputs import build_task, load_corpus_data, load_data, load_facts_data
+from cola.llm.lock import FolderLock
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
 from cola.llm.objective import default_max_length, encode_examples
 from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
 from cola.llm.plan import FLOPS_FORMULA, build_plan, corpus_sizes, example_sizes
 from cola.llm.records import RunRecord, primary_metric
 from cola.llm.settings import CORPUS, FACTS, RUNTIME_FIELDS, TrainSettings, default_of
+from cola.llm.tracking import Naming, open_run
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,11 @@ class Experiment:
     budget: StepBudget
     progress: bool
     plan: dict[str, Any]
+    naming: Naming          #: how its runs are named for the trackers (``--report-to``)
 
 
-def run_experiment(settings: TrainSettings, loader: Loader | None = None, progress: bool = False) -> dict[str, Any]:
+def run_experiment(settings: TrainSettings, loader: Loader | None = None, progress: bool = False,
+                   naming: Naming | None = None) -> dict[str, Any]:
     """Train and evaluate every (seed, method) of ``settings``; return the results.
 
     Args:
@@ -81,6 +86,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
         loader: ``loader() -> (model, tokenizer)`` giving a fresh base model on each call;
             default: :func:`cola.llm.load_model` of ``settings.model``.
         progress: show tqdm progress bars (the CLI does; a library call logs instead).
+        naming: the trackers' name and folder of the runs (``--report-to``); default: ``settings.name``
+            (else the output folder's name) and ``<output folder>/tracking``.
 
     Returns:
         The results dict written to ``results.json`` (see :mod:`cola.llm.report`); with
@@ -112,13 +119,21 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     world = cd.world_size() if device is not None else 1
     if world > 1:
         check_global_batches(settings, {s: len(inputs.splits[s].train) for s in settings.seeds}, world)
-    on_main(lambda: prepare_output(settings, out))
-    log.info("output folder: %s", out)
     main = cd.is_main_process()
     evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main) if settings.task == CORPUS
                 else FactsEvaluator(settings, special_ids(tokenizer)[0]) if settings.task == FACTS
                 else Evaluator(settings, inputs.task, inputs.max_length, progress and main))
-    exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan)
+    naming = naming or Naming(settings.name or out.name, out / "tracking")
+    exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan,
+                     naming)
+    with output_held(settings, out):  # rank 0 locks and prepares the folder; released at the end, on errors, signals
+        return _run_all(exp, device, world, started)
+
+
+def _run_all(exp: Experiment, device: torch.device | None, world: int, started: float) -> dict[str, Any]:
+    """``run_experiment`` once its output folder is held: zero-shot scores, every run, the results files."""
+    settings, out, plan, host, inputs, evaluate = exp.settings, exp.out, exp.plan, exp.host, exp.inputs, exp.evaluate
+    log.info("output folder: %s", out)
     results = _results_header(settings, out, plan, started)
     if device is not None:
         results["distributed"] = describe(device, host.fsdp)
@@ -181,6 +196,30 @@ def output_dir(settings: TrainSettings) -> Path:
     return Path("runs") / name
 
 
+@contextmanager
+def output_held(settings: TrainSettings, out: Path):
+    """While the block runs: rank 0 holds the output folder's lock (:mod:`cola.llm.lock`; two processes
+    never write one run) and has prepared the folder (:func:`prepare_output`), and SIGTERM / SIGINT stop
+    the run after its current step (:mod:`cola.llm.stopping`). The lock is released at the end, on an
+    error and on a signal."""
+    lock = FolderLock(out, "cola train", settings.take_over_lock)
+
+    def prepare() -> None:
+        lock.acquire()
+        try:
+            prepare_output(settings, out)
+        except BaseException:
+            lock.release()
+            raise
+
+    with stopping.graceful():
+        on_main(prepare)
+        try:
+            yield
+        finally:
+            lock.release()   # a no-op on the ranks that do not hold it
+
+
 def prepare_output(settings: TrainSettings, out: Path) -> None:
     """A new folder with ``settings.json``, or (``resume``) a check that the saved settings are these."""
     saved_path = out / "settings.json"
@@ -211,17 +250,19 @@ def run_one(exp: Experiment, method: str, seed: int, scores: dict[str, Any]) -> 
     if done is not None:
         log.info("%s: already complete, skipped", key)
         return RunRecord.from_dict(done)
+    signal = stopping.from_flags(cd.any_over_ranks(stopping.flags()))  # a signal since the last step, on any rank
+    if signal:
+        raise stopping.SignalStop(signal, f"{key}: stopped by {stopping.name(signal)} before it started")
     start = time.perf_counter()
     run = start_run(exp, method, seed, run_dir, scores)
     if exp.settings.resume and on_main(run.checkpoint.is_file):
         resume(run)
     try:
-        Training(exp.settings, run, exp.evaluate, exp.budget, exp.progress).train()
-    except BaseException:
+        with tracked(exp, run):
+            Training(exp.settings, run, exp.evaluate, exp.budget, exp.progress).train()
+            finish_run(exp, run, run_dir, scores)
+    finally:
         exp.host.restore()
-        raise
-    finish_run(exp, run, run_dir, scores)
-    exp.host.restore()
     metric = primary_metric(exp.settings.to_dict())
     log.info("%s: test %s %.4f (zero-shot %.4f) in %.0f s", key, metric, run.record.test[metric],
              scores["test"][metric], time.perf_counter() - start)
@@ -234,8 +275,30 @@ def _completed(run_dir: Path) -> dict[str, Any] | None:
         record = json.loads(record_path.read_text())
         if record.get("status") == "complete":
             return record
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir, "run folder")
     return None
+
+
+@contextmanager
+def tracked(exp: Experiment, run: Run):
+    """``run.tracking`` open (on rank 0; the settings, and a new run's zero-shot point, logged) while the
+    block runs; closed after it, as failed when it raised (a stop for ``stop_after`` is no failure)."""
+    if cd.is_main_process():
+        config = {**exp.settings.to_dict(), "method": run.record.method, "seed": run.seed,
+                  "chain_config": run.record.chain_config}
+        start = run.trainer.step_count
+        run.tracking = open_run(exp.settings.report_to, exp.naming, run.key, config, start)
+        for point in run.record.curve if start == 0 else []:
+            run.tracking.validation(point)
+    try:
+        yield
+    except RunStopped:
+        run.tracking.close()
+        raise
+    except BaseException:
+        run.tracking.close(failed=True)
+        raise
+    run.tracking.close()
 
 
 def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: dict[str, Any]) -> Run:
@@ -282,9 +345,11 @@ def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any])
         val = exp.evaluate(run.model, run.tokenizer, run.splits.validation,
                            f"{run.key} validation after link {links_done}")
         record.add_curve_point(links_done, record.total_steps, val)
+        run.tracking.validation(record.curve[-1])
     record.test = exp.evaluate(run.model, run.tokenizer, run.splits.test, f"{run.key} test")
     if "reference_loss" in record.test:  # the corpus task: forgetting, the reference loss's rise over zero-shot
         record.test["forgetting"] = record.test["reference_loss"] - scores["test"]["reference_loss"]
+    run.tracking.test(record.test, record.total_steps)
     record.zero_shot = {"test": scores["test"], "validation": scores["validation"].get(run.seed)}
     record.seconds["eval"] += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -303,7 +368,7 @@ def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any])
     if settings.keep_checkpoints:
         save_checkpoint(run)
         record.outputs["checkpoint"] = str(run.checkpoint)
-    elif main:
-        run.checkpoint.unlink(missing_ok=True)
     if main:
         write_json(run_dir / "run.json", record.to_dict())
+        if not settings.keep_checkpoints:  # only once the record is on disk: a disk full before keeps it to resume from
+            run.checkpoint.unlink(missing_ok=True)

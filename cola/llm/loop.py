@@ -2,8 +2,8 @@
 every link.
 
 A run trains either a :class:`cola.Chain` (LoRA is a one-link chain) or, for full fine-tuning, a
-:class:`FullFineTuning`, which offers the same step interface: ``step(loss) -> bool`` (False when
-a non-finite step was skipped), ``zero_grad()``, ``step_count``, ``nonfinite_steps``,
+:class:`FullFineTuning`, which offers the same step interface: ``step(loss) -> Verdict`` (false when
+a non-finite step was skipped, decided on the device), ``zero_grad()``, ``step_count``, ``nonfinite_steps``,
 ``nonfinite_in_row``, ``state_dict()``. The loop (:class:`Training`) does not care which.
 
 Resuming: each run writes an atomic checkpoint (the trainer's state with the LoRA factors,
@@ -28,13 +28,15 @@ import cola
 import cola.distributed as cd
 from cola.config import schedule_multiplier
 from cola.errors import ColaError
+from cola import guard
 from cola.guard import Verdict
-from cola.llm import corpus, objective
+from cola.llm import corpus, objective, stopping
 from cola.llm.evaluation import Evaluator
 from cola.llm.inputs import epoch_batches
 from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
 from cola.llm.records import RunRecord, mean_loss
 from cola.llm.settings import TrainSettings
+from cola.llm.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +72,39 @@ class FullFineTuning:
 
     def __init__(self, model, settings: TrainSettings, total_steps: int, key: str):
         self.model, self.key = model, key
-        params = list({id(p): p for p in model.parameters()}.values())
-        self.optimizer = torch.optim.AdamW(params, lr=settings.full_lr, weight_decay=settings.weight_decay)
+        self.params = list({id(p): p for p in model.parameters()}.values())
+        # the fused AdamW skips a non-finite step inside its kernel: no host read, no copy of the model to undo it
+        fused = True if self.params and self.params[0].device.type in ("cpu", "cuda") else None
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.full_lr, weight_decay=settings.weight_decay,
+                                           fused=fused)
         cfg = settings.chain_config("lora", total_steps, 0)  # for its base LR schedule only
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda taken: schedule_multiplier(cfg.lr_schedule, taken, total_steps, cfg.warmup_steps))
-        self.trainable = sum(p.numel() for p in params)
-        self.step_count = self.nonfinite_steps = self.nonfinite_in_row = 0
+        self.trainable = sum(p.numel() for p in self.params)
+        self.step_count = 0
+        self.counts = guard.Counts()   # skipped steps, on the device until read
+
+    @property
+    def nonfinite_steps(self) -> int:
+        return self.counts.read()[0]
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        return self.counts.read()[1]
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor | float) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        taken = math.isfinite(float(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-        if taken:
-            self.nonfinite_in_row = 0
-            self.optimizer.step()
-        else:
-            self.nonfinite_steps += 1
-            self.nonfinite_in_row += 1
+    def step(self, loss: torch.Tensor | float) -> Verdict:
+        """The optimizer step unless the loss or a gradient is not finite, decided on the device
+        (:mod:`cola.guard`): nothing is read back; the :class:`~cola.guard.Verdict` holds the flag."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        found = guard.found_inf(loss, [p.grad for p in self.params if p.grad is not None], device)
+        guard.step_unless(self.optimizer, self.params, found)
+        self.counts.add(found)
         self.scheduler.step()
         self.step_count += 1
-        return taken
+        return Verdict(found)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -111,7 +123,8 @@ class FullFineTuning:
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step_count, self.nonfinite_steps = record.steps_taken, record.nonfinite_steps
+        self.step_count = record.steps_taken
+        self.counts.set(record.nonfinite_steps)
 
 
 def current_lr(trainer) -> float:
@@ -136,6 +149,7 @@ class Run:
     seed: int
     lr_hint: str = ""               #: the flag to lower when steps keep failing
     objective: str = "classification"  #: the loss: blocks (the corpus task's LM loss), lm or classification
+    tracking: Tracking = field(default_factory=Tracking)  #: its experiment trackers (none by default)
     _batches: tuple[int, list] = field(default=(-1, []), repr=False)
 
     @property
@@ -157,7 +171,7 @@ def save_checkpoint(run: Run) -> None:
     """Rank 0 writes the checkpoint (every rank holds the same state), then every rank goes on.
     Under FSDP ``chain.state_dict()`` gathers the shards: a collective that every rank joins."""
     if not cd.is_main_process() and not is_sharded(run.model):
-        cd.barrier()
+        cd.save_on_main(run.checkpoint, None)   # joins rank 0's write: its end, or its error
         return
     state: dict[str, Any] = {"version": CHECKPOINT_VERSION, "key": run.key, "record": run.record.to_dict()}
     if run.chain is not None:
@@ -231,6 +245,7 @@ class Training:
         self.progress = progress
         self.knots_seen = len(run.chain.history) if run.chain else 0
         self.pending: list[tuple[Any, Any]] = []   #: (loss, verdict) of the steps not yet read back
+        self.agreed = [False] * len(stopping.SIGNALS)   #: the stop flags of the ranks, as of the last all-reduce
         self.tic = time.perf_counter()
 
     @property
@@ -293,8 +308,16 @@ class Training:
             total = loss.detach() if total is None else total + loss.detach()
         if cd.is_distributed():
             cd.sync_gradients(run.model)  # every trainable weight (a probing re-init's factors too): the mean
-            return cd.average(total)                                              # the same loss on every rank
+            # the same loss on every rank, and in the same all-reduce whether any rank was asked to stop
+            loss, self.agreed = cd.average_and_any(total, stopping.flags())
+            return loss
         return total
+
+    def stop_signal(self) -> int:
+        """The signal that makes this step the last one, 0 for none: the flag a SIGTERM / SIGINT set in
+        this process (free to read), or under torchrun the flags that every rank sent with this step's
+        loss average, so that all ranks stop after the same step."""
+        return stopping.from_flags(self.agreed) if cd.is_distributed() else stopping.requested()
 
     def closure(self) -> torch.Tensor | float:
         """This step's loss and gradients again (what a re-init that probes the gradient calls at a knot)."""
@@ -331,6 +354,9 @@ class Training:
                             first + i, record.nonfinite_in_row, record.nonfinite_steps)
             else:
                 record.nonfinite_in_row = 0
+        if run.tracking:
+            run.tracking.steps(first, record.train_loss[-n:], record.lr_per_step[-n:],
+                               [r.step for r in run.trainer.history])
         self.pending = []
 
     def stop_if_failing(self) -> None:
@@ -356,8 +382,10 @@ class Training:
         link = run.chain.link if run.chain else 0
         knot = run.chain is not None and len(run.chain.history) > self.knots_seen
         self.budget.take()
+        signal = self.stop_signal()   # SIGTERM / SIGINT: this step is the last one (on every rank)
         stop = self.budget.spent and step < total
-        checkpoint = step < total and (knot or stop or bool(s.checkpoint_every and step % s.checkpoint_every == 0))
+        periodic = bool(s.checkpoint_every and step % s.checkpoint_every == 0)
+        checkpoint = bool(signal) or step < total and (knot or stop or periodic)
         logged = step % s.log_every == 0 or step == total
         if logged or knot or checkpoint or step % min(s.log_every, s.max_nonfinite_in_row) == 0:
             self.flush()
@@ -373,12 +401,17 @@ class Training:
         if bar is not None:
             bar.update(1)
         if knot:
+            for report in run.chain.history[self.knots_seen:]:
+                run.tracking.knot(report)
             self.knots_seen = len(run.chain.history)
             if s.eval_links:
                 self.evaluate_link(step)
         if checkpoint:
             save_checkpoint(run)
             self.tic = time.perf_counter()
+        if signal:
+            raise stopping.SignalStop(signal, f"{run.key}: stopped by {stopping.name(signal)} after step {step} of "
+                                              f"{total}; checkpoint {run.checkpoint}")
         if stop:
             raise RunStopped(f"{run.key}: stopped after step {step} of {total} (stop_after)")
         self.stop_if_failing()   # the counts are those of the last flush
@@ -390,6 +423,7 @@ class Training:
         val = self.evaluate(run.model, run.tokenizer, run.splits.validation,
                             f"{run.key} validation after link {self.knots_seen}")
         run.record.add_curve_point(self.knots_seen, step, val)
+        run.tracking.validation(run.record.curve[-1])
         run.record.seconds["eval"] += time.perf_counter() - t0
         run.model.train()
         self.tic = time.perf_counter()

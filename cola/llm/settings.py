@@ -42,7 +42,7 @@ from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.models import EMBEDDED_MODEL
 from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, CORPUS, DTYPE_NAMES,  # noqa: F401
-                                 FACTS, LOSSES, METHODS, RULES, value_problems)
+                                 FACTS, LOSSES, METHODS, RULES, TRACKERS, value_problems)
 from cola.io import write_json
 
 #: quick CPU budget of the embedded default (``cola train`` with no arguments)
@@ -61,7 +61,7 @@ PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "
 #: fields that may differ when a run is resumed (they do not change the numbers)
 RUNTIME_FIELDS = ("resume", "output_dir", "dry_run", "threads", "stop_after", "keep_checkpoints",
                   "plots", "log_every", "name", "config", "fsdp", "gradient_checkpointing", "attn_implementation",
-                  "compile")
+                  "compile", "report_to", "take_over_lock")
 """``fsdp`` is one of them like the number of ranks, which is no setting at all: a checkpoint holds the
 gathered state, so a run may continue sharded or replicated on any number of ranks (the numbers agree to
 float rounding). So are the performance settings: a run may continue with gradient checkpointing (the same
@@ -120,7 +120,9 @@ class TrainSettings(Validated):
                                     "over zero-shot is the forgetting (a file, folder or table like --train-file; "
                                     "default: the embedded tweets)", group="model and data")
     n_train: int | None = _f(None, f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
-                             f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's)", group="model and data")
+                             f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's; --task facts: the facts "
+                             "taught, a subset of --train-file drawn with --test-seed, nested as it grows; default "
+                             "all)", group="model and data")
     n_val: int | None = _f(None, f"validation examples (--task corpus: held-out blocks; --task facts: facts, "
                            f"default all), scored after every link "
                            f"(default "
@@ -217,6 +219,9 @@ class TrainSettings(Validated):
     keep_checkpoints: bool = _f(False, "keep each run's last checkpoint after it completes",
                                 group="outputs")
     resume: bool = _f(False, "continue the runs in --output-dir from their checkpoints", group="outputs")
+    take_over_lock: bool = _f(False, "take over the output folder's lock (cola.lock) left by a process that no "
+                              "longer runs (killed, or its machine crashed); a running owner is never overridden",
+                              group="outputs")
     stop_after: int | None = _f(None, "stop this invocation after this many optimizer steps in all, "
                                 "checkpointed (continue with --resume); for time-sliced jobs",
                                 group="outputs")
@@ -225,6 +230,9 @@ class TrainSettings(Validated):
     threads: int | None = _f(None, "CPU threads of torch (torch.set_num_threads; default: torch's, "
                            "one per core)", group="outputs")
     log_every: int = _f(10, "log the training loss every this many steps", group="outputs")
+    report_to: list[str] = _f(["none"], "experiment trackers of each run (one or more): none, tensorboard (event "
+                              "files in <output-dir>/tracking), trackio (local unless TRACKIO_SPACE_ID is set) or "
+                              "wandb (online unless WANDB_MODE=offline)", group="outputs", choices=TRACKERS)
     config: str | None = _f(None, "the config file these settings were read from (informational)",
                             group="outputs", file_key=False)
 

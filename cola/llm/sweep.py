@@ -47,14 +47,16 @@ from typing import Any, Callable
 
 import cola
 from cola.errors import ColaError, ConfigError
-from cola.io import write_json
-from cola.llm import report, sweep_report, sweep_tuning
+from cola.io import OutputError, write_json
+from cola.llm import report, stopping, sweep_report, sweep_tuning
 from cola.llm.experiment import run_experiment
+from cola.llm.lock import FolderLock
 from cola.llm.models import load_model
 from cola.llm.settings import TrainSettings
 from cola.llm.sweep_cells import Cell, build_cells, effective
 from cola.llm.sweep_results import aggregate, read_json, run_status
 from cola.llm.sweep_spec import SweepSpec, load_recipe, recipe_names
+from cola.llm.tracking import Naming
 
 __all__ = ["SweepSpec", "load_recipe", "recipe_names", "run_sweep"]
 
@@ -132,7 +134,8 @@ def _share_zero_shot(out: Path, settings: TrainSettings, seed: int, run_dir: Pat
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Callable[[], Any] | None = None,
-              progress: bool = False, max_runs: int | None = None, dry_run: bool = False) -> dict[str, Any]:
+              progress: bool = False, max_runs: int | None = None, dry_run: bool = False,
+              take_over_lock: bool = False) -> dict[str, Any]:
     """Run (or continue) the sweep ``spec`` in folder ``out`` and return its results.
 
     Args:
@@ -147,9 +150,13 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         max_runs: run at most this many (cell, seed) runs in this invocation, then write the
             results so far (``status: "partial"``); for time-sliced jobs and tests.
         dry_run: plan only: every cell's run key, knots, ranks, trainable parameters and FLOPs.
+        take_over_lock: take over the lock of the sweep folder (and of its runs' folders) that a process
+            which no longer runs left behind (:mod:`cola.llm.lock`).
 
     Returns:
-        The results dict (see :mod:`cola.llm.sweep_report`).
+        The results dict (see :mod:`cola.llm.sweep_report`). While it runs, the sweep folder is locked
+        (two sweeps never write one folder) and SIGTERM / SIGINT stop it after the current step of the
+        current run (:class:`cola.llm.stopping.SignalStop`; continue with ``resume=True``).
     """
     started = time.time()
     out = Path(out)
@@ -161,18 +168,24 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
-    _prepare(spec, out, resume)
-    failures: list[dict[str, Any]] = []
-    runner = _Runner(out, loader, progress, max_runs, failures)
+    runner = _Runner(out, loader, progress, max_runs, [], take_over_lock)
+    with FolderLock(out, "cola sweep", take_over_lock), stopping.graceful():  # released at the end, on errors, signals
+        _prepare(spec, out, resume)
+        return _run_units(spec, out, runner, cells, extra, groups, started)
+
+
+def _run_units(spec: SweepSpec, out: Path, runner: "_Runner", cells: list[Cell], extra: list[Cell],
+               groups: dict[str, list[Cell]], started: float) -> dict[str, Any]:
+    """The tuning runs, the sweep's runs and the results files, once the sweep folder is held."""
+    failures = runner.failures
     untuned = (cells, extra)
     try:
         status = runner.run(sweep_tuning.tuning_units(spec, groups), "tuning") if groups else "complete"
         cells, extra = _tuned(spec, out, *untuned, groups)
         chosen = all(c.tuning["chosen"] for c in [*cells, *extra]) if groups else True
         status = runner.run(_units(spec, cells, extra), "sweep") if status == "complete" and chosen else "partial"
-    except KeyboardInterrupt:
-        log.warning("sweep interrupted; continue with: cola sweep --resume %s", out)
-        _finish(spec, out, *_tuned(spec, out, *untuned, groups), started, "partial", failures)
+    except (KeyboardInterrupt, stopping.SignalStop):   # a signal: the checkpoint is written, the rest waits
+        log.warning("sweep stopped; continue with: cola sweep --resume %s", out)
         raise
     if failures:
         status = "partial"
@@ -194,8 +207,10 @@ class _Runner:
     """Runs (cell, seed) units not finished yet, at most ``max_runs`` in all the calls of one invocation.
     A failing run is logged and added to ``failures``; the others go on."""
 
-    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]]):
+    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]],
+                 take_over_lock: bool = False):
         self.out, self.loader, self.progress, self.max_runs, self.failures = out, loader, progress, max_runs, failures
+        self.take_over_lock = take_over_lock
         self.cache = _ModelCache()
         self.done_now = 0
 
@@ -225,14 +240,22 @@ class _Runner:
                 bar.close()
         return status
 
+    def naming(self, cell: Cell) -> Naming:
+        """A run's tracked name ``<sweep folder>/<cell label>/<method>-seed<k>`` (tuning runs' labels start with
+        ``tuning``), its TensorBoard events in ``tracking/<cell label>/<method>-seed<k>`` of the sweep folder."""
+        return Naming(f"{self.out.name}/{cell.label}", self.out / "tracking" / cell.label.replace("/", "_"))
+
     def one(self, cell: Cell, seed: int, run_dir: Path, state: str) -> bool:
-        settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir), resume=state == "partial")
+        settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir), resume=state == "partial",
+                                                    take_over_lock=self.take_over_lock)
         _share_zero_shot(self.out, settings, seed, run_dir, "in")
         ok = False
         try:
             results = run_experiment(settings, loader=self.loader or self.cache.loader(settings),
-                                     progress=self.progress)
+                                     progress=self.progress, naming=self.naming(cell))
             ok = results.get("status") == "complete"
+        except (OutputError, stopping.SignalStop):
+            raise   # the machine (a full or read-only disk) or a signal stops the sweep: no failure of this run
         except ColaError as err:
             log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
             self.failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})

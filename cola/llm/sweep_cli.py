@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cola.errors import ConfigError
+from cola.io import OutputError
 from cola.llm import cli as train_cli
-from cola.llm import sweep_report
+from cola.llm import stopping, sweep_report
 from cola.llm.cli import flags_of
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.settings import FIELD_NAMES, FILE_KEYS
@@ -144,7 +144,7 @@ def spec_from_args(args: argparse.Namespace):
     if given.get("config"):
         layers.append(checked(read_config_file(given["config"]), str(given["config"]), FILE_KEYS))
     flags = flags_of(args)
-    for key in ("output_dir", "dry_run"):  # the sweep's own
+    for key in ("output_dir", "dry_run", "take_over_lock"):  # the sweep's own
         flags.pop(key, None)
     if "stop_after" in flags:
         raise ConfigError("--stop-after: a sweep stops between runs: use --max-runs N, then --resume")
@@ -198,17 +198,21 @@ def run(args: argparse.Namespace) -> int:
         print(sweep_report.format_plan(run_sweep(spec, out, dry_run=True)), end="")
         return 0
     progress = not getattr(args, "quiet", False)
+    take_over = bool(getattr(args, "take_over_lock", False))
+    options = dict(resume=bool(args.resume), max_runs=args.max_runs, take_over_lock=take_over)
     try:
         if progress:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             with logging_redirect_tqdm():
-                results = run_sweep(spec, out, resume=bool(args.resume), progress=True, max_runs=args.max_runs)
+                results = run_sweep(spec, out, progress=True, **options)
         else:
-            results = run_sweep(spec, out, resume=bool(args.resume), max_runs=args.max_runs)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with: cola sweep --resume {out}", file=sys.stderr)
-        return 130
+            results = run_sweep(spec, out, **options)
+    except (stopping.SignalStop, KeyboardInterrupt) as stop:
+        return train_cli.stopped(stop, f"cola sweep --resume {out}", True)
+    except OutputError as err:  # a full, read-only or vanished disk: what to run once it is fixed
+        again = f"continue with: cola sweep --resume {out}" if (out / "sweep.json").is_file() else "run it again"
+        raise OutputError(f"{err}, then {again}", err.errno, err.path) from None
     print()
     print(sweep_report.markdown(results), end="")
     print(f"results: {results['files']['json']} (also .csv, .md, plots) in {out}")

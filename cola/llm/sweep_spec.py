@@ -33,7 +33,8 @@ AXIS_ALIASES = {
 #: settings a grid may not vary: the sweep owns them, or they do not change the numbers
 NOT_AXES = ("seeds", "compare", "output_dir", "name", "resume", "dry_run", "stop_after", "config", "threads",
             "log_every", "plots", "keep_checkpoints", "checkpoint_every", "save_adapter", "save_links",
-            "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile")
+            "save_merged", "fsdp", "gradient_checkpointing", "attn_implementation", "compile", "report_to",
+            "take_over_lock")
 #: test metrics a sweep can compare on (``results["runs"][i]["test"][metric]``)
 METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "perplexity", "loss", "bits_per_byte",
            "forgetting", "reference_perplexity", "recall", "token_accuracy", "answer_loss", "paraphrase_recall")

@@ -18,6 +18,7 @@ from cola.errors import ConfigError, closest
 from cola.llm.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
 from cola.llm.facts_sources import SYNTHETIC_PREFIX, parse_synthetic
 from cola.llm.tasks import BUILTIN_TASKS
+from cola.llm.tracking import TRACKERS, tracker_problems
 from cola.manager import get_plugin_manager
 
 METHODS = ("lora", "cola", "full")
@@ -58,6 +59,9 @@ def value_problems(v: Any) -> list[str]:
     choice("eval_rule", v.eval_rule, RULES)
     if v.dtype is not None:
         choice("dtype", v.dtype, DTYPE_NAMES)
+    for name in v.report_to:
+        choice("report_to", name, TRACKERS)
+    p += tracker_problems(v.report_to)
     for name, low in (("links", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
                       ("max_nonfinite_in_row", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
                       ("n_val", 0), ("n_test", 1), ("steps", 1), ("threads", 1), ("stop_after", 1),
