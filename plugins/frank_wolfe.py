@@ -50,6 +50,11 @@ def _lora_a(rank: int, in_features: int, generator: torch.Generator) -> torch.Te
     return (torch.rand((rank, in_features), generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
+def _sharded(param: torch.Tensor) -> bool:
+    """An FSDP shard (a ``DTensor``: it has ``full_tensor``), told without importing torch.distributed."""
+    return hasattr(param, "full_tensor")
+
+
 def _grad(param: torch.nn.Parameter) -> torch.Tensor:
     g = param.grad
     return torch.zeros_like(param, dtype=torch.float32) if g is None else g.detach().float()
@@ -91,8 +96,18 @@ class FrankWolfeInit:
 
     # ------------------------------------------------------------------ the probe
     def prepare(self, layers, ranks, info) -> None:
-        """Sketch every layer's gradient on the knot's batch (``info.closure``); keep the top-r subspaces."""
+        """Sketch every layer's gradient on the knot's batch (``info.closure``); keep the top-r subspaces.
+
+        Refused at once (``prepare`` of link 0 runs when the chain is built, before anything is trained or
+        written) when FSDP shards the LoRA factors: the probe needs factors of rank r + oversample and whole
+        gradients, and a sharded factor's rank cannot change."""
         self.subspaces = {}
+        sharded = [n for n, layer in layers.items() if _sharded(layer.lora_A) or _sharded(layer.lora_B)]
+        if sharded:
+            raise ConfigError(f"reinit 'fw' cannot probe LoRA factors that FSDP shards ({len(sharded)} layers, such "
+                              f"as {sharded[0]}): its sketch sets factors of rank r + oversample and reads whole "
+                              "gradients. Keep the factors replicated (cola.distributed.fsdp(model) without "
+                              "shard_lora, as cola train --fsdp does); nothing was changed")
         if info.closure is None:
             if info.link > 0 and not self._warned:
                 log.warning("reinit 'fw': chain.step was given no closure, so there is no gradient to start "
