@@ -126,7 +126,9 @@ def output_error(err: BaseException, path: str | os.PathLike, what: str | None =
                  written: int | None = None) -> OutputError | None:
     """The :class:`OutputError` for ``err`` when a machine fault is behind it, else None.
 
-    ``needed``: the bytes the write needs, when known; ``written``: the bytes it had written when it failed."""
+    ``needed``: the bytes the write needs, when known; ``written``: the bytes it had written when it failed.
+    Without ``needed`` the size of the file or folder at ``path`` (the one the write replaces, e.g. the
+    previous checkpoint) is the estimate; a first write of unknown size names the free space only."""
     if isinstance(err, OutputError):
         return err
     code = _fault_errno(err)
@@ -137,7 +139,9 @@ def output_error(err: BaseException, path: str | os.PathLike, what: str | None =
     detail = ""
     if code in _SPACE:
         free = _free(path.parent)
+        previous = _bytes_in(str(path)) if needed is None else 0   # the file or folder it replaces: about its size
         need = (f"it needs {_size(needed)}" if needed is not None else
+                f"it needs about {_size(previous)}, the size of the one it replaces" if previous > (written or 0) else
                 f"it needs more than the {_size(written)} written when the disk filled" if written else "")
         room = f"{_size(free)} free there" if free is not None else ""
         detail = f" ({'; '.join(p for p in (need, room) if p)})" if need or room else ""

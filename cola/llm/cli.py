@@ -30,7 +30,7 @@ import cola.distributed as cd
 from cola.errors import ColaError, ConfigError
 from cola.fieldtypes import base_type, field_types
 from cola.io import OutputError
-from cola.llm import report, stopping
+from cola.llm import lock, report, stopping
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.experiment import output_dir, run_experiment
 from cola.llm.parallel import on_main, start_distributed
@@ -237,8 +237,11 @@ def _run(args: argparse.Namespace, main: bool) -> int:
     except (stopping.SignalStop, KeyboardInterrupt) as stop:
         return stopped(stop, f"cola train --resume {settings.output_dir}", main)
     except OutputError as err:  # a full, read-only or vanished disk: what to run once it is fixed
-        again = (f"continue with: cola train --resume {settings.output_dir}"
-                 if (Path(settings.output_dir) / "settings.json").is_file() else "run the command again")
+        # a lock file its release could not remove (a read-only disk) is taken over by the next command
+        flag = f" {lock.TAKE_OVER_FLAG}" if lock.left_behind(settings.output_dir) else ""
+        again = (f"continue with: cola train --resume {settings.output_dir}{flag}"
+                 if (Path(settings.output_dir) / "settings.json").is_file() else
+                 f"run the command again{' with' + flag if flag else ''}")
         raise OutputError(f"{err}, then {again}", err.errno, err.path) from None
     if not main:
         return 0

@@ -150,7 +150,11 @@ class FolderLock:
         io.release(self.folder)
         current = Owner.read(self.path)
         if current is not None and current.token == token:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as err:   # e.g. the disk turned read-only: the error that brought us here matters more
+                log.warning("%s: the lock file could not be removed (%s); it stays as a stale lock: continue with %s",
+                            self.folder, err.strerror or err, TAKE_OVER_FLAG)
 
     # ------------------------------------------------------------------ the lock file
     def _create(self, me: Owner, path: Path | None = None) -> bool:
@@ -214,3 +218,11 @@ class FolderLock:
                     f"from here. If it does not, pass {TAKE_OVER_FLAG}")
         return (f"{where} by {other.describe()}, which is no longer running (it was killed, or its machine "
                 f"crashed): a stale lock. If no other process writes this folder, continue with {TAKE_OVER_FLAG}")
+
+
+def left_behind(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a lock file of this process that it no longer holds: its release could not
+    remove it (a read-only disk), so the next command there needs ``--take-over-lock``."""
+    owner = Owner.read(Path(folder) / LOCK_NAME)
+    return (owner is not None and owner.pid == os.getpid() and owner.host == socket.gethostname()
+            and owner.token not in _held_tokens)

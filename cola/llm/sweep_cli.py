@@ -23,7 +23,7 @@ from typing import Any
 from cola.errors import ConfigError
 from cola.io import OutputError
 from cola.llm import cli as train_cli
-from cola.llm import stopping, sweep_report
+from cola.llm import lock, stopping, sweep_report
 from cola.llm.cli import flags_of
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.settings import FIELD_NAMES, FILE_KEYS
@@ -211,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     except (stopping.SignalStop, KeyboardInterrupt) as stop:
         return train_cli.stopped(stop, f"cola sweep --resume {out}", True)
     except OutputError as err:  # a full, read-only or vanished disk: what to run once it is fixed
-        again = f"continue with: cola sweep --resume {out}" if (out / "sweep.json").is_file() else "run it again"
+        flag = f" {lock.TAKE_OVER_FLAG}" if lock.left_behind(out) else ""   # its release could not remove it
+        again = (f"continue with: cola sweep --resume {out}{flag}" if (out / "sweep.json").is_file() else
+                 f"run it again{' with' + flag if flag else ''}")
         raise OutputError(f"{err}, then {again}", err.errno, err.path) from None
     print()
     print(sweep_report.markdown(results), end="")

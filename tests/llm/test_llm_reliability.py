@@ -288,6 +288,7 @@ def _kill_at(out: Path, point: tuple, rng: random.Random, marker: Path) -> dict:
     return {"point": name, "reached": reached, "killed": not finished,
             "marker": marker.read_text() if marker.is_file() else None,
             "settings_written": (out / "settings.json").is_file(), "tmp_files": _tmp_files(run_dir),
+            "stale_lock": (out / "cola.lock").is_file(),   # a killed process cannot remove its lock
             "checkpoint_step": state["chain"]["step"] if state else None}
 
 
@@ -342,7 +343,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loa
         out = tmp_path / f"kill{i}"
         row = _kill_at(out, point, rng, tmp_path / f"kill{i}.reached")
         _assert_killed_at_its_point(row, checkpoint_steps)
-        resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True)), loader=loader)
+        assert row["stale_lock"] == row["killed"], row
+        # the killed process's lock is stale: --take-over-lock (cola.llm.lock), as the refusal says
+        resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True, take_over_lock=True)),
+                                 loader=loader)
         row["identical"] = resumed["status"] == "complete" and _same_run(reference, resumed, reference_out, out)
         rows.append(row)
     killed = [r for r in rows if r["killed"]]
