@@ -1,4 +1,9 @@
-"""Putting LoRA layers into a model: by module-name patterns, with per-family defaults."""
+"""Putting LoRA layers into a model: by module-name patterns, with per-family defaults.
+
+LoRA goes on ``nn.Linear`` layers and on transformers' ``Conv1D`` (GPT-2 and the checkpoints built
+on it). A layer whose weight is tied to another module (an LM head sharing the input embedding) is
+refused: a knot folds into the weight in place, so it would change the embedding too.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,65 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lora import LoRALinear
+from .lora import ADAPTABLE, LoRALinear, is_adaptable
 
 log = logging.getLogger(__name__)
 
-# Model families (``config.model_type``) whose attention uses q_proj / v_proj: the paper's targets.
-_QV_FAMILIES = {"opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3"}
+_QV = ("q_proj", "v_proj")
+FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
+    **{family: _QV for family in ("opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                  "olmo", "olmo2", "smollm3", "phi", "gptj")},
+    "phi3": ("qkv_proj",),                   # q, k and v fused in one nn.Linear
+    "gpt2": ("c_attn",),                     # q, k and v fused in one Conv1D
+    "gpt_bigcode": ("c_attn",),              # the same name, an nn.Linear
+    "gpt_neox": ("query_key_value",),
+}
+"""Default LoRA targets by ``config.model_type``: the paper's attention query and value projections,
+or the fused projection that holds them where a family has no separate ones."""
+
+# Without a family entry (or when the model lacks its names): the first of these the model has.
+_ATTENTION_NAMES = (_QV, ("qkv_proj",), ("c_attn",), ("query_key_value",), ("Wqkv",))
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if is_adaptable(m)}
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """The paper's targets (q_proj, v_proj) for OPT / Llama-like models; else every Linear but lm_head."""
+    """The attention's query and value projections (q_proj, v_proj: the paper's) or the fused one that
+    holds them (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``), from :data:`FAMILY_TARGETS` or the model's own
+    module names; a model with none of these gets every Linear / Conv1D but ``lm_head``."""
+    layers = _adaptable(model)
+    leaves = {n.split(".")[-1] for n in layers}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _QV_FAMILIES:
-        return ["q_proj", "v_proj"]
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"]
+    family = FAMILY_TARGETS.get(model_type)
+    if family is not None and set(family) <= leaves:
+        return list(family)
+    for names in _ATTENTION_NAMES:
+        if set(names) <= leaves:
+            if family is not None:
+                log.warning("model type %r has no %s layers: LoRA defaults to %s", model_type,
+                            "/".join(family), "/".join(names))
+            return list(names)
+    names = [n for n in layers if n.split(".")[-1] != "lm_head"]
     if not names:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer to put LoRA on")
+        raise ConfigError(f"{type(model).__name__} has no {ADAPTABLE} layer to put LoRA on")
     return names
+
+
+def _tied_problems(model: nn.Module, layers: dict[str, nn.Module], chosen: list[str]) -> list[str]:
+    """A chosen layer whose weight another module shares (tied word embeddings): a knot writes into it."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    problems = []
+    for name in chosen:
+        others = [o for o in owners.get(id(layers[name].weight), []) if o != f"{name}.weight"]
+        if others:
+            problems.append(f"{name}: its weight is tied to {others[0]} (tied word embeddings), so a knot would "
+                            f"change both; leave it out of the target modules, or untie the weights first "
+                            f"(config.tie_word_embeddings=False)")
+    return problems
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -40,24 +87,25 @@ def _matches(name: str, pattern: str) -> bool:
 def inject_lora(model: nn.Module, target_modules: list[str] | str | None = None, rank: int = 8,
                 alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
                 lora_dtype: torch.dtype | None = None) -> list[str]:
-    """Wrap every ``nn.Linear`` whose name matches a pattern in a :class:`LoRALinear`, in place.
+    """Wrap every ``nn.Linear`` (or transformers ``Conv1D``) whose name matches a pattern in a
+    :class:`LoRALinear`, in place.
 
     A pattern matches a module name if it equals it, is a dotted suffix of it (``"q_proj"``
     matches ``"model.layers.0.self_attn.q_proj"``), or matches it as a regular expression.
     All other parameters of the model are frozen. Returns the wrapped module names.
 
     Raises:
-        ConfigError: a pattern matches no Linear layer (the message lists the candidates),
-            the model has no Linear layer, or rank / alpha / dropout are out of range
-            (all problems are reported together).
+        ConfigError: a pattern matches no Linear / Conv1D layer (the message lists the candidates),
+            the model has none, a matched layer's weight is tied to another module, or rank /
+            alpha / dropout are out of range (all problems are reported together).
     """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     if target_modules is None:
         target_modules = default_target_modules(model)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = _adaptable(model)
     if not linears:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer to put LoRA on")
+        raise ConfigError(f"{type(model).__name__} has no {ADAPTABLE} layer to put LoRA on")
     already = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if already:
         raise ConfigError(f"model already has LoRA layers ({already[0]}, ...): inject once")
@@ -66,8 +114,9 @@ def inject_lora(model: nn.Module, target_modules: list[str] | str | None = None,
     for pattern in target_modules:
         if not any(_matches(n, pattern) for n in linears):
             leaves = sorted({n.split(".")[-1] for n in linears})
-            problems.append(f"target module pattern {pattern!r} matches no nn.Linear; candidates: "
+            problems.append(f"target module pattern {pattern!r} matches no {ADAPTABLE}; candidates: "
                             f"{', '.join(leaves[:30])}" + (" ..." if len(leaves) > 30 else ""))
+    problems += _tied_problems(model, linears, chosen)
     if problems:
         raise ConfigError(problems)
     for p in model.parameters():
@@ -93,7 +142,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every live link and put the plain (merged) ``nn.Linear`` back in place of each LoRA layer."""
+    """Fold every live link and put the plain (merged) ``nn.Linear`` / ``Conv1D`` back in place of each LoRA layer."""
     for name, layer in lora_layers(model).items():
         layer.merge_()
         if layer.residual is not None:  # the stored weight is already the best rounding

@@ -11,11 +11,19 @@ Under FSDP2 (``fully_shard``) the base weight, and optionally the factors, are `
 shards: ``fold_`` then adds only this rank's rows of the update to the local shard (the
 factors are small and gathered when sharded), the compensation buffer holds the local shard's
 residual, and ``set_factors_`` writes each rank's chunk. See :mod:`cola.distributed`.
+
+The base may also be transformers' ``Conv1D`` (GPT-2's projections), which stores its weight
+transposed (``in x out``, ``y = x @ W + b``). The module itself is kept (a merged model saves as
+the same architecture), and everything the layer exposes stays ``out x in``: the factors, the
+links, :meth:`LoRALinear.delta_weight` and :meth:`LoRALinear.exact_weight`. Only the stored
+weight and its compensation buffer are in the stored layout; :meth:`LoRALinear.oriented` turns one
+into the other, and ``fold_`` adds the transposed update.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -26,12 +34,30 @@ from .errors import ConfigError
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+ADAPTABLE = "nn.Linear or Conv1D"
+"""What LoRA can wrap, as messages name it: ``nn.Linear`` and transformers' ``Conv1D``."""
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (weight stored ``in x out``).
+
+    Checked without importing transformers: if it was never imported, no Conv1D can exist.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(utils, "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``: an ``nn.Linear`` or a transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
 
 class LoRALinear(nn.Module):
     """``y = base(x) + scaling * B(A(dropout(x)))`` with ``base`` frozen.
 
     Args:
-        base: the ``nn.Linear`` to adapt; its parameters are frozen.
+        base: the ``nn.Linear`` (or transformers ``Conv1D``) to adapt; its parameters are frozen.
         rank: rank r of the link, in [1, min(in_features, out_features)].
         alpha: scaling numerator: ``scaling = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: dropout probability on the LoRA path's input, in [0, 1).
@@ -39,22 +65,26 @@ class LoRALinear(nn.Module):
         lora_dtype: dtype of A and B (default: the base weight's dtype).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, lora_dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        if not is_adaptable(base):
+            raise ConfigError(f"LoRALinear wraps {ADAPTABLE}, got {type(base).__name__}")
+        # Conv1D keeps its weight as (in, out); its global shape is the same under FSDP
+        self.transposed = is_conv1d(base)
+        in_features, out_features = (tuple(base.weight.shape) if self.transposed
+                                     else (base.in_features, base.out_features))
         problems = []
         if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
             problems.append(f"alpha={alpha!r}: must be a finite number > 0")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             problems.append(f"dropout={dropout!r}: must be in [0, 1)")
-        problems += _rank_problems(rank, base.in_features, base.out_features)
+        problems += _rank_problems(rank, in_features, out_features)
         if problems:
             raise ConfigError(problems)
         self.base = base
         base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = in_features, out_features
         self.alpha, self.rslora = float(alpha), bool(rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = lora_dtype or base.weight.dtype
@@ -87,7 +117,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"scaling={self.scaling:.4g}, links_folded={len(self.links)}")
+                f"scaling={self.scaling:.4g}, links_folded={len(self.links)}" + (", conv1d" if self.transposed else ""))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,19 +126,26 @@ class LoRALinear(nn.Module):
         return out + (F.linear(F.linear(lora_x, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
 
     # ------------------------------------------------------------------ operations
+    def oriented(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out as the stored weight (the weight, its compensation, a gradient) as
+        ``out x in``, or an ``out x in`` one as stored: the transpose for a Conv1D base (its own
+        inverse), ``t`` itself for ``nn.Linear``. Code that reads ``base.weight`` as a matrix goes
+        through this, so both layouts give the same answers."""
+        return t.transpose(-2, -1) if self.transposed else t
+
     def delta_weight(self) -> torch.Tensor:
         """The live link's update ``scaling * B @ A`` in float32 (out x in)."""
         B, A = full(self.lora_B.detach()), full(self.lora_A.detach())
         return (B.float() @ A.float()) * self.scaling
 
     def exact_weight(self) -> torch.Tensor:
-        """The base weight as accumulated in float32 (including the compensation buffer); gathered
-        (this one layer) when the weight is an FSDP shard."""
+        """The base weight as accumulated in float32 (including the compensation buffer), ``out x in``
+        whatever the stored layout; gathered (this one layer) when the weight is an FSDP shard."""
         weight = self.base.weight.detach()
         w = local(weight).float()
         if self.residual is not None:
             w = w + self.residual.to(w.device).float()
-        return from_local_like(w, weight).full_tensor() if is_dtensor(weight) else w
+        return self.oriented(from_local_like(w, weight).full_tensor() if is_dtensor(weight) else w)
 
     @torch.no_grad()
     def fold_(self, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
@@ -116,11 +153,14 @@ class LoRALinear(nn.Module):
 
         Callers check finiteness first (the chain refuses a non-finite knot before writing);
         this method writes unconditionally. When the weight is an FSDP shard (a DTensor) only
-        this rank's part of the update is computed and added to the local shard.
+        this rank's part of the update is computed and added to the local shard. ``B`` (out x r)
+        and ``A`` (r x in) are as ever; a Conv1D base gets ``(B @ A)^T = A^T @ B^T``, whose rows
+        (the shard's) are the weight's rows, so FSDP's row chunks stay local there too.
         """
         B, A = full(B.detach()), full(A.detach())
         acc = torch.float64 if self.base.weight.dtype == torch.float64 else torch.float32
-        update = low_rank_chunk(B.to(acc), A.to(acc), self.base.weight).mul_(float(scale))
+        left, right = (A.T, B.T) if self.transposed else (B, A)
+        update = low_rank_chunk(left.to(acc), right.to(acc), self.base.weight).mul_(float(scale))
         weight = local(self.base.weight)
         if weight.dtype in _LOW_PRECISION:
             exact = weight.float()

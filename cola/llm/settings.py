@@ -156,8 +156,8 @@ class TrainSettings(Validated):
                     group="method")
     rank: int = _f(8, "LoRA rank r of each link (a rank schedule may change later links)", group="method")
     alpha: float = _f(16.0, "LoRA alpha; scaling alpha/r", group="method")
-    targets: list[str] | None = _f(None, "module name patterns to put LoRA on (default: q_proj v_proj "
-                                   "for OPT/Llama)", group="method")
+    targets: list[str] | None = _f(None, "module name patterns to put LoRA on (default: q_proj v_proj, "
+                                   "or the fused qkv_proj / c_attn of Phi-3 / GPT-2)", group="method")
     dropout: float = _f(0.0, "dropout on the LoRA path's input", group="method")
     chain: dict[str, Any] = _f({}, "cola.ChainConfig fields ([chain] table of a config file; "
                                "strategy flags below); lr_schedule defaults to linear (the paper's)",
