@@ -18,6 +18,7 @@ from .hookspecs import hookimpl, hookspec
 from .inject import default_target_modules, inject_lora, lora_layers, merge_and_unload
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
+from .peft_models import to_peft
 from .planning import Plan, plan
 from .strategies import LRInfo, ReinitInfo, StepInfo
 
@@ -26,5 +27,6 @@ __all__ = [
     "Chain", "ChainConfig", "KnotReport", "Plan", "plan", "LoRALinear", "PluginManager", "StepInfo", "ReinitInfo", "LRInfo",
     "ColaError", "ConfigError", "NonFiniteMergeError", "PluginError", "UnknownStrategyError",
     "inject_lora", "lora_layers", "merge_and_unload", "default_target_modules", "stacked_factors",
-    "effective_rank", "hookimpl", "hookspec", "get_plugin_manager", "save_checkpoint", "load_checkpoint", "__version__",
+    "effective_rank", "hookimpl", "hookspec", "get_plugin_manager", "save_checkpoint", "load_checkpoint", "to_peft",
+    "__version__",
 ]

@@ -27,6 +27,7 @@ from .errors import ConfigError, NonFiniteMergeError
 from .inject import lora_layers
 from .lora import LoRALinear, stacked_factors
 from .manager import PluginManager, get_plugin_manager
+from .peft_models import attach as attach_peft, first_link_layers
 from .planning import Plan, build_strategies, check_rank, plan
 from .strategies import KnotReport, LRInfo, PrepareInfo, ReinitInfo, StepInfo
 
@@ -55,7 +56,9 @@ class Chain:
     """Chain of LoRA: train a link, tie a knot (merge + restart), repeat.
 
     Args:
-        model: any torch model with LoRA layers (see :func:`cola.inject_lora`).
+        model: any torch model with LoRA layers (see :func:`cola.inject_lora`), or a ``peft.PeftModel``:
+            its LoRA layers are converted and its adapter is the first link (see :mod:`cola.peft_models`;
+            :func:`cola.to_peft` gives it back as a correct PeftModel when training is over).
         optimizer_factory: ``optimizer_factory(params) -> torch.optim.Optimizer``, called once
             with every LoRA parameter (the same Parameter objects serve every link).
         config: the :class:`ChainConfig`.
@@ -70,6 +73,7 @@ class Chain:
         if not isinstance(config, ChainConfig):
             raise ConfigError(f"config must be a cola.ChainConfig, got {type(config).__name__}")
         self.model, self.config = model, config
+        self.peft = attach_peft(model, config.record_links)  # a PeftModel's layers become cola layers (or None)
         self.layers: dict[str, LoRALinear] = lora_layers(model)
         if not self.layers:
             raise ConfigError(f"{type(model).__name__} has no LoRA layers: call cola.inject_lora(model, ...) first")
@@ -95,7 +99,9 @@ class Chain:
             raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
         self.link_starts: dict[str, int] = {}  # per layer: where the live link's entries begin in layer.links
-        self._start_link(None)            # link 0, initialised by the strategies too
+        # link 0, initialised by the strategies too, except where PEFT made the factors (its init_lora_weights,
+        # or a loaded adapter): those are kept when the rank schedule gives link 0 their rank
+        self._start_link(None, keep=first_link_layers(self.layers))
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self._notify_steps = self.pm.has_impls("cola_after_step")
         self._loss_needed = self.planned_knots() is None  # a policy deciding while training reads the loss
@@ -142,17 +148,21 @@ class Chain:
         if problems:
             raise ConfigError(list(problems.values()))
 
-    def _start_link(self, closure: Closure | None, ranks: dict[str, int] | None = None) -> None:
-        """Re-init every layer for link ``self.link`` (the strategy's ``prepare`` first, once)."""
+    def _start_link(self, closure: Closure | None, ranks: dict[str, int] | None = None,
+                    keep: set[str] = frozenset()) -> None:
+        """Re-init every layer for link ``self.link`` (the strategy's ``prepare`` first, once); the layers
+        in ``keep`` whose rank is already the link's keep their factors."""
         ranks = ranks or {name: self._rank_for(name, self.link) for name in self.layers}
         self.link_starts = {name: len(layer.links) for name, layer in self.layers.items()}
         reinit = self.strategies["reinit"]
+        kept = {name for name in keep if self.layers[name].rank == ranks[name]}
         prepare = getattr(reinit, "prepare", None)
-        if prepare is not None:
+        if prepare is not None and len(kept) < len(self.layers):
             with torch.enable_grad():
                 prepare(self.layers, ranks, PrepareInfo(self.link, self.generator, closure))
         for name, layer in self.layers.items():
-            reinit.reinit(layer, ranks[name], ReinitInfo(name, self.link, self.generator))
+            if name not in kept:
+                reinit.reinit(layer, ranks[name], ReinitInfo(name, self.link, self.generator))
         self._repoint_optimizer()
 
     # ------------------------------------------------------------------ training

@@ -10,6 +10,17 @@ optimizer with ``total_steps = state.max_steps``; after every optimizer step it 
 and ties knots. The Trainer keeps its own LR scheduler; the chain's LR policy multiplies it around
 each optimizer step. With each Trainer checkpoint the chain's state is saved as
 ``cola_chain.pt`` beside it, and loaded again when training resumes from that checkpoint.
+
+A ``peft.PeftModel`` (``get_peft_model(model, LoraConfig(...))``, or the one TRL's
+``SFTTrainer(peft_config=...)`` builds) keeps its LoraConfig: at ``on_init_end`` its LoRA layers
+are converted for the chain (:mod:`cola.peft_models`; ``rank``, ``alpha``, ``target_modules`` of
+the callback are not used) and its adapter is the first link. Every checkpoint's
+``adapter_model.safetensors`` / ``adapter_config.json`` are then rewritten at ``on_save`` to hold
+the whole chain so far over the *original* base (what PEFT wrote a moment before was the live link
+over the merged base), and at ``on_train_end`` the model is a correct PeftModel again (original
+base weights, one adapter holding the whole chain), so ``trainer.save_model()`` and
+``model.save_pretrained`` write an adapter that ``PeftModel.from_pretrained(original_base, dir)``
+turns into the trained model. ``load_best_model_at_end`` is refused for a PeftModel.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig
 from .errors import ConfigError
 from .inject import inject_lora, lora_layers
+from .peft_models import attach as attach_peft, is_peft_model, to_peft
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +68,19 @@ class ColaCallback(TrainerCallback):
         self._saved_lrs: list[float] | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and not lora_layers(model):
+        if model is not None and is_peft_model(model):   # before the Trainer builds its optimizer
+            attach_peft(model, self.chain_settings.get("record_links", True))
+            log.info("ColaCallback: a PeftModel, whose LoraConfig decides the ranks and targets")
+        elif model is not None and not lora_layers(model):
             inject_lora(model, **self.inject)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is None or model is None:
             raise ConfigError("ColaCallback needs the Trainer's model and optimizer at on_train_begin")
-        if not lora_layers(model):  # the model was swapped after Trainer.__init__
+        if is_peft_model(model) and getattr(args, "load_best_model_at_end", False):
+            raise ConfigError("ColaCallback: load_best_model_at_end with a PeftModel would load a checkpoint's "
+                              "adapter (over the original base) into the merged chain; turn it off")
+        if not lora_layers(model) and not is_peft_model(model):  # the model was swapped after Trainer.__init__
             raise ConfigError("ColaCallback: the model has no LoRA layers; pass the callback to the "
                               "Trainer's constructor (callbacks=[...]) so it can inject them first")
         config = ChainConfig(total_steps=state.max_steps, **self.chain_settings)
@@ -71,6 +89,9 @@ class ColaCallback(TrainerCallback):
         if state.global_step > 0 and resumed.is_file():
             self.chain.load_state_dict(load_checkpoint(resumed))
             log.info("COLA chain resumed from %s (link %d, step %d)", resumed, self.chain.link, self.chain.step_count)
+        elif state.global_step > 0:   # a chain restarted at step 0 would tie its knots at the wrong steps
+            raise ConfigError(f"ColaCallback: the Trainer resumes at step {state.global_step}, but {resumed} is not "
+                              "there: resume from a checkpoint in this run's output_dir")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.chain is None:
@@ -89,7 +110,7 @@ class ColaCallback(TrainerCallback):
         self._saved_lrs = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.chain is not None:
+        if self.chain is not None and not (self.chain.peft is not None and self.chain.peft.finished):
             loss = state.log_history[-1].get("loss") if state.log_history else None
             self.chain.advance(loss if isinstance(loss, (int, float)) else None)
 
@@ -97,3 +118,9 @@ class ColaCallback(TrainerCallback):
         if self.chain is not None and state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             save_checkpoint(folder / STATE_FILE, self.chain.state_dict())
+            if self.chain.peft is not None and not self.chain.peft.finished:
+                self.chain.peft.save_adapter(self.chain, folder)   # the whole chain, over the original base
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.chain is not None and self.chain.peft is not None and not self.chain.peft.finished:
+            to_peft(self.chain)   # a correct PeftModel again, for save_model() and the rest of the script

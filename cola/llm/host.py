@@ -4,17 +4,25 @@
 only the wrapped layers' weights: their originals are kept on CPU and put back afterwards, so no
 second copy of the model is ever made. A full fine-tuning run changes every weight, and an FSDP
 run shards the model: the next run then loads a fresh one.
+
+A loader may give a ``peft.PeftModel`` (``--model`` a PEFT adapter folder does): the host keeps its
+base (the original weights) and the adapter's factors apart (:func:`cola.peft_models.take_adapter`),
+and each run's LoRA layers hold a copy of them, which the run's chain continues as its first link.
+The adapter's LoraConfig, not ``--targets`` / ``--rank``, then decides where LoRA goes and its rank
+(the plan's trainable-parameter counts still use ``--rank``); the zero-shot scores are the base's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import cola
-from cola.errors import ColaError
+from cola.errors import ColaError, ConfigError
 from cola.llm.models import EMBEDDED_MODEL, embedded_model_dir, load_model, prepare_tokenizer, resolve_dtype
 from cola.llm.parallel import shard_model
 from cola.llm.performance import prepare_base, prepare_training
@@ -24,14 +32,44 @@ Loader = Callable[[], tuple[Any, Any]]
 """``loader() -> (model, tokenizer)``: a fresh base model (and its tokenizer) each call."""
 
 
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a PEFT adapter folder (one with ``adapter_config.json``); ``None`` for anything else."""
+    config = Path(name_or_path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown")
+    return base
+
+
+def load_adapter_model(folder: str, dtype=None, device=None, attn: str | None = None) -> tuple[Any, Any]:
+    """A PEFT adapter folder as a trainable ``PeftModel`` over its base (:func:`cola.llm.load_model`); the
+    tokenizer is the adapter folder's when it has one, else the base's."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_model(adapter_base(folder), dtype, device, attn)
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return PeftModel.from_pretrained(model, folder, is_trainable=True), tokenizer
+
+
 def default_loader(settings: TrainSettings, device: torch.device | None = None, fsdp: bool = False) -> Loader:
-    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call.
+    """Loads ``settings.model`` with :func:`cola.llm.load_model` on each call; a PEFT adapter folder (with
+    ``adapter_config.json``) as a PeftModel over its base, whose adapter the chain continues as its first link.
 
     ``device`` (a distributed run: this rank's device) replaces ``settings.device``. With ``fsdp``
     the model is loaded on the CPU, in the dtype ``device`` calls for, and FSDP moves each rank's
     shard to ``device``.
     """
     attn = settings.attn_implementation
+    if adapter_base(settings.model) is not None:
+        if fsdp:
+            raise ConfigError("--fsdp with a PEFT adapter folder as --model: not supported; train it on one process "
+                              "or data-parallel without fsdp")
+        return lambda: load_adapter_model(settings.model, settings.dtype,
+                                          device if device is not None else settings.device, attn)
     if fsdp and device is not None:
         dtype = resolve_dtype(settings.dtype, device)
         return lambda: load_model(settings.model, dtype, "cpu", attn)
@@ -39,8 +77,11 @@ def default_loader(settings: TrainSettings, device: torch.device | None = None, 
 
 
 def model_source(settings: TrainSettings) -> str:
-    """What ``from_pretrained`` reads for ``settings.model``: the embedded model's cache folder, or the name."""
-    return str(embedded_model_dir()) if settings.model == EMBEDDED_MODEL else settings.model
+    """What ``from_pretrained`` reads for ``settings.model``: the embedded model's cache folder, the base of a
+    PEFT adapter folder, or the name."""
+    if settings.model == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    return adapter_base(settings.model) or settings.model
 
 
 def meta_model(settings: TrainSettings):
@@ -80,12 +121,16 @@ class ModelHost:
         self.tokenizer = None
         self._originals: dict[str, torch.Tensor] = {}
         self._stale = False
+        self.adapter: dict[str, Any] | None = None   # a PeftModel's adapter, each run's first link
 
     def get(self):
         """The base model and its tokenizer (loaded when there is none or the last one was changed)."""
         if self.model is None or self._stale:
             self.model = None
             self.model, tokenizer = self.loader()
+            self.adapter = None
+            if cola.peft_models.is_peft_model(self.model):   # the base model, and the adapter kept apart
+                self.model, self.adapter = cola.peft_models.take_adapter(self.model)
             self.tokenizer = prepare_tokenizer(tokenizer)
             self._stale = False
             if self.settings is not None:
@@ -98,14 +143,17 @@ class ModelHost:
         """LoRA on ``settings.targets`` (factors in float32 over a bf16/fp16 base, as PEFT does); for
         training (``train``) the model is then compiled when ``settings.compile`` asks for it."""
         model, _ = self.get()
-        candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        names = cola.inject_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
-                                 lora_dtype=torch.float32 if low else None)
+        if self.adapter is not None:   # the adapter's LoraConfig decides targets and ranks
+            names = cola.peft_models.put_adapter(model, self.adapter)
+        else:
+            names = cola.inject_lora(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
+                                     lora_dtype=torch.float32 if low else None)
         if self.fsdp:
             shard_model(model)
-        else:
-            self._originals = {n: candidates[n].weight.detach().to("cpu", copy=True) for n in names}
+        else:   # the wrapped layers' weights as stored (nn.Linear or Conv1D), put back by restore()
+            layers = cola.lora_layers(model)
+            self._originals = {n: layers[n].base.weight.detach().to("cpu", copy=True) for n in names}
         if train:
             prepare_training(model, settings)
         return names
@@ -128,7 +176,7 @@ class ModelHost:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo a LoRA run: plain ``nn.Linear`` layers with their original weights, all frozen.
+        """Undo a LoRA run: plain ``nn.Linear`` / ``Conv1D`` layers with their original weights, all frozen.
         (Under FSDP the model is stale instead: the next :meth:`get` loads a fresh one.)"""
         if self.model is None or self._stale:
             return
