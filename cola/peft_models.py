@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .lora import LoRALinear, stacked_factors
+from .lora import LoRALinear, is_adaptable, is_conv1d, stacked_factors
 
 __all__ = ["AdapterLayer", "PeftBridge", "attach", "bridge_of", "first_link_layers", "is_peft_model", "put_adapter",
            "take_adapter", "to_peft"]
@@ -149,7 +149,7 @@ def _layer_problems(root: nn.Module, adapter: str) -> tuple[dict[str, nn.Module]
         if adapter not in getattr(module, "lora_A", {}) and adapter not in getattr(module, "lora_embedding_A", {}):
             continue
         base = module.get_base_layer()
-        if type(module) is not PeftLinear or not isinstance(base, nn.Linear):
+        if type(module) is not PeftLinear or not is_adaptable(base):
             what = f"{type(module).__module__}.{type(module).__name__} over {type(base).__name__}"
             odd.setdefault(what, name)
             continue
@@ -157,8 +157,9 @@ def _layer_problems(root: nn.Module, adapter: str) -> tuple[dict[str, nn.Module]
         if weight is None or not weight.is_floating_point() or type(weight).__name__ in ("Params4bit", "Int8Params"):
             odd.setdefault(f"quantized base layer {type(base).__name__} ({getattr(weight, 'dtype', None)})", name)
             continue
-        if getattr(module, "fan_in_fan_out", False):
-            odd.setdefault("fan_in_fan_out=True (a transposed, Conv1D-style weight)", name)
+        if bool(getattr(module, "fan_in_fan_out", False)) != is_conv1d(base):   # PEFT's flag must say the layout
+            odd.setdefault(f"fan_in_fan_out={getattr(module, 'fan_in_fan_out', False)} over "
+                           f"{type(base).__name__} (the flag does not match the weight's layout)", name)
             continue
         if module.lora_variant.get(adapter) is not None:
             odd.setdefault(f"LoRA variant {type(module.lora_variant[adapter]).__name__}", name)
@@ -170,7 +171,7 @@ def _layer_problems(root: nn.Module, adapter: str) -> tuple[dict[str, nn.Module]
         layers[name] = module
     for what, name in odd.items():
         problems.append(f"{what} (e.g. {name}): a chain handles PEFT's plain LoRA Linear over an unquantized "
-                        "nn.Linear only")
+                        "nn.Linear or Conv1D only")
     if not layers and not problems:
         problems.append(f"the PeftModel has no LoRA Linear layer of adapter {adapter!r}")
     return layers, problems

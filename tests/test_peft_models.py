@@ -98,6 +98,40 @@ def test_chain_on_a_peft_model_gives_back_one_adapter_over_the_original_base(tmp
     torch.testing.assert_close(logits(merged), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_gpt2_peft_model_conv1d_with_fan_in_fan_out(tmp_path):
+    """GPT-2's c_attn is a transformers Conv1D (weight in x out; PEFT's fan_in_fan_out=True): the chain ties
+    its knots on it and gives back an adapter that loads onto the original GPT-2."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                      fan_in_fan_out=True))
+    chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=5e-2), cola.ChainConfig(total_steps=9, links=3))
+    assert all(layer.transposed for layer in chain.layers.values()) and len(chain.layers) == 2
+    model.train()
+    losses = train(model, chain, 9)
+    model.eval()
+    assert [r.step for r in chain.history] == [3, 6] and losses[-1] < losses[0]
+    expected = logits(model)
+    cola.to_peft(chain)
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["fan_in_fan_out"] is True
+    original = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    loaded = peft.PeftModel.from_pretrained(original, tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_fan_in_fan_out_flag_that_contradicts_the_layout_is_refused(base_dir):
+    model = peft.get_peft_model(fresh(base_dir), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for module in model.modules():
+        if hasattr(module, "fan_in_fan_out"):
+            module.fan_in_fan_out = True
+    with pytest.raises(cola.ConfigError, match="fan_in_fan_out=True over Linear"):
+        cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2), cola.ChainConfig(total_steps=4, links=2))
+
+
 def test_a_checkpoint_adapter_mid_chain_is_over_the_original_base(tmp_path, base_dir):
     model = peft.get_peft_model(fresh(base_dir), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=5e-2),
