@@ -31,8 +31,9 @@ without changing the live model: PEFT's own writer, run on a momentary PEFT form
 Refused, with one :class:`~cola.ConfigError` naming each: other tuner types (LoHa, LoKr, IA3, ...),
 several adapters, DoRA and the other LoRA variants, ``lora_bias``, base-weight-changing inits
 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: use ``reinit="pissa"`` of the chain instead), merged or
-disabled adapters, layers that are not PEFT's plain ``Linear`` over an ``nn.Linear`` (quantized bases
-such as bitsandbytes / GPTQ / AWQ / HQQ, embeddings, convolutions, GPT-2's Conv1D), and
+disabled adapters, layers that are not PEFT's plain ``Linear`` over an ``nn.Linear`` or transformers'
+``Conv1D`` (GPT-2, with ``fan_in_fan_out=True``; quantized bases such as bitsandbytes / GPTQ / AWQ / HQQ,
+embeddings and convolutions are refused), and
 ``record_links=False`` (the chain could not be exported).
 
 ``peft`` is imported only when a model is checked, so the rest of the library works without it.
