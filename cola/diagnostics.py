@@ -21,6 +21,7 @@ Everything is computed from thin QR factorisations of the stacked factors, in fl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +89,21 @@ def update_stats(links: list[Link], newest_from: int | None = None) -> UpdateSta
     core = _core(B, A)
     return UpdateStats(effective_rank(B, A), float(torch.linalg.matrix_norm(core)),
                        overlap(links[start:], links[:start]))
+
+
+def _mean(values) -> float | None:
+    x = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(x) / len(x) if x else None
+
+
+def knot_metrics(report) -> dict[str, float]:
+    """A :class:`cola.KnotReport` summarised: the layers' mean and max of the folded update's norm,
+    seconds, new rank and, where recorded, the gradient norm and the layer means of the diagnostics."""
+    norms = list(report.norms.values())
+    out = {"knot/link": report.link, "knot/norm_mean": _mean(norms),
+           "knot/norm_max": max(norms) if norms else None, "knot/seconds": report.seconds,
+           "knot/new_rank": report.new_rank, "knot/grad_norm": report.grad_norm}
+    for name in ("effective_rank", "accumulated_norm", "overlap"):
+        per_layer = getattr(report, name)
+        out[f"knot/{name}_mean"] = _mean(per_layer.values()) if per_layer else None
+    return {k: float(v) for k, v in out.items() if v is not None}

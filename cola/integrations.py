@@ -9,7 +9,10 @@ the LoRA parameters only. At ``on_train_begin`` it builds a :class:`cola.Chain` 
 optimizer with ``total_steps = state.max_steps``; after every optimizer step it counts the step
 and ties knots. The Trainer keeps its own LR scheduler; the chain's LR policy multiplies it around
 each optimizer step. With each Trainer checkpoint the chain's state is saved as
-``cola_chain.pt`` beside it, and loaded again when training resumes from that checkpoint.
+``cola_chain.pt`` beside it, and loaded again when training resumes from that checkpoint. Each
+knot's metrics (``cola/knot/link``, ``.../norm_mean``, ``.../seconds``, ``.../new_rank``, the
+diagnostics' layer means) join the Trainer's log event of that step, so its own ``report_to``
+(TensorBoard, W&B, trackio, ...) and ``state.log_history`` show them.
 
 A ``peft.PeftModel`` (``get_peft_model(model, LoraConfig(...))``, or the one TRL's
 ``SFTTrainer(peft_config=...)`` builds) keeps its LoraConfig: at ``on_init_end`` its LoRA layers
@@ -25,6 +28,7 @@ turns into the trained model. ``load_best_model_at_end`` is refused for a PeftMo
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -35,6 +39,7 @@ from transformers import TrainerCallback
 from .chain import Chain
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ChainConfig
+from .diagnostics import knot_metrics
 from .errors import ConfigError
 from .inject import inject_lora, lora_layers
 from .peft_models import attach as attach_peft, is_peft_model, to_peft
@@ -66,8 +71,38 @@ class ColaCallback(TrainerCallback):
         self.plugin_manager = plugin_manager
         self.chain: Chain | None = None
         self._saved_lrs: list[float] | None = None
+        self._knots_logged = 0
+        self._pending: dict[str, float] = {}   #: the metrics of knots not yet in a log event
+
+    def _report_first(self) -> None:
+        """Move this callback in front of the Trainer's reporting integrations (TensorBoard, W&B, trackio,
+        ...): the Trainer hands one ``logs`` dict to its callbacks in list order, and the integrations come
+        before the user's callbacks, so the knot metrics this callback adds in ``on_log`` would reach them
+        only at the next log event. The handler is the caller of ``on_init_end`` (transformers' public
+        callback list, ``trainer.callback_handler.callbacks``); if it is not found, a warning says so."""
+        from transformers.trainer_callback import CallbackHandler
+
+        frame = inspect.currentframe()
+        handler = None
+        for _ in range(6):
+            frame = frame.f_back if frame is not None else None
+            candidate = frame.f_locals.get("self") if frame is not None else None
+            if isinstance(candidate, CallbackHandler):
+                handler = candidate
+                break
+        del frame
+        if handler is None:
+            log.warning("ColaCallback: the Trainer's callback list was not found; knot metrics reach the "
+                        "report_to integrations one log event late")
+            return
+        callbacks = handler.callbacks
+        reporters = [i for i, c in enumerate(callbacks) if type(c).__module__.startswith("transformers.integrations")]
+        if reporters and callbacks.index(self) > reporters[0]:
+            callbacks.remove(self)
+            callbacks.insert(reporters[0], self)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._report_first()
         if model is not None and is_peft_model(model):   # before the Trainer builds its optimizer
             attach_peft(model, self.chain_settings.get("record_links", True))
             log.info("ColaCallback: a PeftModel, whose LoraConfig decides the ranks and targets")
@@ -92,6 +127,7 @@ class ColaCallback(TrainerCallback):
         elif state.global_step > 0:   # a chain restarted at step 0 would tie its knots at the wrong steps
             raise ConfigError(f"ColaCallback: the Trainer resumes at step {state.global_step}, but {resumed} is not "
                               "there: resume from a checkpoint in this run's output_dir")
+        self._knots_logged = len(self.chain.history)   # a resumed chain's knots were logged before
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.chain is None:
@@ -113,6 +149,23 @@ class ColaCallback(TrainerCallback):
         if self.chain is not None and not (self.chain.peft is not None and self.chain.peft.finished):
             loss = state.log_history[-1].get("loss") if state.log_history else None
             self.chain.advance(loss if isinstance(loss, (int, float)) else None)
+            new = self.chain.history[self._knots_logged:]
+            for report in new:   # into this step's log event (the Trainer logs it: should_log)
+                self._pending.update({f"cola/{k}": v for k, v in knot_metrics(report).items()})
+            self._knots_logged = len(self.chain.history)
+            if new:
+                control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """A knot's metrics (``cola/knot/...``: link, norms of the folded update, seconds, new rank, the
+        diagnostics' layer means) join the log event of its step: the Trainer's ``report_to``
+        integrations, its printed logs and ``state.log_history`` show them."""
+        if not self._pending or logs is None:
+            return
+        logs.update(self._pending)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending)
+        self._pending = {}
 
     def on_save(self, args, state, control, **kwargs):
         if self.chain is not None and state.is_world_process_zero:

@@ -110,3 +110,36 @@ def test_trainer_callback_rejects_unknown_settings():
 
     with pytest.raises(cola.ConfigError, match="unknown chain settings \\['linkz'\\]"):
         cola.integrations.ColaCallback(linkz=3)
+
+
+def test_trainer_report_to_tensorboard_shows_each_knot_at_its_step(tmp_path, monkeypatch):
+    """The callback's knot metrics join the Trainer's log event of the knot's step: its own TensorBoard
+    integration writes them (read back from the event files), and state.log_history holds them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import cola.integrations
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="no", logging_steps=5, report_to=["tensorboard"], use_cpu=True, seed=0,
+        lr_scheduler_type="constant", disable_tqdm=True)
+    callback = cola.integrations.ColaCallback(rank=2, alpha=4, links=3, diagnostics=True)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[callback])
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("ColaCallback") < names.index("TensorBoardCallback")   # the knots reach the reporter
+    trainer.train()
+    assert [r.step for r in callback.chain.history] == [2, 4]
+    logged = {e["step"]: e for e in trainer.state.log_history if "cola/knot/link" in e}
+    assert sorted(logged) == [2, 4] and [logged[s]["cola/knot/link"] for s in (2, 4)] == [0.0, 1.0]
+    assert "loss" in logged[2] and "cola/knot/effective_rank_mean" in logged[4]
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tag = next(t for t in events.Tags()["scalars"] if t.endswith("cola/knot/norm_mean"))
+    report = {r.step: r for r in callback.chain.history}
+    got = [(e.step, e.value) for e in events.Scalars(tag)]
+    assert [s for s, _ in got] == [2, 4]
+    for step, value in got:
+        norms = list(report[step].norms.values())
+        assert value == pytest.approx(sum(norms) / len(norms), rel=1e-5)

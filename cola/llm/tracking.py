@@ -25,12 +25,12 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cola.diagnostics import knot_metrics
 from cola.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,24 +90,6 @@ def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     """The numbers of ``metrics`` (lists, strings and None left out) as ``<prefix>/<key>`` floats."""
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _mean(values) -> float | None:
-    x = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(x) / len(x) if x else None
-
-
-def knot_metrics(report) -> dict[str, float]:
-    """A :class:`cola.KnotReport` summarised: the layers' mean and max of the folded update's norm,
-    seconds, new rank and, where recorded, the gradient norm and the layer means of the diagnostics."""
-    norms = list(report.norms.values())
-    out = {"knot/link": report.link, "knot/norm_mean": _mean(norms),
-           "knot/norm_max": max(norms) if norms else None, "knot/seconds": report.seconds,
-           "knot/new_rank": report.new_rank, "knot/grad_norm": report.grad_norm}
-    for name in ("effective_rank", "accumulated_norm", "overlap"):
-        per_layer = getattr(report, name)
-        out[f"knot/{name}_mean"] = _mean(per_layer.values()) if per_layer else None
-    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 # ============================================================================ backends
