@@ -63,7 +63,11 @@ def test_chain_comparisons_have_every_arm_the_issue_names(name):
     assert {(4, reinit, "rewarm", "prune") for reinit in ("lora", "fw")} <= kinds
     relora = [s for s in chains if s.chain.get("optimizer_policy") == "prune"]
     assert all(s.chain["optimizer_policy_options"] == {"fraction": 0.99} for s in relora)
-    assert len(spec.seeds) >= 3 and spec.metric == "recall" and spec.baseline == {"method": "lora", "rank": r}
+    assert len(spec.seeds) >= 3 and spec.metric == "recall"
+    assert spec.baseline == {"method": "lora", "rank": r, "alpha": 2.0 * r, "chain.reinit": "lora"}
+    # one baseline run for every arm, and it is the LoRA r arm itself (no fw-initialised or rescaled copies)
+    lora_r = next(c for c in cells if effective(c.settings).method == "lora" and c.settings.rank == r)
+    assert {c.baseline_key for c in cells} == {lora_r.key} and not extra
     groups = candidates(spec, cells, extra)
     assert len(tuning_units(spec, groups)) == 3 * len(groups)                 # every arm tuned on 3 values
 
