@@ -150,8 +150,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         max_runs: run at most this many (cell, seed) runs in this invocation, then write the
             results so far (``status: "partial"``); for time-sliced jobs and tests.
         dry_run: plan only: every cell's run key, knots, ranks, trainable parameters and FLOPs.
-        take_over_lock: take over the lock of the sweep folder (and of its runs' folders) that a process
-            which no longer runs left behind (:mod:`cola.llm.lock`).
+        take_over_lock: take over the lock of the sweep folder that a process which no longer runs left
+            behind (:mod:`cola.llm.lock`). The stale locks of its runs' folders (a run killed with the sweep)
+            are taken over without it, the sweep holding its folder's lock; a live owner is never overridden.
 
     Returns:
         The results dict (see :mod:`cola.llm.sweep_report`). While it runs, the sweep folder is locked
@@ -168,7 +169,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
-    runner = _Runner(out, loader, progress, max_runs, [], take_over_lock)
+    runner = _Runner(out, loader, progress, max_runs, [])
     with FolderLock(out, "cola sweep", take_over_lock), stopping.graceful():  # released at the end, on errors, signals
         _prepare(spec, out, resume)
         return _run_units(spec, out, runner, cells, extra, groups, started)
@@ -207,10 +208,8 @@ class _Runner:
     """Runs (cell, seed) units not finished yet, at most ``max_runs`` in all the calls of one invocation.
     A failing run is logged and added to ``failures``; the others go on."""
 
-    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]],
-                 take_over_lock: bool = False):
+    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]]):
         self.out, self.loader, self.progress, self.max_runs, self.failures = out, loader, progress, max_runs, failures
-        self.take_over_lock = take_over_lock
         self.cache = _ModelCache()
         self.done_now = 0
 
@@ -246,8 +245,10 @@ class _Runner:
         return Naming(f"{self.out.name}/{cell.label}", self.out / "tracking" / cell.label.replace("/", "_"))
 
     def one(self, cell: Cell, seed: int, run_dir: Path, state: str) -> bool:
+        # the sweep holds its folder's lock, so a lock inside one of its runs' folders was left by one of its own
+        # runs that was killed (or by a `cola train` on that folder): taken over when stale; a live owner never
         settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir), resume=state == "partial",
-                                                    take_over_lock=self.take_over_lock)
+                                                    take_over_lock=True)
         _share_zero_shot(self.out, settings, seed, run_dir, "in")
         ok = False
         try:

@@ -682,3 +682,23 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_after_the_same_step
     assert max(abs(x - y) for k in a["adapter"] for x, y in zip(torch.tensor(a["adapter"][k]).flatten().tolist(),
                                                                  torch.tensor(b["adapter"][k]).flatten().tolist())) < 1e-4
     assert a["test"]["accuracy"] == b["test"]["accuracy"]
+
+
+def test_a_sweep_resumed_after_a_kill_takes_over_its_runs_stale_locks(tiny_folder, sweep_reference, tmp_path,
+                                                                     dead_pid, live_pid, capsys):
+    """A sweep killed with one of its runs leaves that run's lock behind: `cola sweep --resume` (which holds the
+    sweep folder's lock) takes it over and finishes the run, without --take-over-lock; a live owner of a run
+    folder is still never overridden (that run fails, the sweep reports it)."""
+    out = tmp_path / "sweep"
+    assert cli(*sweep_args(tiny_folder, out)) == 0
+    first, second = sorted((out / "runs").glob("*/seed0"))
+    for folder, pid in ((first, dead_pid), (second, live_pid)):
+        shutil.rmtree(folder)
+        plant_lock(folder, pid)
+    assert cli("-q", "sweep", "--resume", str(out)) == 1   # 1: a run failed (the one a live process holds)
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert (first / "results.json").is_file() and not (first / LOCK_NAME).exists()
+    assert (second / LOCK_NAME).exists() and not (second / "results.json").exists()
+    (failure,) = results["failures"]
+    assert failure["key"] == second.parent.name and "which is still running" in failure["error"], failure
