@@ -51,8 +51,19 @@ EXEMPT = {
         "the built-in strategies and their option names: checked against `cola plugins` by tests/test_docs.py",
 }
 
-#: folders a source may not point into: sweeps still being written by a running experiment
-IN_PROGRESS = ("docs/sweeps/capacity-map-cpu", "docs/sweeps/facts-chains-cpu")
+
+
+def in_progress(root: Path, name: str) -> bool:
+    """Whether ``name`` lies in a sweep folder (``docs/sweeps/<sweep>/...``) whose ``results.json`` does not
+    say ``complete``: a sweep still being written (or never finished) is no source a figure may quote."""
+    parts = Path(name).parts
+    if len(parts) < 3 or parts[:2] != ("docs", "sweeps"):
+        return False
+    results = root / "docs" / "sweeps" / parts[2] / "results.json"
+    try:
+        return json.loads(results.read_text()).get("status") != "complete"
+    except (OSError, ValueError):
+        return True
 
 MARKER = re.compile(r"^\s*<!--\s*(source|not-measured):\s*(.*?)\s*-->\s*$")
 MINUS = "\u2212"
@@ -233,7 +244,7 @@ def table_problems(table: Table, root: Path = ROOT) -> list[str]:
     numbers: list[float] = []
     for name in filter(None, (p.strip() for p in table.options["paths"].split(","))):
         path = root / name
-        if any(name == d or name.startswith(d + "/") for d in IN_PROGRESS):
+        if in_progress(root, name):
             problems.append(f"{table.where}: source {name} is a sweep still being written")
         elif not path.is_file():
             problems.append(f"{table.where}: source {name} does not exist")
@@ -338,8 +349,9 @@ def test_the_checker_finds_unsourced_and_wrong_figures(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"a": 3.2449, "gemm_fraction": 0.8449, "bytes": 17352631808,
                                                  "s": 0.1038, "tokens": 78896.79, "note": "took 57.2 ms"}))
     (tmp_path / "r.csv").write_text("x,y\n0.5,-0.7149\n")
-    (tmp_path / "docs" / "sweeps" / "capacity-map-cpu").mkdir(parents=True)
-    (tmp_path / "docs" / "sweeps" / "capacity-map-cpu" / "x.json").write_text("[1]")
+    (tmp_path / "docs" / "sweeps" / "running").mkdir(parents=True)
+    (tmp_path / "docs" / "sweeps" / "running" / "x.json").write_text("[1]")
+    (tmp_path / "docs" / "sweeps" / "running" / "results.json").write_text('{"status": "partial"}')
     page = tmp_path / "page.md"
     page.write_text(
         "<!-- source: r.json, r.csv; scale: 1e3, 2^-30 -->\n\n"
@@ -351,7 +363,7 @@ def test_the_checker_finds_unsourced_and_wrong_figures(tmp_path):
         "<!-- not-measured: settings -->\n| setting | value |\n|---|---|\n| links | 3 |\n\n"
         "<!-- source: r.json; columns: 2 -->\n| what | measured | target |\n|---|---|---|\n| a | 3.24 | ≤ 1.01 |\n\n"
         "<!-- source: missing.json -->\n| x | y |\n|---|---|\n| a | 1 |\n\n"
-        "<!-- source: docs/sweeps/capacity-map-cpu/x.json -->\n| x | y |\n|---|---|\n| a | 1 |\n\n"
+        "<!-- source: docs/sweeps/running/x.json -->\n| x | y |\n|---|---|\n| a | 1 |\n\n"
         "<!-- source: r.json; scales: 1e3 -->\n| x | y |\n|---|---|\n| a | 3.24 |\n")
     found = tables(page, root=tmp_path)
     assert [t.marker and t.marker[0] for t in found] == ["source", None, None, "not-measured", "source", "source",
@@ -362,5 +374,5 @@ def test_the_checker_finds_unsourced_and_wrong_figures(tmp_path):
     assert problems[1].startswith("page.md:6: 85% is in no source")
     assert "page.md:8: a table of numbers (2.5, ...)" in problems[2]
     assert "missing.json does not exist" in problems[3]
-    assert "capacity-map-cpu/x.json is a sweep still being written" in problems[4]
+    assert "running/x.json is a sweep still being written" in problems[4]
     assert "unknown option(s) scales" in problems[5]
