@@ -112,3 +112,26 @@ def make_model(tokenizer):
     def make(family: str, seed: int = 0):
         return (tiny_opt if family == "opt" else tiny_llama)(len(tokenizer), seed)
     return make
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer):
+    """This module's own copy of the tiny tokenizer (a run gives it a pad token; the shared one has none)."""
+    import copy
+
+    return copy.deepcopy(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tok):
+    """A tiny OPT and its tokenizer saved with save_pretrained, as ``cola train --model`` reads them."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                       max_position_embeddings=256, word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=1, dropout=0.0, attention_dropout=0.0, init_std=0.2)
+    OPTForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

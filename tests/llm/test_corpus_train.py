@@ -39,13 +39,6 @@ def texts(tmp_path_factory):
     return domain, reference
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    import copy
-
-    return copy.deepcopy(tokenizer)
-
-
 def corpus_settings(tmp_path: Path, texts, **changes) -> TrainSettings:
     domain, reference = texts
     base = dict(model="tiny", task="corpus", train_file=str(domain), files="*.txt", reference_file=str(reference),

@@ -3,7 +3,6 @@ training with recall after every link, the link-by-link retention, the paired co
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -18,11 +17,6 @@ from cola.llm.facts_sources import (RELATIONS, Fact, check_facts, load_facts, pa
                                     synthetic_facts)
 from cola.llm.settings import TrainSettings
 from cola.llm.tasks import DataError
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
 
 
 def loader_of(make_model, tok, family="llama"):

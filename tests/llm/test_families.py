@@ -78,13 +78,6 @@ def build(family: str, vocab_size: int, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    import copy
-
-    return copy.deepcopy(tokenizer)
-
-
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits.float()

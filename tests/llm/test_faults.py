@@ -16,7 +16,6 @@ that is filled up (``ENOSPC`` in the middle of the write) or remounted read-only
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -41,26 +40,6 @@ FIXTURES = HERE / "fixtures"
 SCRIPT = HERE / "faults_train_script.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", COLA_DISABLE_PLUGIN_AUTOLOAD="1", COLA_DIST_BACKEND="gloo",
            TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent.parent))
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tok):
-    """The tiny OPT of conftest.py and its tokenizer, saved as ``cola train --model`` reads them."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-opt")
-    torch.manual_seed(0)
-    config = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                       max_position_embeddings=256, word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=1, dropout=0.0, attention_dropout=0.0, init_std=0.2)
-    OPTForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def train_args(folder: Path, out: Path, *extra: str) -> list[str]:

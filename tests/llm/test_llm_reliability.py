@@ -8,7 +8,6 @@ after random delays), resumes each to completion and compares with an uninterrup
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -30,11 +29,6 @@ from cola.llm.settings import TrainSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SCRIPT = Path(__file__).parent / "reliability_train_script.py"
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
 
 
 @pytest.fixture

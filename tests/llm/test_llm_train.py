@@ -23,14 +23,6 @@ from cola.llm.tasks import get_task
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    """A copy of the tiny tokenizer (the runner gives it a pad token; the shared one has none)."""
-    import copy
-
-    return copy.deepcopy(tokenizer)
-
-
 @pytest.fixture
 def loader(tok, make_model):
     """``loader(family)``: a loader that builds a fresh tiny model of that family on each call."""
@@ -43,21 +35,6 @@ def tiny_settings(tmp_path: Path, **changes) -> TrainSettings:
                 output_dir=str(tmp_path / "run"), log_every=1)
     base.update(changes)
     return TrainSettings(**base)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tok):
-    """A tiny OPT saved with save_pretrained (plus tokenizer), for the command line."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-opt")
-    torch.manual_seed(0)
-    config = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                       max_position_embeddings=256, word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=1, dropout=0.0, attention_dropout=0.0, init_std=0.2)
-    OPTForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------ the loop

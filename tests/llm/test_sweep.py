@@ -6,7 +6,6 @@ checked on synthetic result sets whose answers are known.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -26,11 +25,6 @@ from cola.llm.sweep_spec import SweepSpec, axis_path, load_recipe, recipe_names
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,
             eval_batch_size=4, rank=2, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
 
 
 @pytest.fixture

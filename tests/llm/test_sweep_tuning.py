@@ -3,7 +3,6 @@ tuning seeds that the report seeds never see; the choice in every results file."
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -19,11 +18,6 @@ from cola.llm.sweep_spec import SweepSpec
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,
             eval_batch_size=4, rank=2, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
 
 
 def _fake_run(out: Path, key: str, seed: int, validation: dict) -> None:

@@ -7,7 +7,6 @@ Tiny Llama models on the fixture files, each run well under a second.
 
 from __future__ import annotations
 
-import copy
 import importlib.machinery
 import sys
 import types
@@ -22,11 +21,6 @@ from cola.llm.settings import TrainSettings
 from cola.llm.tracking import Naming, open_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer):
-    return copy.deepcopy(tokenizer)
 
 
 @pytest.fixture
