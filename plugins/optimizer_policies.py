@@ -31,22 +31,49 @@ class Keep:
 
 
 class Prune:
-    """ReLoRA's partial reset: zero the ``fraction`` smallest-magnitude entries of every state tensor."""
+    """ReLoRA's partial reset: zero the ``fraction`` smallest-magnitude entries of every state tensor.
 
-    def __init__(self, config, fraction=0.99):
+    ``joint=False`` (ReLoRA's own) prunes each state tensor by its own magnitudes, so an entry can keep
+    its first moment and lose its second. Adam then divides the kept momentum by ``sqrt(0) + eps``: right
+    after a ``lora`` re-init the new A's gradient is exactly zero (B = 0), and such an entry moves by
+    ``lr * m / eps``, which blew up every pruned chain of the facts comparison (docs/sweeps.md).
+    ``joint=True`` keeps an entry of every state tensor only where the second moment (``exp_avg_sq``,
+    ``max_exp_avg_sq``) keeps it: no entry keeps momentum without its scale, so every first step is bounded
+    as in a fresh Adam. Optimizers without a second moment are pruned tensor by tensor either way.
+    """
+
+    SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, config, fraction=0.99, joint=False):
         self.fraction = check_fraction("fraction", fraction)
+        if not isinstance(joint, bool):
+            raise cola.ConfigError(f"joint={joint!r}: must be true or false")
+        self.joint = joint
+
+    def _keep(self, value: torch.Tensor) -> torch.Tensor:
+        """The mask of the entries of ``value`` that survive pruning by magnitude."""
+        k = int(self.fraction * value.numel())
+        if k >= value.numel():
+            return torch.zeros_like(value, dtype=torch.bool)
+        if k == 0:
+            return torch.ones_like(value, dtype=torch.bool)
+        magnitude = value.abs()
+        return magnitude > magnitude.flatten().kthvalue(k).values
 
     @torch.no_grad()
     def apply(self, optimizer, params, info) -> None:
         for p in params:
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.numel():
-                    k = int(self.fraction * value.numel())
-                    if k >= value.numel():
-                        value.zero_()
-                    elif k > 0:
-                        threshold = value.abs().flatten().kthvalue(k).values
-                        value.masked_fill_(value.abs() <= threshold, 0)
+            state = optimizer.state.get(p, {})
+            tensors = {name: value for name, value in state.items()
+                       if isinstance(value, torch.Tensor) and value.shape == p.shape and value.numel()}
+            shared = None
+            if self.joint:
+                for name in self.SECOND_MOMENTS:
+                    if name in tensors:
+                        keep = self._keep(tensors[name])
+                        shared = keep if shared is None else shared & keep
+            for value in tensors.values():
+                value.masked_fill_(~(shared if shared is not None else self._keep(value)), 0)
 
 
 @cola.hookimpl

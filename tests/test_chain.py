@@ -88,6 +88,34 @@ def test_optimizer_state_reset_keep_prune():
         assert torch.count_nonzero(state[p]["exp_avg_sq"]) > 0
 
 
+def test_joint_prune_keeps_no_momentum_without_its_scale():
+    # Pruning each Adam moment by its own magnitudes (ReLoRA's way, joint=False) leaves entries with momentum
+    # but no second moment; the new A's gradient is zero right after a lora re-init (B = 0), so Adam moves
+    # such an entry by lr * m / eps. joint=True prunes both moments with the second moment's mask.
+    lr = 1e-2
+
+    def first_step_after_knot(joint):
+        model, chain = make_chain(cola.ChainConfig(total_steps=100, optimizer_policy="prune",
+                                                   optimizer_policy_options={"fraction": 0.9, "joint": joint}),
+                                  lr=lr)
+        train(model, chain, batches(20))
+        chain.tie_knot()
+        state = chain.optimizer.state
+        orphans = sum(int(((state[p]["exp_avg"] != 0) & (state[p]["exp_avg_sq"] == 0)).sum()) for p in chain.params)
+        before = [p.detach().clone() for p in chain.params]
+        train(model, chain, batches(1, seed=7))
+        return orphans, max(float((p.detach() - b).abs().max()) for p, b in zip(chain.params, before))
+
+    orphans, step = first_step_after_knot(joint=True)
+    # Adam's |m| / sqrt(v) <= (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2)) ~ 7.3 for the default betas
+    assert orphans == 0 and step <= 8 * lr
+    orphans, step = first_step_after_knot(joint=False)
+    assert orphans > 0 and step > 100 * lr                  # the hazard joint=True removes
+    with pytest.raises(cola.ConfigError, match="joint='yes'"):
+        make_chain(cola.ChainConfig(total_steps=10, optimizer_policy="prune",
+                                    optimizer_policy_options={"joint": "yes"}))
+
+
 def test_rank_change_repoints_the_optimizer():
     cfg = cola.ChainConfig(total_steps=6, links=2, rank_schedule="list", rank_schedule_options={"ranks": [4, 2]},
                            optimizer_policy="keep")
