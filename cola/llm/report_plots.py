@@ -43,7 +43,7 @@ def save_figure(plt, fig, path: Path, key: str, dpi: int = 120) -> dict[str, Pat
     results' file list."""
     fig.tight_layout()
     try:
-        atomic_writer(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
+        atomic_writer(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return {key: path}

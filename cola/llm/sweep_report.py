@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,17 @@ def _others(row: dict[str, Any], exclude: set[str], axes: list[str]) -> str:
     return label_of({a: row["values"][a] for a in axes if a not in exclude and a in row["values"]})
 
 
+def _legend(ax, fontsize: float) -> None:
+    """The legend inside the axes for short labels; beside them, wrapped, when a cell's own values make
+    long ones (they would cover the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if any(len(t) > 30 for t in labels):
+        ax.legend(handles, [textwrap.fill(t, 34) for t in labels], fontsize=min(fontsize, 6.5),
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=fontsize)
+
+
 def _errors(rows: list[dict[str, Any]]) -> np.ndarray:
     low = [r["score"]["mean"] - r["score"]["ci"][0] if r["score"]["ci"][0] is not None else 0.0 for r in rows]
     high = [r["score"]["ci"][1] - r["score"]["mean"] if r["score"]["ci"][1] is not None else 0.0 for r in rows]
@@ -300,7 +312,7 @@ def _links_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
     for a in (ax, dax):
         a.grid(alpha=0.3)
         if len(groups) > 1 or next(iter(groups)) != "(base settings)":
-            a.legend(fontsize=8)
+            _legend(a, 8)
     return save_figure(plt, fig, out / "accuracy_vs_links.png", "links_plot")
 
 
@@ -335,7 +347,7 @@ def _axis_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
         ax.set_ylabel(f"test {view.metric}")
         ax.set_title(f"{view.metric} vs {short_name(axis)} (mean, {view.conf}% t interval)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
         paths.update(save_figure(plt, fig, out / f"{view.metric}_vs_{short_name(axis)}.png", f"{axis}_plot"))
     return paths
 
@@ -365,7 +377,7 @@ def _rank_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
     ax.set_ylabel(f"test {metric}")
     ax.set_title(f"{metric} vs later-link rank (baseline dashed; {conf}% t intervals)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
     return save_figure(plt, fig, out / "accuracy_vs_later_rank.png", "rank_plot")
 
 
@@ -391,9 +403,9 @@ def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
             ax = grid[p // cols][p % cols]
             for i, r in enumerate(panels[name]):
                 color = f"C{i}"
-                label = r["label"] if not first else (
-                    f"{short_name(first)}={r['values'].get(first)}" if not r.get("is_baseline_only")
-                    else r["label"])
+                # the panel names the other axes; the label the first axis and a cell's own values
+                label = r["label"] if not first or r.get("is_baseline_only") else label_of(
+                    {k: v for k, v in r["values"].items() if k == first or k not in axes})
                 if kind == "loss" and r.get("train_loss_mean"):
                     y = np.array(r["train_loss_mean"])
                     window = max(1, len(y) // 20)
@@ -410,7 +422,7 @@ def _curve_plots(plt, view: _PlotView, out: Path) -> dict[str, Path]:
             ax.grid(alpha=0.3)
             ax.set_xlabel("optimizer step (knots dashed)" if kind == "loss" else "after link (0: zero-shot)")
             ax.set_ylabel("training loss (mean over seeds)" if kind == "loss" else f"validation {metric}")
-            ax.legend(fontsize=7)
+            _legend(ax, 7)
         for p in range(len(names), rows_n * cols):
             grid[p // cols][p % cols].axis("off")
         paths.update(save_figure(plt, fig, out / ("loss_curves.png" if kind == "loss" else "link_curves.png"),
@@ -433,9 +445,10 @@ def _frontier_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
                     color=f"C{i % 10}", label=r["label"], linestyle="none")
     ax.set_xlabel("forgetting: rise of the reference text's loss over zero-shot (nats/token)")
     ax.set_ylabel(f"test {view.metric}")
-    ax.set_title(f"learn / forget: each cell's mean ({view.conf}% t intervals); lower-left is better", fontsize=10)
+    corner = "upper-left" if stats.higher_is_better(view.metric) else "lower-left"
+    ax.set_title(f"learn / forget: each cell's mean ({view.conf}% t intervals); {corner} is better", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax, 7)
     return save_figure(plt, fig, out / "learn_forget.png", "frontier_plot")
 
 
@@ -457,5 +470,5 @@ def _diagnostics_plot(plt, view: _PlotView, out: Path) -> dict[str, Path]:
     for ax in (rax, oax):
         ax.set_xlabel("knot (links folded so far)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
     return save_figure(plt, fig, out / "knot_diagnostics.png", "diagnostics_plot")
