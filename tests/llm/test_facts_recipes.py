@@ -91,7 +91,7 @@ def test_the_tuned_natural_text_recipe_is_capacity_cpu_with_every_arm_tuned():
     old, new = load_recipe("capacity-cpu"), load_recipe("capacity-tuned-cpu")
     for key in ("model", "task", "train_file", "max_length", "steps", "batch_size", "rank", "alpha", "targets"):
         assert old.settings[key] == new.settings[key]
-    assert new.tune == {"lr": [2e-3, 5e-3, 1e-2]} and "lr" not in new.settings.get("chain", {})
+    assert new.tune == {"lr": [2e-3, 5e-3, 1e-2, 2e-2]} and "lr" not in new.settings.get("chain", {})
     _, _, runs = _all(new)
     assert {(s.method, s.rank, s.chain.get("reinit", "lora")) for s in runs} == {
         ("lora", 2, "lora"), ("cola", 2, "lora"), ("cola", 2, "fw")}
