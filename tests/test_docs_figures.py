@@ -313,6 +313,8 @@ PROSE = [
      lambda: (f"{_sweep_minutes('rank-step-down-cpu'):.0f}",)),
     ("docs/sweeps.md", r"add up to (\d+) h (\d+) min",
      lambda: tuple(str(x) for x in divmod(round(_sweep_minutes("capacity-cpu")), 60))),
+    ("docs/sweeps.md", r"The 9 report runs' `wall_seconds` in `results.json` add up to (\d+) minutes",
+     lambda: (f"{_sweep_minutes('capacity-tuned-cpu'):.0f}",)),
 ]
 
 
