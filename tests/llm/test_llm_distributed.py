@@ -43,6 +43,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 WORLD = 2
 TOL = 1e-4   # float32 + Adam over 6 steps and 2 knots; the measured differences are printed
+#: full fine-tuning's LR: Adam moves an entry whose gradient is near zero by up to about one step either way
+#: when the gradient is summed in another order (2 ranks), so its weights are compared to a fraction of it
+FULL_LR = 1e-3
 
 #: every launch gets this environment: one thread per rank on the shared 2 cores, gloo, no plugins
 ENV = dict(os.environ, OMP_NUM_THREADS="1", COLA_DISABLE_PLUGIN_AUTOLOAD="1", COLA_DIST_BACKEND="gloo",
@@ -127,7 +130,7 @@ def launched(tmp_path_factory):
     stopped_here, _ = script.run({**common, "output_dir": str(root / "one-then-two"), "stop_after": 3})
     assert stopped_here["status"] == "stopped"
     compare = {**common, "compare": ["lora", "cola"]}
-    full = {**common, "method": "full", "full_lr": 1e-3, "eval_links": False}
+    full = {**common, "method": "full", "full_lr": FULL_LR, "eval_links": False}
     jobs = [
         {**compare, "output_dir": str(root / "ddp")},
         {**common, "output_dir": str(root / "two-then-one"), "stop_after": 3},
@@ -211,7 +214,7 @@ def test_full_fine_tuning_on_two_ranks_matches_one_rank(launched):
     print(f"\n[dist-llm] full fine-tuning, 2 ranks vs 1: weights {weight_diff:.3g}, losses {loss_diff:.3g}; "
           f"across ranks {job['rank_weight_diff']:.3g}; test accuracy {_accuracies(job['results'])} vs "
           f"{_accuracies(ref)}")
-    assert job["rank_weight_diff"] == 0.0 and weight_diff < TOL and loss_diff < TOL
+    assert job["rank_weight_diff"] == 0.0 and weight_diff < 0.25 * FULL_LR and loss_diff < TOL
     assert _accuracies(job["results"]) == _accuracies(ref)
 
 
@@ -358,7 +361,7 @@ def test_two_nodes_match_one_process(two_nodes, launched):
     loss_diff = _loss_diff(job["results"], ref)
     print(f"\n[dist-llm] two nodes x 1 rank ({two_nodes['seconds']:.1f} s) vs 1 process: weights {weight_diff:.3g}, "
           f"losses {loss_diff:.3g}; across ranks {job['rank_weight_diff']:.3g}")
-    assert job["rank_weight_diff"] == 0.0 and weight_diff < TOL and loss_diff < TOL
+    assert job["rank_weight_diff"] == 0.0 and weight_diff < 0.25 * FULL_LR and loss_diff < TOL
     assert _accuracies(job["results"]) == _accuracies(ref)
     assert raw["non_main_writes"] == []
     assert _files(launched["root"] / "nodes") == _files(launched["root"] / "ref")
