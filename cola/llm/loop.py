@@ -30,11 +30,12 @@ from cola.config import schedule_multiplier
 from cola.errors import ColaError
 from cola import guard
 from cola.guard import Verdict
-from cola.llm import corpus, objective, stopping
+from cola.llm import corpus, objective, replay, stopping
 from cola.llm.evaluation import Evaluator
 from cola.llm.inputs import epoch_batches
 from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
 from cola.llm.records import RunRecord, mean_loss
+from cola.llm.replay import ReplayPool
 from cola.llm.settings import TrainSettings
 from cola.llm.tracking import Tracking
 
@@ -150,6 +151,7 @@ class Run:
     lr_hint: str = ""               #: the flag to lower when steps keep failing
     objective: str = "classification"  #: the loss: blocks (the corpus task's LM loss), lm or classification
     tracking: Tracking = field(default_factory=Tracking)  #: its experiment trackers (none by default)
+    replay: ReplayPool | None = None  #: text mixed into every micro-batch (:mod:`cola.llm.replay`)
     _batches: tuple[int, list] = field(default=(-1, []), repr=False)
 
     @property
@@ -247,14 +249,21 @@ class Training:
         self.pending: list[tuple[Any, Any]] = []   #: (loss, verdict) of the steps not yet read back
         self.agreed = [False] * len(stopping.SIGNALS)   #: the stop flags of the ranks, as of the last all-reduce
         self.tic = time.perf_counter()
+        self.replay_batches: list[tuple[list, float]] = []
 
     @property
     def steps_taken(self) -> int:
         return self.run.trainer.step_count
 
+    @property
+    def end(self) -> int:
+        """The step the run ends at: ``end_at_step`` (a checkpoint of the T-step schedule), else T."""
+        total = self.run.record.total_steps
+        return min(total, self.settings.end_at_step) if self.settings.end_at_step else total
+
     def train(self) -> None:
         """Train to the end; raises :class:`RunStopped` when the budget runs out first."""
-        run, total = self.run, self.run.record.total_steps
+        run, total = self.run, self.end
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -280,14 +289,21 @@ class Training:
         s, run = self.settings, self.run
         distributed = cd.is_distributed()
         self.step_batches = []
+        self.replay_batches = []
         for _ in range(s.grad_accum):
             batch = run.micro_batch(s.batch_size)
+            replayed = run.replay.indices(run.record.position, run.seed) if run.replay is not None else None
             if distributed:  # this rank's slice of the global micro-batch, weighted by its share of it
                 mine = cd.shard(batch)
                 kind = run.objective
                 self.step_batches.append((mine, cd.loss_scale(shares(mine, kind), shares(batch, kind))))
+                if replayed is not None:   # blocks of one length: a rank's share is its number of blocks
+                    part = cd.shard(list(replayed))
+                    self.replay_batches.append((part, cd.loss_scale(len(part), len(replayed))))
             else:
                 self.step_batches.append((batch, 1.0))
+                if replayed is not None:
+                    self.replay_batches.append((list(replayed), 1.0))
             run.record.position += 1
         return self.backward()
 
@@ -298,12 +314,17 @@ class Training:
         s, run = self.settings, self.run
         pad = run.tokenizer.pad_token_id or 0
         total = None
-        for mine, scale in self.step_batches:
+        for i, (mine, scale) in enumerate(self.step_batches):
             if run.objective == "blocks":
                 loss = as_forward(run.model, lambda: corpus.lm_loss(run.model, torch.stack(mine)))
             else:
                 loss = as_forward(run.model, lambda: objective.training_loss(run.model, mine, run.objective, pad))
             loss = loss * (scale / s.grad_accum)
+            if self.replay_batches:   # the replay's loss joins the step's (and its backward)
+                part, part_scale = self.replay_batches[i]
+                if part:
+                    extra = as_forward(run.model, lambda: replay.replay_loss(run.model, run.replay, part))
+                    loss = loss + extra * (run.replay.weight * part_scale / s.grad_accum)
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         if cd.is_distributed():
@@ -376,7 +397,7 @@ class Training:
         evaluation, a checkpoint, the end, and every ``min(log_every, max_nonfinite_in_row)`` steps for
         the non-finite check), evaluate after a knot, checkpoint, and honour the step budget."""
         s, run, record = self.settings, self.run, self.run.record
-        step, total = self.steps_taken, record.total_steps
+        step, total = self.steps_taken, self.end   # the run's last step (end_at_step, else T)
         record.seconds["train"] += time.perf_counter() - self.tic
         self.tic = time.perf_counter()
         link = run.chain.link if run.chain else 0
@@ -406,6 +427,8 @@ class Training:
             self.knots_seen = len(run.chain.history)
             if s.eval_links:
                 self.evaluate_link(step)
+        if s.eval_every and step % s.eval_every == 0 and step < total:
+            self.evaluate_trajectory(step, reuse=knot and s.eval_links)
         if checkpoint:
             save_checkpoint(run)
             self.tic = time.perf_counter()
@@ -415,6 +438,21 @@ class Training:
         if stop:
             raise RunStopped(f"{run.key}: stopped after step {step} of {total} (stop_after)")
         self.stop_if_failing()   # the counts are those of the last flush
+
+    def evaluate_trajectory(self, step: int, reuse: bool = False) -> None:
+        """A point of the run's learn / forget trajectory (validation every ``eval_every`` steps); ``reuse``: the
+        link's evaluation at this step is the point."""
+        run = self.run
+        link = run.chain.link if run.chain else 0
+        if reuse:
+            run.record.add_trajectory_point(step, link, run.record.curve[-1]["validation"])
+            return
+        t0 = time.perf_counter()
+        val = self.evaluate(run.model, run.tokenizer, run.splits.validation, f"{run.key} validation at step {step}")
+        run.record.add_trajectory_point(step, link, val)
+        run.record.seconds["eval"] += time.perf_counter() - t0
+        run.model.train()
+        self.tic = time.perf_counter()
 
     def evaluate_link(self, step: int) -> None:
         """Validation after the link that just ended (a point of the COLA curve)."""

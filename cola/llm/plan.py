@@ -179,6 +179,7 @@ def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: Exampl
     eval_fwd = flops_per_example(sizes.eval_tokens, sizes.eval_positions, size.body, 0, 0, size.vocab, size.width,
                                  backward=False)
     for p in plan["methods"].values():
-        n_evals = (1 + p["links"]) if settings.eval_links else 0
+        n_evals = ((1 + p["links"]) if settings.eval_links else 0) + (
+            total_steps // settings.eval_every + 1 if settings.eval_every else 0)
         p["eval_flops"] = eval_fwd * (n_val * n_evals + 2 * n_test)
     return plan

@@ -63,6 +63,7 @@ class RunRecord:
     train_loss: list[float | None] = field(default_factory=list)  #: loss of every step (None: skipped)
     lr_per_step: list[float] = field(default_factory=list)  #: LR (after the chain's policy) of each step
     curve: list[dict[str, Any]] = field(default_factory=list)  #: validation after each link (the COLA curve)
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  #: validation every eval_every steps
     knot_reports: list[dict[str, Any]] = field(default_factory=list)  #: the chain's KnotReports, as dicts
     seconds: dict[str, float] = field(default_factory=_seconds)  #: train, eval, export (and total)
     position: int = 0                            #: global micro-batches consumed (the data position)
@@ -91,6 +92,15 @@ class RunRecord:
         if self.curve and "recalled" in validation and "recalled" in self.curve[-1]["validation"]:
             validation = {**validation, **retention(self.curve[-1]["validation"]["recalled"], validation["recalled"])}
         self.curve.append({"after_link": after_link, "step": step, "validation": validation})
+
+    def add_trajectory_point(self, step: int, link: int, validation: dict[str, Any]) -> None:
+        """A point of the run's learn / forget trajectory (``eval_every``): the validation scores at ``step``
+        (in link ``link``, 0-based), with the forgetting so far (over the trajectory's first point, zero-shot)."""
+        if self.trajectory and "reference_loss" in validation:
+            validation = {**validation, "forgetting":
+                          validation["reference_loss"] - self.trajectory[0]["validation"]["reference_loss"]}
+        validation = {k: v for k, v in validation.items() if k not in ("kept", "lost", "new", "kept_fraction")}
+        self.trajectory.append({"step": step, "link": link, "validation": validation})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

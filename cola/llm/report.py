@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss", "perplexity", "bits_per_byte",
                 "reference_loss", "reference_perplexity", "forgetting", "recall", "token_accuracy", "answer_loss",
-                "paraphrase_recall", "paraphrase_token_accuracy", "paraphrase_answer_loss")
+                "paraphrase_recall", "paraphrase_token_accuracy", "paraphrase_answer_loss", "reference_kl")
 #: what a facts run's link did to the facts recalled before it (see cola.llm.facts.retention)
 RETENTION = ("kept", "lost", "new", "kept_fraction")
 
@@ -66,6 +66,14 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
                                    **{k: stats.describe([c[i]["validation"][k] for c in curves
                                                          if c[i]["validation"][k] is not None]) for k in RETENTION}}
                                   for i in range(1, n_points)]
+        trajectories = [r.get("trajectory") or [] for r in runs]
+        n_traj = min((len(t) for t in trajectories), default=0)
+        if n_traj:   # eval_every: the learn / forget trajectory, mean over seeds
+            entry["trajectory"] = [
+                {"step": trajectories[0][i]["step"],
+                 **{m: stats.describe([t[i]["validation"][m] for t in trajectories])
+                    for m in (primary_metric(results["settings"]), "forgetting", "reference_kl")
+                    if all(t[i]["validation"].get(m) is not None for t in trajectories)}} for i in range(n_traj)]
         finals = [mean_loss(r["train_loss"][-10:]) for r in runs if r["train_loss"]]
         entry["final_train_loss"] = stats.describe([v for v in finals if v is not None])
         entry["train_seconds"] = stats.describe([r["seconds"]["train"] for r in runs])
@@ -177,20 +185,50 @@ def corpus_markdown(results: dict[str, Any]) -> str:
              f"{plan['max_length']} tokens), {plan['total_steps']} steps of {plan['examples_per_step']} blocks, "
              f"seeds {', '.join(map(str, settings['seeds']))}", ""]
     header = ["method", "links", "ranks", "trainable", "validation ppl after each link", "test ppl", "bits/byte",
-              "reference ppl", "forgetting (nats)", "train s/run"]
+              "reference ppl", "forgetting (nats)", "KL to the start", "train s/run"]
     table = [["zero-shot", "–", "–", "0", "–", f"{zero['perplexity']:.3f}", f"{zero['bits_per_byte']:.4f}",
-              f"{zero['reference_perplexity']:.3f}", "0", "–"]]
+              f"{zero['reference_perplexity']:.3f}", "0", "0", "–"]]
     for method, entry in results.get("summary", {}).items():
         p = plan["methods"][method]
         curve = " → ".join(f"{c['mean']:.2f}" for c in entry["validation_curve"]) or "–"
         table.append([method, str(p["links"]), "/".join(map(str, p["ranks"])) if p["ranks"] else "all",
                       f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_perplexity")),
                       _pm(entry.get("test_bits_per_byte"), 4), _pm(entry.get("test_reference_perplexity")),
-                      _pm(entry.get("test_forgetting"), 4), f"{entry['train_seconds']['mean']:.0f}"])
+                      _pm(entry.get("test_forgetting"), 4), _pm(entry.get("test_reference_kl"), 4),
+                      f"{entry['train_seconds']['mean']:.0f}"])
     lines += [markdown_table(header, table), "",
               "Forgetting: the rise of the loss on the reference text (never trained on) over zero-shot, in nats "
-              "per token; lower perplexity and lower forgetting are better.", ""]
-    return _finish_markdown(results, lines)
+              "per token; KL to the start: the mean KL divergence from the starting model's next-token "
+              "distributions to the tuned one's on the same text (0 for the starting model; replay cannot hide it); "
+              "lower perplexity, forgetting and KL are better.", ""]
+    return _finish_markdown(results, _forgetting_lines(results, lines))
+
+
+def _forgetting_lines(results: dict[str, Any], lines: list[str]) -> list[str]:
+    """The replay, the other references' forgetting and each method's trajectory, after the table."""
+    settings = results["settings"]
+    if settings.get("replay_file"):
+        lines += [f"Replay: {settings['replay_file']} ({settings['replay_loss']} loss, weight "
+                  f"{settings['replay_weight']:g}), {settings['replay_ratio']:g} blocks per training example.", ""]
+    rows = []
+    for method in results.get("summary", {}):
+        found: dict[str, list[float]] = {}
+        for r in complete_runs(results, method):
+            for source, m in (r["test"].get("more_references") or {}).items():
+                if m.get("forgetting") is not None:
+                    found.setdefault(source, []).append(m["forgetting"])
+        rows += [[method, source, _pm(stats.describe(v), 4)] for source, v in found.items()]
+    if rows:
+        lines += ["Forgetting on the other references (loss rise over zero-shot, nats per token):", "",
+                  markdown_table(["method", "reference", "forgetting"], rows), ""]
+    traj = [[m, str(p["step"]), _pm(p.get(primary_metric(settings))), _pm(p.get("forgetting"), 4),
+             _pm(p.get("reference_kl"), 4)] for m, e in results.get("summary", {}).items()
+            for p in e.get("trajectory") or []]
+    if traj:
+        lines += [f"Trajectory (validation every {settings['eval_every']} steps):", "",
+                  markdown_table(["method", "step", primary_metric(settings), "forgetting", "KL to the start"], traj),
+                  ""]
+    return lines
 
 
 def facts_markdown(results: dict[str, Any]) -> str:
@@ -202,10 +240,10 @@ def facts_markdown(results: dict[str, Any]) -> str:
              f"({plan['facts']['facts']['source']}), {plan['total_steps']} steps of {plan['examples_per_step']} facts "
              f"({plan['epochs']:.1f} epochs), seeds {', '.join(map(str, settings['seeds']))}", ""]
     header = ["method", "links", "ranks", "trainable", "recall after each link", "test recall", "token acc",
-              "answer loss", "paraphrase recall", "forgetting (nats)", "train s/run"]
+              "answer loss", "paraphrase recall", "forgetting (nats)", "KL to the start", "train s/run"]
     table = [["zero-shot", "–", "–", "0", "–", f"{zero['recall']:.3f}", f"{zero['token_accuracy']:.3f}",
               f"{zero['answer_loss']:.3f}", f"{zero['paraphrase_recall']:.3f}" if "paraphrase_recall" in zero else "–",
-              "0", "–"]]
+              "0", "0", "–"]]
     retained = []
     for method, entry in results.get("summary", {}).items():
         p = plan["methods"][method]
@@ -214,13 +252,16 @@ def facts_markdown(results: dict[str, Any]) -> str:
                       f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_recall")),
                       _pm(entry.get("test_token_accuracy")), _pm(entry.get("test_answer_loss")),
                       _pm(entry.get("test_paraphrase_recall")), _pm(entry.get("test_forgetting"), 4),
-                      f"{entry['train_seconds']['mean']:.0f}"])
+                      _pm(entry.get("test_reference_kl"), 4), f"{entry['train_seconds']['mean']:.0f}"])
         for link in entry.get("retention", [])[1:]:
             retained.append([method, str(link["after_link"]), _pm(link["kept"], 1), _pm(link["lost"], 1),
                              _pm(link["new"], 1), _pm(link["kept_fraction"])])
     lines += [markdown_table(header, table), "",
               "Recall: the fraction of facts whose whole answer greedy decoding gives (every answer token the "
-              "argmax); forgetting: the rise of the reference text's loss over zero-shot, in nats per token.", ""]
+              "argmax); paraphrase recall: on the phrasings never trained on; forgetting: the rise of the reference "
+              "text's loss over zero-shot, in nats per token; KL to the start: the mean KL divergence from the "
+              "starting model's next-token distributions to the tuned one's on the same text.", ""]
+    lines = _forgetting_lines(results, lines)
     if retained:
         lines += ["Link by link (validation facts, mean ± std over seeds): kept = recalled before the link and "
                   "after it, lost = recalled before only, new = recalled after only.", "",
@@ -253,12 +294,14 @@ def headline(results: dict[str, Any]) -> str:
     zero = results["zero_shot"]["test"]
     if results["settings"].get("task") == "corpus":
         parts = [f"zero-shot {zero['perplexity']:.3f}"] + [
-            f"{m} {_pm(e.get('test_perplexity'))} (forgetting {_pm(e.get('test_forgetting'), 4)})"
+            f"{m} {_pm(e.get('test_perplexity'))} (forgetting {_pm(e.get('test_forgetting'), 4)}, KL "
+            f"{_pm(e.get('test_reference_kl'), 4)})"
             for m, e in results.get("summary", {}).items()]
         return f"corpus test perplexity (n={zero['n']} blocks): " + " | ".join(parts)
     if results["settings"].get("task") == "facts":
         parts = [f"zero-shot {zero['recall']:.3f}"] + [
-            f"{m} {_pm(e.get('test_recall'))} (forgetting {_pm(e.get('test_forgetting'), 4)})"
+            f"{m} {_pm(e.get('test_recall'))} (forgetting {_pm(e.get('test_forgetting'), 4)}, KL "
+            f"{_pm(e.get('test_reference_kl'), 4)})"
             for m, e in results.get("summary", {}).items()]
         return f"facts recall (n={zero['n']} facts): " + " | ".join(parts)
     rule = results["settings"]["eval_rule"]
@@ -365,7 +408,8 @@ CSV_COLUMNS = ["method", "seed", "status", "links", "knots", "ranks", "trainable
                "zero_shot_test_accuracy", "test_accuracy", "test_macro_f1", "test_acc_mean", "test_acc_sum",
                "test_acc_norm", "test_loss", "zero_shot_test_perplexity", "test_perplexity", "test_bits_per_byte",
                "test_reference_perplexity", "test_forgetting", "zero_shot_test_recall", "test_recall",
-               "test_token_accuracy", "test_answer_loss", "test_paraphrase_recall", "validation_curve", "final_train_loss",
+               "test_token_accuracy", "test_answer_loss", "test_paraphrase_recall", "test_reference_kl",
+               "validation_curve", "final_train_loss",
                "train_seconds", "eval_seconds", "train_flops"]
 
 
@@ -385,7 +429,8 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             "zero_shot_test_perplexity": results["zero_shot"]["test"].get("perplexity"),
             "zero_shot_test_recall": results["zero_shot"]["test"].get("recall"),
             **{f"test_{k}": test.get(k) for k in ("perplexity", "bits_per_byte", "reference_perplexity", "forgetting",
-                                                  "recall", "token_accuracy", "answer_loss", "paraphrase_recall")},
+                                                  "recall", "token_accuracy", "answer_loss", "paraphrase_recall",
+                                                  "reference_kl")},
             "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
             "test_acc_mean": test.get("acc_mean"), "test_acc_sum": test.get("acc_sum"),
             "test_acc_norm": test.get("acc_norm"), "test_loss": test.get("loss"),

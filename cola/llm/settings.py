@@ -42,7 +42,7 @@ from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.models import EMBEDDED_MODEL
 from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, CORPUS, DTYPE_NAMES,  # noqa: F401
-                                 FACTS, LOSSES, METHODS, RULES, TRACKERS, value_problems)
+                                 FACTS, LOSSES, METHODS, REPLAY_LOSSES, RULES, TRACKERS, value_problems)
 from cola.io import write_json
 
 #: quick CPU budget of the embedded default (``cola train`` with no arguments)
@@ -117,8 +117,32 @@ class TrainSettings(Validated):
     paraphrases_field: str = _f("paraphrases", "--task facts: the column of each fact's other prompts (a list; "
                                 "scored, never trained on; optional)", group="model and data")
     reference_file: str | None = _f(None, "--task corpus and facts: general text the run never trains on, whose loss rise "
-                                    "over zero-shot is the forgetting (a file, folder or table like --train-file; "
-                                    "default: the embedded tweets)", group="model and data")
+                                    "over zero-shot is the forgetting and beside it the KL to the starting model (a "
+                                    "file, folder or table like --train-file, or embedded:NAME; default: the embedded "
+                                    "tweets, or embedded:python-docs when the tweets are the replay)",
+                                    group="model and data")
+    more_references: list[str] = _f([], "--task corpus and facts: other texts whose loss rise and KL to the start are "
+                                    "reported beside the reference's (e.g. another language); never a budget's "
+                                    "measure", group="model and data")
+    replay_file: str | None = _f(None, "--task corpus and facts: text the user wants kept (a file, folder or table like "
+                                 "--train-file, or embedded:NAME), mixed into every micro-batch (--replay-ratio); "
+                                 "never the same documents as the reference (a reference of the same source gets the "
+                                 "other half of its documents, with a warning)", group="model and data")
+    replay_ratio: float = _f(0.5, "replay blocks per training example in each micro-batch (0.5: 8 blocks with a "
+                             "batch of 16; at least one block)", group="model and data")
+    replay_loss: str = _f("lm", "the loss on the replay blocks: lm (their tokens' NLL, as replay usually is) or kl "
+                          "(the KL divergence from the starting model's distributions, as distillation does: keeps "
+                          "the model where it started instead of moving it towards the replay text)",
+                          group="model and data", choices=REPLAY_LOSSES)
+    replay_weight: float = _f(1.0, "weight of the replay loss added to the task's loss", group="model and data")
+    replay_blocks: int = _f(256, "blocks of replay text in the pool (evenly spaced over its documents; their "
+                            "start distributions are computed once for --replay-loss kl)", group="model and data")
+    kl_top_k: int = _f(64, "tokens of the starting model's distribution kept per position for the KL to the start "
+                       "(the rest of the vocabulary is one bucket: a lower bound of the full KL)",
+                       group="model and data")
+    train_paraphrases: int = _f(0, "--task facts: train on K phrasings of each fact beside its prompt (its "
+                                "'phrasings', then its paraphrases); recall on the paraphrases never trained on is "
+                                "scored apart", group="model and data")
     n_train: int | None = _f(None, f"training examples (default {EMBEDDED_PROFILE['n_train']} for the embedded "
                              f"model, {PAPER_PROFILE['n_train']} otherwise: the paper's; --task facts: the facts "
                              "taught, a subset of --train-file drawn with --test-seed, nested as it grows; default "
@@ -203,6 +227,12 @@ class TrainSettings(Validated):
     eval_batch_size: int = _f(16, "examples per evaluation batch", group="evaluation")
     eval_links: bool = _f(True, "evaluate on the validation split after every link (the COLA curve)",
                           group="evaluation")
+    eval_every: int = _f(0, "also score the validation split every this many steps (the run's learn / forget "
+                         "trajectory, from which tuning may pick a step); 0: after the links only",
+                         group="evaluation")
+    end_at_step: int | None = _f(None, "end the run after this many of its steps: the LR schedule and the knots are "
+                                 "those of all the steps, the test is scored here (the checkpoint a user picks; "
+                                 "cola sweep --tune-step sets it)", group="evaluation")
 
     # -- outputs -----------------------------------------------------------------------------
     output_dir: str | None = _f(None, "where results go (default: runs/<name>)",

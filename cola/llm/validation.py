@@ -27,6 +27,8 @@ METHODS = ("lora", "cola", "full")
 LOSSES = ("classification", "lm")
 RULES = ("mean", "sum", "norm")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+REPLAY_LOSSES = ("lm", "kl")
+"""The replay loss: the replayed tokens' NLL, or the KL divergence from the starting model's distributions."""
 
 #: [chain] keys the run sets itself (from steps/epochs, seeds and method/links)
 CHAIN_DERIVED = ("total_steps", "seed")
@@ -56,6 +58,7 @@ def value_problems(v: Any) -> list[str]:
         if len(set(v.compare)) < 2:
             p.append(f"compare={','.join(v.compare)}: give at least two different methods, e.g. lora,cola")
     choice("loss", v.loss, LOSSES)
+    choice("replay_loss", v.replay_loss, REPLAY_LOSSES)
     choice("eval_rule", v.eval_rule, RULES)
     if v.dtype is not None:
         choice("dtype", v.dtype, DTYPE_NAMES)
@@ -65,11 +68,12 @@ def value_problems(v: Any) -> list[str]:
     for name, low in (("links", 1), ("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
                       ("max_nonfinite_in_row", 1), ("log_every", 1), ("checkpoint_every", 0), ("n_train", 1),
                       ("n_val", 0), ("n_test", 1), ("steps", 1), ("threads", 1), ("stop_after", 1),
-                      ("max_length", 8)):
+                      ("max_length", 8), ("replay_blocks", 1), ("kl_top_k", 1), ("train_paraphrases", 0),
+                      ("eval_every", 0), ("end_at_step", 1)):
         value = getattr(v, name)
         if value is not None and value < low:
             p.append(f"{name}={value}: must be >= {low}")
-    for name in ("alpha", "lr", "full_lr"):
+    for name in ("alpha", "lr", "full_lr", "replay_ratio", "replay_weight"):
         value = getattr(v, name)
         if not (value > 0 and math.isfinite(value)):
             p.append(f"{name}={value}: must be a finite number > 0")
@@ -79,6 +83,8 @@ def value_problems(v: Any) -> list[str]:
         p.append(f"weight_decay={v.weight_decay}: must be a finite number >= 0")
     if v.epochs is not None and not (v.epochs > 0 and math.isfinite(v.epochs)):
         p.append(f"epochs={v.epochs}: must be a number > 0")
+    if v.end_at_step is not None and v.steps is not None and v.end_at_step > v.steps:
+        p.append(f"end_at_step={v.end_at_step}: after the last step (steps={v.steps})")
     if v.steps is not None and v.epochs is not None:
         p.append(f"steps={v.steps} and epochs={v.epochs}: give one of them, not both")
     if not v.seeds:
@@ -99,7 +105,7 @@ def value_problems(v: Any) -> list[str]:
 
 
 def _corpus_problems(v: Any) -> list[str]:
-    p = []
+    p = ["train_paraphrases is for --task facts (the phrasings of its facts)"] if v.train_paraphrases else []
     for name, why in (("template", "it trains on raw text, no prompt"), ("answers", "it has no answers"),
                       ("test_file", "its test documents are held out of --train-file"),
                       ("data_dir", "it reads --train-file (a file or a folder)")):
@@ -116,15 +122,25 @@ def _corpus_problems(v: Any) -> list[str]:
     return p + _reference_problems(v)
 
 
-def _reference_problems(v: Any) -> list[str]:
-    value = v.reference_file
+def _text_problem(name: str, value: str | None) -> list[str]:
+    """What is wrong with a text source (a file or folder, or embedded:NAME), if anything."""
     if value and value.startswith(EMBEDDED_PREFIX):
         problem = embedded_name_problem(value)
-        return [f"reference_file={problem}"] if problem else []
+        return [f"{name}={problem}"] if problem else []
+    if value is not None and not value:
+        return [f"{name}: give a file, a folder or embedded:NAME"]
     if value and not Path(value).exists():
-        return [f"reference_file={value!r}: no such file or folder (or embedded:NAME, one of "
+        return [f"{name}={value!r}: no such file or folder (or embedded:NAME, one of "
                 f"{', '.join(EMBEDDED_CORPORA)})"]
     return []
+
+
+def _reference_problems(v: Any) -> list[str]:
+    """The texts of forgetting and replay (the corpus and facts tasks)."""
+    p = _text_problem("reference_file", v.reference_file) + _text_problem("replay_file", v.replay_file)
+    for value in v.more_references:
+        p += _text_problem("more_references", value)
+    return p
 
 
 def _facts_problems(v: Any) -> list[str]:
@@ -157,8 +173,13 @@ def _task_problems(v: Any) -> list[str]:
     if v.task == FACTS:
         return _facts_problems(v)
     p = []
-    if v.reference_file is not None:
-        p.append("reference_file is for --task corpus and --task facts (the text their forgetting is measured on)")
+    for name, given in (("reference_file", v.reference_file is not None), ("more_references", bool(v.more_references))):
+        if given:
+            p.append(f"{name} is for --task corpus and --task facts (the texts their forgetting is measured on)")
+    if v.replay_file is not None:
+        p.append("replay_file is for --task corpus and --task facts (text mixed into their batches to keep)")
+    if v.train_paraphrases:
+        p.append("train_paraphrases is for --task facts (the phrasings of its facts)")
     if v.task == "custom":
         if not v.template:
             p.append("task 'custom' needs --template, e.g. '{text} It was {answer}'")
