@@ -52,7 +52,7 @@ from cola.llm import report, stopping, sweep_report, sweep_tuning
 from cola.llm.experiment import run_experiment
 from cola.llm.lock import FolderLock
 from cola.llm.models import load_model
-from cola.llm.settings import TrainSettings
+from cola.llm.settings import TrainSettings, default_of
 from cola.llm.sweep_cells import Cell, build_cells, effective
 from cola.llm.sweep_results import aggregate, read_json, run_status
 from cola.llm.sweep_spec import SweepSpec, load_recipe, recipe_names
@@ -100,9 +100,16 @@ class _ModelCache:
             self.model = self.tokenizer = None
 
 
+#: settings the zero-shot scores also depend on, in the key only when they differ from their default (so that the
+#: keys of sweeps from before they existed stay the same)
+_ZERO_SHOT_KEYS_IF_SET = ("reference_file", "more_references", "replay_file", "kl_top_k", "train_paraphrases",
+                          "paraphrases_field", "prompt_field", "answer_field", "files", "text_field")
+
+
 def _zero_shot_key(settings: TrainSettings) -> str:
     s = settings.resolved().to_dict()
     data = {k: s[k] for k in _ZERO_SHOT_KEYS}
+    data.update({k: s[k] for k in _ZERO_SHOT_KEYS_IF_SET if s[k] != default_of(k)})
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -181,9 +188,18 @@ def _run_units(spec: SweepSpec, out: Path, runner: "_Runner", cells: list[Cell],
     failures = runner.failures
     untuned = (cells, extra)
     try:
-        status = runner.run(sweep_tuning.tuning_units(spec, groups), "tuning") if groups else "complete"
+        status = "complete"
+        for round_ in range(spec.refine_rounds + 1) if groups else ():
+            status = runner.run(sweep_tuning.tuning_units(spec, groups),
+                                "tuning" if round_ == 0 else f"tuning (refinement {round_})")
+            if status != "complete":
+                break
+            if round_ < spec.refine_rounds:   # candidates around each cell's best, from the runs so far
+                records = {key: sweep_tuning.choose(spec, out, group) for key, group in groups.items()}
+                groups = sweep_tuning.refine(spec, groups, records)
         cells, extra = _tuned(spec, out, *untuned, groups)
-        chosen = all(c.tuning["chosen"] for c in [*cells, *extra]) if groups else True
+        # every cell chose (or found no candidate within the budget: it is reported so, and not run)
+        chosen = all(c.tuning["chosen"] or c.tuning.get("over_budget") for c in [*cells, *extra]) if groups else True
         status = runner.run(_units(spec, cells, extra), "sweep") if status == "complete" and chosen else "partial"
     except (KeyboardInterrupt, stopping.SignalStop):   # a signal: the checkpoint is written, the rest waits
         log.warning("sweep stopped; continue with: cola sweep --resume %s", out)
@@ -272,6 +288,8 @@ def _units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[
     units, seen = [], set()
     for seed in spec.seeds:
         for cell in [*extra, *cells]:
+            if cell.tuning and cell.tuning.get("over_budget"):
+                continue   # no candidate kept the budget: nothing to report
             if (cell.key, seed) not in seen:
                 seen.add((cell.key, seed))
                 units.append((cell, seed))
@@ -332,8 +350,9 @@ def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path,
 def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], started: float, status: str,
             failures: list[dict[str, Any]]) -> dict[str, Any]:
     rows = aggregate(spec, out, cells, extra)
-    expected = len({(c.key, s) for c in [*extra, *cells] for s in spec.seeds})
-    finished = sum(1 for key in {c.key for c in [*extra, *cells]} for s in spec.seeds
+    reported = [c for c in [*extra, *cells] if not (c.tuning and c.tuning.get("over_budget"))]
+    expected = len({(c.key, s) for c in reported for s in spec.seeds})
+    finished = sum(1 for key in {c.key for c in reported} for s in spec.seeds
                    if run_status(out / "runs" / key / f"seed{s}") == "complete")
     if finished < expected:
         status = "partial"

@@ -7,6 +7,7 @@
     cola sweep --resume sweeps/chain-length-cpu-20261128-2200  # continue (or grow) a sweep
     cola sweep --recipe rank-step-down-cpu --dry-run           # cells, knots, ranks, FLOPs; no training
     cola sweep --links 1 3 --tune lr=1e-3,2e-3,5e-3 --tune-seeds 100  # each cell at its own best LR
+    cola sweep --task facts --train-file synthetic:128 --links 1 2 --tune lr=auto:3e-4:1e-2 --max-forgetting 0.3
 
 Grid flags take several values (each makes an axis); every other ``cola train`` flag sets the
 base settings of all cells. The library function is :func:`cola.llm.sweep.run_sweep`.
@@ -106,6 +107,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "full_lr=1e-5,1e-4); replaces a recipe's [tune] table")
     sweep.add_argument("--tune-seeds", nargs="+", type=int, metavar="S", default=argparse.SUPPRESS,
                        help="seeds of the tuning runs, disjoint from --seeds (default 1000)")
+    sweep.add_argument("--max-forgetting", type=float, metavar="B", default=argparse.SUPPRESS,
+                       help="a forgetting budget (nats of the reference loss's rise, validation, mean over the tuning "
+                       "seeds): each cell picks its best candidate within it; a cell with none is reported so")
+    sweep.add_argument("--max-kl", type=float, metavar="B", default=argparse.SUPPRESS,
+                       help="a budget on the KL divergence to the starting model on the reference, like "
+                       "--max-forgetting (both may be given)")
+    sweep.add_argument("--tune-refine", type=int, metavar="N", dest="refine", default=argparse.SUPPRESS,
+                       help="rounds of refinement of the numeric tuned axes (candidates log-midway between the best "
+                       "and its neighbours, one step beyond an end; default 0, or 2 for --tune AXIS=auto:LOW:HIGH)")
+    sweep.add_argument("--tune-step", action="store_true", default=argparse.SUPPRESS,
+                       help="also pick the step of each candidate's trajectory (needs --eval-every): the cell's "
+                       "report runs end at the chosen step, as a user picks a checkpoint")
     grid = parser.add_argument_group("grid axes (two or more values make an axis; one value sets every cell)")
     for flag, (path, kind) in GRID_FLAGS.items():
         grid.add_argument(f"--{flag}", nargs="+", type=kind, dest=f"grid:{path}", default=argparse.SUPPRESS,
@@ -178,7 +191,7 @@ def spec_from_args(args: argparse.Namespace):
         spec["tune"] = {key: values for key, values in args.tune_axes}
     if given.get("tune_seeds"):
         spec["tune_seeds"] = list(args.tune_seeds)
-    for key in ("metric", "ci", "confidence"):
+    for key in ("metric", "ci", "confidence", "max_forgetting", "max_kl", "refine", "tune_step"):
         if given.get(key) is not None:
             spec[key] = given[key]
     return SweepSpec.from_dict(spec, "sweep")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cola.io import atomic_write, markdown_table, write_json
-from cola.llm import report, stats, sweep_tuning
+from cola.llm import report, stats, sweep_frontiers, sweep_tuning
 from cola.llm.report_plots import save_figure
 from cola.llm.sweep_spec import label_of, short_name
 
@@ -66,11 +66,15 @@ def markdown(results: dict[str, Any]) -> str:
               f"Status: {results['status']} ({results['runs_finished']}/{results['runs_expected']} runs).", "",
               sweep_tuning.statement(spec), ""]
     forgets = any("forgetting" in row for row in results["cells"])
+    kls = any("reference_kl" in row for row in results["cells"])
+    budgeted = any("budget_check" in row for row in results["cells"]) or bool(
+        spec.get("max_forgetting") is not None or spec.get("max_kl") is not None)
     tuned = bool(spec.get("tune"))  # a "tuned" column only where the sweep tunes: the chosen values
     header = ["cell", "tuned", "n", f"test {metric}", "− baseline", "verdict", "validation after each link",
               "trainable / link", "train FLOPs", "× baseline", "s/run"]
-    if forgets:
-        header[6:6] = ["forgetting", "− baseline (forgetting)"]
+    extra_header = (["forgetting", "− baseline (forgetting)"] if forgets else []) + (
+        ["KL to the start", "− baseline (KL)"] if kls else []) + (["budget on the report seeds"] if budgeted else [])
+    header[6:6] = extra_header
     table = []
     for row in results["cells"]:
         comp = row.get("comparison") or {}
@@ -83,17 +87,25 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [row["label"], sweep_tuning.chosen_text(row.get("tuning")), str(row["score"]["n"]),
                  _score_text(row["score"]), diff, verdict, curve, _params_text(compute.get("trainable_params_per_link")),
                  report.count_text(compute.get("train_flops")), ratio, _num(wall, 0)]
-        if forgets:
-            forgetting = comp.get("forgetting") or {}
-            cells[6:6] = [_score_text(row.get("forgetting") or {}, 4),
-                          stats.interval_text(forgetting, 4) + (f" {forgetting['verdict']}" if forgetting.get("verdict") else "")]
+        extra = []
+        for on, name in ((forgets, "forgetting"), (kls, "reference_kl")):
+            if on:
+                diff_of = comp.get(name) or {}
+                extra += [_score_text(row.get(name) or {}, 4),
+                          stats.interval_text(diff_of, 4) + (f" {diff_of['verdict']}" if diff_of.get("verdict") else "")]
+        if budgeted:
+            extra.append(sweep_frontiers.budget_cell(row))
+        cells[6:6] = extra
+        if row.get("comparison_note"):
+            cells[5] = row["comparison_note"]
         table.append(cells if tuned else cells[:1] + cells[2:])
     if not tuned:
         header.remove("tuned")
     if not stats.higher_is_better(metric):
         lines += [f"Lower is better for {metric}" + (" and forgetting (the rise of the reference text's loss over "
                   "zero-shot, nats per token)" if forgets else "") + ": \"better\" means lower.", ""]
-    lines += [markdown_table(header, table), ""] + sweep_tuning.tuning_lines(results) + _retention_lines(results) \
+    lines += [markdown_table(header, table), ""] + sweep_frontiers.more_lines(results) + sweep_tuning.tuning_lines(results) \
+        + sweep_frontiers.frontier_lines(results) + _retention_lines(results) \
         + _diagnostics_lines(results) + [
               "Validation after each link: zero-shot first, then after link 1, 2, ... (mean over seeds). "
               f"\"within noise\": the {conf}% interval of the mean paired difference covers 0; "
@@ -192,7 +204,8 @@ def csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
                "ranks", "steps",
                "n", "seeds", "mean", "std", "ci_low", "ci_high", "diff_mean", "diff_std", "diff_ci_low",
                "diff_ci_high", "verdict", "validation_per_link", "final_train_loss", "trainable_params_per_link",
-               "train_flops_per_link", "train_flops", "flops_ratio", "train_seconds_mean", "wall_seconds_mean"]
+               "train_flops_per_link", "train_flops", "flops_ratio", "train_seconds_mean", "wall_seconds_mean",
+               "forgetting_mean", "reference_kl_mean", "tuned_step", "over_budget", "budget_kept"]
     rows = []
     for r in results["cells"]:
         comp = r.get("comparison") or {}
@@ -214,7 +227,12 @@ def csv_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
                "train_flops_per_link": " ".join(f"{f:.4g}" for f in compute.get("train_flops_per_link") or []),
                "train_flops": compute.get("train_flops"), "flops_ratio": comp.get("flops_ratio"),
                "train_seconds_mean": (compute.get("train_seconds") or {}).get("mean"),
-               "wall_seconds_mean": (compute.get("wall_seconds") or {}).get("mean")}
+               "wall_seconds_mean": (compute.get("wall_seconds") or {}).get("mean"),
+               "forgetting_mean": (r.get("forgetting") or {}).get("mean"),
+               "reference_kl_mean": (r.get("reference_kl") or {}).get("mean"),
+               "tuned_step": (tuned or {}).get("step") if tuned else None,
+               "over_budget": bool((r.get("tuning") or {}).get("over_budget")),
+               "budget_kept": (r.get("budget_check") or {}).get("kept")}
         rows.append(row)
     return columns, rows
 
@@ -259,7 +277,8 @@ def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
     view = _PlotView(results)
     paths: dict[str, Path] = {}
-    for draw in (_links_plot, _rank_plot, _axis_plots, _curve_plots, _frontier_plot, _diagnostics_plot):
+    for draw in (_links_plot, _rank_plot, _axis_plots, _curve_plots, _frontier_plot, sweep_frontiers.tuning_frontier_plot,
+                 _diagnostics_plot):
         paths.update(draw(plt, view, out))
     return paths
 
@@ -273,6 +292,7 @@ class _PlotView:
         self.metric = self.spec["metric"]
         self.conf = int(round(100 * self.spec["confidence"]))
         self.cells = [r for r in results["cells"] if r["score"]["n"]]
+        self.all_cells = list(results["cells"])   # with those that have no report run (over the budget)
         self.grid_cells = [r for r in self.cells if not r.get("is_baseline_only")
                            and all(a in r["values"] for a in self.axes)]  # not the extra cells
         self.by_key = {r["key"]: r for r in self.cells}

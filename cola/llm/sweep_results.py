@@ -64,9 +64,24 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
         {"after_link": curves[0][i]["after_link"], "step": curves[0][i]["step"],
          **stats.describe([c[i]["validation"][metric] for c in curves])} for i in range(n_points)
         if all(metric in c[i]["validation"] for c in curves)]
-    if all("forgetting" in found[s]["record"]["test"] for s in seeds):  # the corpus task: learn and forget
+    tests = [found[s]["record"]["test"] for s in seeds]
+    if all("forgetting" in t for t in tests):  # the corpus and facts tasks: learn and forget
         entry["forgetting_scores"] = {s: float(found[s]["record"]["test"]["forgetting"]) for s in seeds}
         entry["forgetting"] = stats.describe(list(entry["forgetting_scores"].values()))
+    if all(t.get("reference_kl") is not None for t in tests):   # the KL to the start on the reference
+        entry["kl_scores"] = {s: float(found[s]["record"]["test"]["reference_kl"]) for s in seeds}
+        entry["reference_kl"] = stats.describe(list(entry["kl_scores"].values()))
+    more = [t.get("more_references") or {} for t in tests]
+    if more and all(more):
+        entry["more_forgetting"] = {src: stats.describe([m[src].get("forgetting") for m in more])
+                                    for src in more[0] if all(m.get(src, {}).get("forgetting") is not None
+                                                              for m in more)}
+    budget = spec.budget
+    if budget and seeds:   # the budget was set on the tuning seeds: is it kept on the report seeds?
+        over = {measure: [s for s in seeds if not sweep_budget_ok(found[s]["record"]["test"], measure, bound)]
+                for measure, bound in budget.items()}
+        entry["budget_check"] = {"budget": budget, "over_on_seeds": {m: v for m, v in over.items() if v},
+                                 "kept": not any(over.values())}
     entry["retention"] = retention_per_link(curves)
     entry["diagnostics"] = knot_diagnostics([found[s]["record"] for s in seeds])
     curves = [losses(found[s]["record"]["train_loss"]) for s in seeds if found[s]["record"].get("train_loss")]
@@ -86,6 +101,12 @@ def summarize_cell(cell: Cell, found: dict[int, dict[str, Any]], spec: SweepSpec
         "wall_seconds": stats.describe([found[s]["record"]["seconds"].get("total", 0.0) for s in seeds]),
     }
     return entry
+
+
+def sweep_budget_ok(test: dict[str, Any], measure: str, bound: float) -> bool:
+    """Whether a run's test ``measure`` (``forgetting`` or ``reference_kl``) is within ``bound``."""
+    value = test.get(measure)
+    return value is not None and np.isfinite(value) and value <= bound
 
 
 def retention_per_link(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -135,12 +156,17 @@ def aggregate(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell]) 
         base = by_key.get(cell.baseline_key) if cell.baseline_key else None
         if cell.is_baseline_only or base is None or cell.baseline_key == cell.key:
             entry["comparison"] = None
+        elif not entry["scores"] or not base["scores"]:   # nothing to pair (e.g. no candidate kept the budget)
+            entry["comparison"] = None
+            if (base.get("tuning") or {}).get("over_budget"):
+                entry["comparison_note"] = "its baseline has no candidate within the budget"
         else:
             comp = stats.paired_difference(entry["scores"], base["scores"], spec.confidence, spec.ci,
                                            higher_better=stats.higher_is_better(spec.metric))
-            if "forgetting_scores" in entry and "forgetting_scores" in base:
-                comp["forgetting"] = stats.paired_difference(entry["forgetting_scores"], base["forgetting_scores"],
-                                                             spec.confidence, spec.ci, higher_better=False)
+            for scores, name in (("forgetting_scores", "forgetting"), ("kl_scores", "reference_kl")):
+                if scores in entry and scores in base:
+                    comp[name] = stats.paired_difference(entry[scores], base[scores], spec.confidence, spec.ci,
+                                                         higher_better=False)
             mine = (entry.get("compute") or {}).get("train_flops")
             theirs = (base.get("compute") or {}).get("train_flops")
             comp["flops_ratio"] = mine / theirs if mine and theirs else None

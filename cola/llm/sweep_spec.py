@@ -11,6 +11,7 @@ Axes are ``cola train`` setting names (``links``, ``lr``, ``epochs``, ``rank``, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -73,6 +74,33 @@ class SweepSpec(Validated):
     validation split of ``tune_seeds`` (:mod:`cola.llm.sweep_tuning`)."""
     tune_seeds: list[int] = field(default_factory=lambda: [1000])
     """The seeds of the tuning runs: disjoint from ``seeds``, so that the report seeds never see the tuning."""
+    max_forgetting: float | None = None
+    """A forgetting budget (nats of the reference loss's rise over zero-shot, validation, mean over the tuning
+    seeds): each cell picks its best candidate among those within it; a cell with none is reported as such."""
+    max_kl: float | None = None
+    """A budget on the mean KL divergence from the starting model on the reference (validation), like
+    ``max_forgetting``; both may be given."""
+    refine: int | None = None
+    """Rounds of refinement of the numeric tuned axes: after each round, candidates log-midway between the best
+    and its neighbours (one step beyond it at an edge of a list) are added and run. Default 0, or 2 for an
+    ``auto:LOW:HIGH`` axis."""
+    tune_step: bool = False
+    """Also pick the step: every point of a candidate's trajectory (``eval_every``) is a candidate, and the cell
+    then ends its report runs at the chosen step (``end_at_step``), as a user picks a checkpoint."""
+
+    tune_bounds: dict[str, list[float]] = field(default_factory=dict)
+    """The ``auto:LOW:HIGH`` axes and their bounds (their refinement stays inside them); filled in from them."""
+
+    @property
+    def refine_rounds(self) -> int:
+        if self.refine is not None:
+            return self.refine
+        return 2 if self.tune_bounds else 0
+
+    @property
+    def budget(self) -> dict[str, float]:
+        """``{"forgetting": B, "reference_kl": B'}``: the budgets that are set, by the validation metric they bound."""
+        return {k: v for k, v in (("forgetting", self.max_forgetting), ("reference_kl", self.max_kl)) if v is not None}
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -125,6 +153,7 @@ class SweepSpec(Validated):
                 self.baseline = base
         p += self._metric_problems()
         p += self._tune_problems()
+        p += self._budget_problems()
         try:
             stats.check_ci(self.ci, self.confidence)
         except ConfigError as err:
@@ -153,6 +182,7 @@ class SweepSpec(Validated):
     def _tune_problems(self) -> list[str]:
         if not isinstance(self.tune, dict):
             return [f"tune: expected a table of axis = [values], got {type(self.tune).__name__}"]
+        self.tune = {k: [v] if isinstance(v, str) else v for k, v in self.tune.items()}   # lr = "auto:LOW:HIGH"
         p, tune = [], {}
         varied = set(self.grid) if isinstance(self.grid, dict) else set()
         fixed = set(self.baseline) if isinstance(self.baseline, dict) else set()
@@ -167,6 +197,13 @@ class SweepSpec(Validated):
             if not isinstance(values, list) or not values:
                 p.append(f"tune.{axis}={values!r}: expected a non-empty list of values")
                 continue
+            if len(values) == 1 and isinstance(values[0], str) and values[0].startswith(AUTO_PREFIX):
+                try:
+                    values, bounds = auto_values(values[0])
+                except ConfigError as err:
+                    p += [f"tune.{axis}: {x}" for x in err.problems]
+                    continue
+                self.tune_bounds = {**self.tune_bounds, path: list(bounds)}
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                 p.append(f"tune.{axis}={values!r}: a value is listed twice")
             if path in varied or path in fixed:
@@ -184,6 +221,35 @@ class SweepSpec(Validated):
         elif isinstance(self.seeds, list) and set(seeds) & set(self.seeds):
             p.append(f"tune_seeds={seeds} share {sorted(set(seeds) & set(self.seeds))} with seeds={self.seeds}: the "
                      "report seeds must never see the tuning; choose other tuning seeds")
+        return p
+
+    def _budget_problems(self) -> list[str]:
+        p = []
+        for name in ("max_forgetting", "max_kl"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+                p.append(f"{name}={value!r}: must be a finite number >= 0 (nats)")
+                continue
+            setattr(self, name, float(value))
+            if not self.tune:
+                p.append(f"{name}={value}: a budget chooses among tuning candidates: give --tune (e.g. lr=1e-3,3e-3)")
+        if self.budget and self.metric in TASK_METRICS["classification"]:
+            p.append(f"max_forgetting / max_kl: metric {self.metric!r} is a classification task's, which measures no "
+                     "forgetting (the corpus and facts tasks do)")
+        if self.refine is not None and (isinstance(self.refine, bool) or not isinstance(self.refine, int)
+                                        or not 0 <= self.refine <= 10):
+            p.append(f"refine={self.refine!r}: rounds of refinement, an integer in [0, 10]")
+        if not isinstance(self.tune_step, bool):
+            p.append(f"tune_step={self.tune_step!r}: expected true or false")
+        elif self.tune_step:
+            every = self.settings.get("eval_every") if isinstance(self.settings, dict) else None
+            if not every:
+                p.append("tune_step: picking the step needs the candidates' trajectories: set eval_every (e.g. "
+                         "--eval-every 20) in the sweep's settings")
+            if not self.tune:
+                p.append("tune_step: give --tune (the candidates whose steps are picked)")
         return p
 
     def _cell_problems(self) -> list[str]:
@@ -227,6 +293,32 @@ class SweepSpec(Validated):
         ``confidence``, ``tune_seeds``, and the tables ``[settings]`` (with ``[settings.chain]``),
         ``[grid]``, ``[baseline]``, ``[tune]`` and ``[[cells]]``."""
         return cls.from_dict(read_config_file(path), str(path))
+
+
+AUTO_PREFIX = "auto:"
+#: values of an ``auto:LOW:HIGH`` axis before any refinement
+AUTO_POINTS = 4
+
+
+def round_value(value: float) -> float:
+    """``value`` to 3 significant digits (tuned values that read well: 0.00548, not 0.005477225575)."""
+    return float(f"{value:.3g}")
+
+
+def auto_values(text: str) -> tuple[list[float], tuple[float, float]]:
+    """The values of ``auto:LOW:HIGH[:N]``: N (default 4) log-spaced values from LOW to HIGH, 3 significant digits."""
+    parts = text[len(AUTO_PREFIX):].split(":")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+        n = int(parts[2]) if len(parts) > 2 else AUTO_POINTS
+        if len(parts) > 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ConfigError(f"{text!r}: expected auto:LOW:HIGH or auto:LOW:HIGH:N, e.g. auto:1e-4:1e-2") from None
+    if not (0 < low < high and math.isfinite(high)) or n < 2:
+        raise ConfigError(f"{text!r}: auto:LOW:HIGH[:N] needs 0 < LOW < HIGH and N >= 2 (N log-spaced values from LOW to HIGH)")
+    values = [round_value(low * (high / low) ** (i / (n - 1))) for i in range(n)]
+    return values, (low, high)
 
 
 def axis_path(axis: str) -> str:
