@@ -110,7 +110,7 @@ def forgetting_texts(settings: TrainSettings, tokenizer, block: int, n_blocks: i
         same = [p for p, t in sources.items() if t.info.fingerprint == fp]
         if same:   # the replay keeps the first half of that source, each such reference the second
             rep_docs, held, note = replay.separate(rep_docs, rep_docs, True, f"replay {settings.replay_file} and "
-                                                   f"reference {', '.join(same)}")
+                                                   f"reference {', '.join(same)}", warn=ref_path in same)
             for p in same:
                 documents[p] = (held, f"{fp}:second-half")
             fp = f"{fp}:first-half"

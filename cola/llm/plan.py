@@ -32,8 +32,8 @@ from cola.llm.settings import TrainSettings
 FLOPS_FORMULA = ("per training token: forward 2*(N+N_lora) + backward 2*(N+N_lora) (activation gradients) "
                  "+ 2*N_trainable (weight gradients of trained parameters only), N = parameters outside the "
                  "embeddings; LM head 2*V*d forward and backward only at answer positions (every position for the "
-                 "corpus task); a re-init that probes the gradient at a knot adds its passes as steps; attention's "
-                 "sequence-squared terms left out; evaluation = forward only")
+                 "corpus task and for replay blocks); a re-init that probes the gradient at a knot adds its passes as "
+                 "steps; attention's sequence-squared terms left out; evaluation = forward only")
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,17 @@ def lora_shapes(model, settings: TrainSettings) -> dict[str, tuple[int, int]]:
 
 def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: int,
                 shapes: dict[str, tuple[int, int]], size: ModelSize, sizes: ExampleSize,
-                examples_per_step: int) -> dict[str, Any]:
-    """Knots, rank and trainable parameters of each link, and the estimated training FLOPs."""
+                examples_per_step: int, replay: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Knots, rank and trainable parameters of each link, and the estimated training FLOPs (``replay``: blocks per
+    step and their length, every position through the LM head)."""
     tokens, positions = sizes.train_tokens, sizes.train_positions
     if method == "full":
-        flops = flops_per_example(tokens, positions, size.body, 0, size.body, size.vocab, size.width, True)
+        flops = (flops_per_example(tokens, positions, size.body, 0, size.body, size.vocab, size.width, True)
+                 * examples_per_step + replay[0] * flops_per_example(replay[1], replay[1], size.body, 0, size.body,
+                                                                     size.vocab, size.width, True))
         return {"method": method, "links": 1, "knots": [], "ranks": [], "lr": settings.full_lr,
                 "steps_per_link": [total_steps], "trainable_params": [size.total],
-                "train_flops": [flops * examples_per_step * total_steps], "chain": None}
+                "train_flops": [flops * total_steps], "chain": None}
     config = settings.chain_config(method, total_steps, seed)
     max_rank = min(min(s) for s in shapes.values()) if shapes else None
     try:  # every strategy is built (so bad options are found before anything trains), then the plan
@@ -137,12 +140,21 @@ def method_plan(settings: TrainSettings, method: str, total_steps: int, seed: in
     # charged to the link the knot starts
     probes = [0] + [getattr(strategies["reinit"], "probe_passes", 0)] * (len(steps or [1]) - 1)
     flops = None if steps is None else [
-        flops_per_example(tokens, positions, size.body, t, t, size.vocab, size.width) * examples_per_step * (s + k)
+        (flops_per_example(tokens, positions, size.body, t, t, size.vocab, size.width) * examples_per_step
+         + flops_per_example(replay[1], replay[1], size.body, t, t, size.vocab, size.width) * replay[0]) * (s + k)
         for t, s, k in zip(trainable, steps, probes)]
     knots = list(chain_plan.knots) if chain_plan.knots is not None else None
     return {"method": method, "links": chain_plan.links, "knots": knots, "ranks": list(chain_plan.ranks),
             "lr": settings.lr, "steps_per_link": steps, "trainable_params": trainable, "train_flops": flops,
             "probe_passes_per_knot": probes[-1] if len(probes) > 1 else 0, "chain": config.to_dict()}
+
+
+def _replay_per_step(settings: TrainSettings, task) -> tuple[int, int]:
+    """``(replay blocks per optimizer step, their length)``; ``(0, 0)`` without replay."""
+    pool = (getattr(task, "info", None) or {}).get("replay")
+    if not pool:
+        return 0, 0
+    return pool["blocks_per_micro_batch"] * settings.grad_accum, pool["pool"]["block_length"]
 
 
 def corpus_sizes(block_length: int) -> ExampleSize:
@@ -167,8 +179,8 @@ def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: Exampl
         "max_length": max_length, "tokens_per_example": sizes.train_tokens,
         "positions_per_example": sizes.train_positions, "total_steps": total_steps, "examples_per_step": per_step,
         "epochs": total_steps * per_step / max(1, n_train),
-        "methods": {m: method_plan(settings, m, total_steps, seeds[0], shapes, size, sizes, per_step)
-                    for m in methods},
+        "methods": {m: method_plan(settings, m, total_steps, seeds[0], shapes, size, sizes, per_step,
+                                   _replay_per_step(settings, task)) for m in methods},
     }
     first = splits[seeds[0]]
     n_val, n_test = len(first.validation), len(first.test)

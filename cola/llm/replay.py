@@ -104,20 +104,21 @@ def replay_loss(model, pool: ReplayPool, index: Sequence[int] | np.ndarray) -> t
 
 
 def separate(replay: Sequence[Document], reference: Sequence[Document], same_source: bool,
-             what: str) -> tuple[list[Document], list[Document], str]:
+             what: str, warn: bool = True) -> tuple[list[Document], list[Document], str]:
     """The replay and reference documents, disjoint (see the module doc), and a note on how.
 
     Args:
         replay, reference: the documents of the two sources.
         same_source: both are one source (then it is halved).
         what: the sources, for the warning.
+        warn: warn when one source is halved (the budget's reference is the replay's source); else log it.
     """
     if same_source:
         docs = sorted(replay, key=lambda d: d.name)
         half = len(docs) // 2
         if half == 0:
             raise ConfigError(f"{what}: one document cannot be both replayed and held out as the reference")
-        log.warning("%s: the replay and the reference are the same source: the replay takes the first half of its "
+        (log.warning if warn else log.info)("%s: the replay and the reference are the same source: the replay takes the first half of its "
                     "documents (%d), the reference the second half (%d). Forgetting on text like the replay says "
                     "little about text unlike it: give another --reference-file", what, half, len(docs) - half)
         return docs[:half], docs[half:], f"one source halved: replay the first {half} documents, reference the rest"
