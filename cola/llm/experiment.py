@@ -239,7 +239,8 @@ def output_held(settings: TrainSettings, out: Path):
     never write one run) and has prepared the folder (:func:`prepare_output`), and SIGTERM / SIGINT stop
     the run after its current step (:mod:`cola.llm.stopping`). The lock is released at the end, on an
     error and on a signal."""
-    lock = FolderLock(out, "cola train", settings.take_over_lock)
+    # --resume continues a run whose process was killed: its provably stale lock is taken over (one warning)
+    lock = FolderLock(out, "cola train", settings.take_over_lock, take_stale=settings.resume)
 
     def prepare() -> None:
         lock.acquire()

@@ -5,9 +5,12 @@ started at the same instant exactly one creates it) and holding its owner: pid, 
 start time, when, and the command. It is removed at the end, on an error and on a signal (the
 process unwinds through :meth:`FolderLock.release`). A process that was killed (SIGKILL, out of
 memory, a crashed node) leaves it behind: a *stale* lock, whose pid no longer runs on this host (or
-runs a newer process: the start time differs). A stale lock is reported, never taken silently;
-``take_over=True`` (``--take-over-lock``) takes it over. A live owner is never overridden; a lock
-from another host cannot be checked from here and is taken over only with ``take_over``.
+runs a newer process: the start time differs). A stale lock is never taken silently:
+``take_over=True`` (``--take-over-lock``) takes it over, and so does ``take_stale=True`` (what
+``--resume`` asks for: continuing a killed run is what resuming is for) when the lock is *provably*
+stale, with one warning line, as PostgreSQL does with a dead postmaster's pid file. A live owner is
+never overridden; a lock from another host (or a damaged lock file) cannot be checked from here and
+is taken over only with ``take_over``.
 
 While the lock is held the folder is *held* (:func:`cola.io.hold`): a write beneath it refuses to
 re-create the folder if it vanishes.
@@ -108,10 +111,11 @@ class FolderLock:
         folder: the output folder (created when missing).
         command: what holds it, for the messages of the processes it turns away.
         take_over: take over a stale lock (its process is gone) or one from another host.
+        take_stale: take over a lock that is provably stale (this host, its process gone), with a warning.
     """
 
-    def __init__(self, folder: str | os.PathLike, command: str, take_over: bool = False):
-        self.folder, self.command, self.take_over = Path(folder), command, take_over
+    def __init__(self, folder: str | os.PathLike, command: str, take_over: bool = False, take_stale: bool = False):
+        self.folder, self.command, self.take_over, self.take_stale = Path(folder), command, take_over, take_stale
         self.path = self.folder / LOCK_NAME
         self.owner: Owner | None = None
 
@@ -132,7 +136,8 @@ class FolderLock:
             if other is None and not self.path.exists():
                 continue   # released between the two looks: try again
             alive = other.alive() if other is not None else None   # unknown: only with take_over
-            if alive or not self.take_over:
+            provably_stale = alive is False and self.take_stale
+            if alive or not (self.take_over or provably_stale):
                 raise LockError(self._refusal(other, alive))
             self._take_over(other, me)
             break

@@ -177,7 +177,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
     runner = _Runner(out, loader, progress, max_runs, [])
-    with FolderLock(out, "cola sweep", take_over_lock), stopping.graceful():  # released at the end, on errors, signals
+    with FolderLock(out, "cola sweep", take_over_lock, take_stale=resume), stopping.graceful():  # released at the end, on errors, signals
         _prepare(spec, out, resume)
         return _run_units(spec, out, runner, cells, extra, groups, started)
 

@@ -207,10 +207,8 @@ def test_train_output_folder_unmounted_then_back_resumes(tiny_folder, reference,
     assert f"the output folder {out} is gone" in line and not out.exists()
     os.rename(away, out)
     assert cola.load_checkpoint(out / "runs/cola-seed0/checkpoint.pt")["chain"]["step"] == 2
-    assert cli("-q", "train", "--resume", str(out)) == 2
-    (line,) = error_lines(capsys.readouterr().err)
-    assert "which is no longer running" in line and "--take-over-lock" in line, line
-    assert cli("-q", "train", "--resume", str(out), "--take-over-lock") == 0
+    # the lock the failed process left is provably stale (this host, not held): --resume alone takes it over
+    assert cli("-q", "train", "--resume", str(out)) == 0
     capsys.readouterr()
     assert outcome(out) == reference and leftovers(out) == []
 
@@ -314,10 +312,9 @@ def test_train_on_a_real_full_or_read_only_disk(tiny_folder, reference, disk, mo
     assert [p for p in leftovers(out) if p != LOCK_NAME] == []
     if name == "checkpoint.pt":
         assert cola.load_checkpoint(out / where)["chain"]["step"] == n - 1
-    resume = ["-q", "train", "--resume", str(out)]
+    resume = ["-q", "train", "--resume", str(out)]   # a lock the read-only disk kept is stale: --resume takes it
     if LOCK_NAME in leftovers(out):   # a read-only disk kept the lock file: the message said so
         assert "--take-over-lock" in line, line
-        resume.append("--take-over-lock")
     else:
         assert line.endswith(f"then continue with: cola train --resume {out}"), line
     assert cli(*resume) == 0
@@ -524,6 +521,31 @@ def test_a_live_owner_is_never_overridden(tiny_folder, tmp_path, live_pid, capsy
     (line,) = error_lines(capsys.readouterr().err, command)
     assert f"(pid {live_pid} on host {socket.gethostname()}" in line and "which is still running" in line, line
     assert json.loads((out / LOCK_NAME).read_text()) == planted and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_resume_takes_over_a_provably_stale_lock_with_one_warning_and_nothing_else(tmp_path, dead_pid, live_pid,
+                                                                                    caplog):
+    """``--resume`` (``take_stale``) takes over the lock of a process of this host that no longer runs, with one
+    warning line; a live owner is still refused, and a lock from another host still needs --take-over-lock."""
+    from cola.llm.lock import FolderLock, LockError
+
+    plant_lock(tmp_path, dead_pid)
+    with caplog.at_level("WARNING", logger="cola.llm.lock"):
+        with FolderLock(tmp_path, "cola train", take_stale=True):
+            pass
+    assert [r.getMessage() for r in caplog.records if "took over the stale lock" in r.getMessage()] and \
+        f"pid {dead_pid}" in caplog.text
+    plant_lock(tmp_path, live_pid)
+    with pytest.raises(LockError, match="which is still running"):
+        FolderLock(tmp_path, "cola train", take_stale=True).acquire()
+    owner = plant_lock(tmp_path, dead_pid)
+    owner["host"] = "another-host"
+    (tmp_path / LOCK_NAME).write_text(json.dumps(owner))
+    with pytest.raises(LockError, match="another machine"):
+        FolderLock(tmp_path, "cola train", take_stale=True).acquire()
+    (tmp_path / LOCK_NAME).write_text("")   # damaged: cannot be proved stale either
+    with pytest.raises(LockError, match="unknown owner"):
+        FolderLock(tmp_path, "cola train", take_stale=True).acquire()
 
 
 def test_a_recycled_pid_is_a_stale_lock(tmp_path, live_pid):

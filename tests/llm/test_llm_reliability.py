@@ -338,9 +338,8 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loa
         row = _kill_at(out, point, rng, tmp_path / f"kill{i}.reached")
         _assert_killed_at_its_point(row, checkpoint_steps)
         assert row["stale_lock"] == row["killed"], row
-        # the killed process's lock is stale: --take-over-lock (cola.llm.lock), as the refusal says
-        resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True, take_over_lock=True)),
-                                 loader=loader)
+        # the killed process's lock is provably stale (this host, its pid gone): --resume alone takes it over
+        resumed = run_experiment(TrainSettings(**tiny_fields(out, **KILL_FIELDS, resume=True)), loader=loader)
         row["identical"] = resumed["status"] == "complete" and _same_run(reference, resumed, reference_out, out)
         rows.append(row)
     killed = [r for r in rows if r["killed"]]
