@@ -53,7 +53,7 @@ from cola.llm.experiment import run_experiment
 from cola.llm.lock import FolderLock
 from cola.llm.models import load_model
 from cola.llm.settings import TrainSettings, default_of
-from cola.llm.sweep_cells import Cell, build_cells, effective
+from cola.llm.sweep_cells import KEY_VERSION, Cell, build_cells, effective, run_key
 from cola.llm.sweep_results import aggregate, read_json, run_status
 from cola.llm.sweep_spec import SweepSpec, load_recipe, recipe_names
 from cola.llm.tracking import Naming
@@ -313,9 +313,41 @@ def _prepare(spec: SweepSpec, out: Path, resume: bool) -> None:
             raise ConfigError([f"resume: the base settings differ from the sweep in {out}:"] + diff)
         if old.grid != spec.grid or old.seeds != spec.seeds or old.baseline != spec.baseline:
             log.info("resume: the grid, seeds or baseline changed; finished runs are reused where they match")
+    if saved is not None and saved.get("keys", 1) < KEY_VERSION:
+        migrate_keys(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(saved_path, {"version": SWEEP_VERSION, "cola_version": cola.__version__, "spec": spec.to_dict(),
-                             "updated": datetime.now().isoformat(timespec="seconds")})
+    write_json(saved_path, {"version": SWEEP_VERSION, "keys": KEY_VERSION, "cola_version": cola.__version__,
+                             "spec": spec.to_dict(), "updated": datetime.now().isoformat(timespec="seconds")})
+
+
+def migrate_keys(out: Path) -> dict[str, str]:
+    """Rename the run folders of a sweep written with an older :func:`run_key` to their keys now, computed from
+    each run's own ``settings.json``; returns ``{old: new}``. A run (seed) already under its new key is kept
+    there and the old copy left in place (logged); nothing is recomputed."""
+    moved: dict[str, str] = {}
+    for folder in sorted(p for p in (out / "runs").glob("*") if p.is_dir()) if (out / "runs").is_dir() else []:
+        saved = next((p / "settings.json" for p in sorted(folder.glob("seed*")) if (p / "settings.json").is_file()),
+                     None)
+        if saved is None:
+            continue
+        new = run_key(TrainSettings.load(saved))
+        if new == folder.name:
+            continue
+        target = out / "runs" / new
+        for seed_dir in sorted(folder.glob("seed*")):
+            if (target / seed_dir.name).exists():
+                log.warning("migrating %s: %s/%s is also under its new key %s; the old copy is left in place", out,
+                            folder.name, seed_dir.name, new)
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(seed_dir, target / seed_dir.name)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        moved[folder.name] = new
+    if moved:
+        log.info("%s: %d run folders renamed to this version's run keys (chain values at their default no longer "
+                 "make another run)", out, len(moved))
+    return moved
 
 
 def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path,

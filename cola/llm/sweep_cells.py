@@ -17,7 +17,7 @@ from typing import Any
 import cola
 from cola.errors import ConfigError
 from cola.llm.config_files import merge
-from cola.llm.settings import TrainSettings, default_of
+from cola.llm.settings import CHAIN_DEFAULTS, CHAIN_DERIVED, TrainSettings, default_of
 from cola.llm.sweep_spec import SweepSpec, label_of, set_path
 
 #: what a sweep's runs default to (each run's adapters and plots are rarely wanted; flags win)
@@ -85,13 +85,49 @@ def effective(settings: TrainSettings) -> TrainSettings:
     return s.replace(method="lora", links=default_of("links"), rank=plan.ranks[0], chain=chain)
 
 
+#: the version of :func:`run_key` (kept in ``sweep.json``; a resumed sweep of an older one is migrated once)
+KEY_VERSION = 2
+
+
+def _chain_defaults() -> dict[str, Any]:
+    """The value every ``chain`` field has when it is left out (``cola train``'s defaults, then ChainConfig's)."""
+    from dataclasses import MISSING, fields
+
+    found = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
+             for f in fields(cola.ChainConfig) if f.name not in CHAIN_DERIVED}
+    return {**found, **CHAIN_DEFAULTS}
+
+
+def identity_chain(settings: TrainSettings) -> dict[str, Any]:
+    """``settings.chain`` without the values that equal what leaving them out gives (``reinit = "lora"``,
+    ``lr_policy = "continue"``, an empty options table, ...), so that writing a default does not make another
+    run. ``links`` is kept unless it equals the run's ``links`` (the chain's wins), ``merge_policy`` when
+    ``knots`` are given (they choose the knots policy only when it is left out)."""
+    defaults = _chain_defaults()
+    kept = {}
+    for key, value in settings.chain.items():
+        if key == "links":
+            same = value == settings.links
+        elif key == "merge_policy" and settings.chain.get("knots") is not None:
+            same = False
+        else:
+            same = key in defaults and value == defaults[key]
+        if not same:
+            kept[key] = value
+    return kept
+
+
 def run_key(settings: TrainSettings) -> str:
     """A short hash of what :func:`effective` ``settings`` compute.
 
     Settings at their default are left out, so that a setting added in a later version (at a
-    default that keeps the old behaviour) does not change the keys of finished runs.
+    default that keeps the old behaviour) does not change the keys of finished runs; so are chain values
+    equal to their default (:func:`identity_chain`): a recipe that spells out ``reinit = "lora"`` shares
+    the runs of one that does not. (Version 1 kept them: ``sweep.json`` records the version, and
+    :func:`cola.llm.sweep.migrate_keys` renames an older sweep's run folders once.)
     """
-    data = {k: v for k, v in effective(settings).to_dict().items()
+    s = effective(settings)
+    data = {k: v for k, v in s.replace(chain=identity_chain(s)).to_dict().items()
             if k not in _NOT_IDENTITY and v != default_of(k)}
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

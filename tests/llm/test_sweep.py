@@ -18,7 +18,8 @@ from cola.errors import ConfigError
 from cola.llm import stats
 from cola.llm.experiment import run_experiment
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_cells import build_cells, effective, expand
+from cola.llm.sweep_cells import build_cells, effective, expand, run_key
+from cola.llm.settings import TrainSettings
 from cola.llm.sweep_results import run_status
 from cola.llm.sweep_spec import SweepSpec, axis_path, load_recipe, recipe_names
 
@@ -379,3 +380,33 @@ def test_run_keys_ignore_settings_at_their_default():
     plain = TrainSettings(**TINY)
     assert run_key(plain) == run_key(plain.replace(fsdp=False, weight_decay=0.0, dropout=0.0))
     assert run_key(plain) != run_key(plain.replace(weight_decay=0.1))
+
+
+def test_a_chain_value_at_its_default_gives_the_run_key_of_leaving_it_out():
+    base = TrainSettings(**{**TINY, "method": "cola", "links": 2})
+    assert run_key(base) == run_key(base.replace(chain={"reinit": "lora", "lr_policy": "continue",
+                                                        "optimizer_policy_options": {}, "diagnostics": True}))
+    assert run_key(base) == run_key(base.replace(chain={"links": 2}))        # the run's own links
+    assert run_key(base) != run_key(base.replace(chain={"links": 3}))        # the chain's links win
+    assert run_key(base) != run_key(base.replace(chain={"reinit": "pissa"}))
+    knots = base.replace(chain={"knots": [2]})
+    assert run_key(knots) != run_key(knots.replace(chain={"knots": [2], "merge_policy": "even"}))
+
+
+def test_a_sweep_of_the_older_run_keys_is_migrated_once_and_nothing_is_rerun(tmp_path, loader):
+    s = spec(settings={**TINY, "chain": {"reinit": "lora"}}, grid={"links": [1, 2]}, seeds=[0])
+    out = tmp_path / "old"
+    first = run_sweep(s, out, loader=loader)
+    stamps = {}
+    for i, folder in enumerate(sorted((out / "runs").iterdir())):   # as an older version named them
+        old = out / "runs" / f"oldkey{i:06d}"
+        folder.rename(old)
+        stamps[old.name] = (old / "seed0" / "results.json").stat().st_mtime_ns
+    saved = json.loads((out / "sweep.json").read_text())
+    saved.pop("keys")
+    (out / "sweep.json").write_text(json.dumps(saved))
+    again = run_sweep(s, out, loader=loader, resume=True)
+    assert again["status"] == "complete" and json.loads((out / "sweep.json").read_text())["keys"] == 2
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(c["key"] for c in first["cells"])
+    assert sorted(p.stat().st_mtime_ns for p in (out / "runs").glob("*/seed0/results.json")) == sorted(stamps.values())
+    assert [c["scores"] for c in again["cells"]] == [c["scores"] for c in first["cells"]]
