@@ -52,7 +52,7 @@ def _as_float(loss: torch.Tensor | float | None) -> float | None:
     return None if loss is None else float(loss)
 
 
-class Chain:
+class Chain(guard.Guarded):
     """Chain of LoRA: train a link, tie a knot (merge + restart), repeat.
 
     Args:
@@ -166,16 +166,6 @@ class Chain:
         self._repoint_optimizer()
 
     # ------------------------------------------------------------------ training
-    @property
-    def nonfinite_steps(self) -> int:
-        """Steps skipped because the loss or a gradient was not finite (reads the device)."""
-        return self.counts.read()[0]
-
-    @property
-    def nonfinite_in_row(self) -> int:
-        """Of them, the current run of consecutive ones (reads the device)."""
-        return self.counts.read()[1]
-
     def _step_info(self, loss: float | None = None) -> StepInfo:
         return StepInfo(self.step_count, self.config.total_steps, self.link, self.last_knot, loss)
 
@@ -209,15 +199,7 @@ class Chain:
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * factor
         try:
-            if self.config.skip_nonfinite:
-                device = self.params[0].device if self.params else torch.device("cpu")
-                found = guard.found_inf(loss, [p.grad for p in self.params if p.grad is not None], device)
-                guard.step_unless(self.optimizer, self.params, found)
-                self.counts.add(found)
-            else:
-                found = False
-                self.optimizer.step()
-                self.counts.taken()
+            found = self.guarded_step(loss, self.config.skip_nonfinite)
         finally:
             for group, lr in zip(self.optimizer.param_groups, saved):
                 group["lr"] = lr

@@ -132,3 +132,37 @@ class Counts:
 
     def set(self, total: int, in_row: int = 0) -> None:
         self.total, self.in_row = int(total), int(in_row)
+
+
+class Guarded:
+    """The non-finite step handling that :class:`cola.Chain` and ``cola train``'s full fine-tuning share: an
+    optimizer step skipped on the device when the loss or a gradient of ``params`` is not finite, and the
+    counts of skipped steps. A subclass sets ``optimizer``, ``params`` and ``counts`` (a :class:`Counts`)."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    counts: Counts
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because the loss or a gradient was not finite (reads the device)."""
+        return self.counts.read()[0]
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        """Of them, the current run of consecutive ones (reads the device)."""
+        return self.counts.read()[1]
+
+    def guarded_step(self, loss: torch.Tensor | float | None, skip_nonfinite: bool = True) -> torch.Tensor | bool:
+        """``optimizer.step()``, skipped where the loss or a gradient is not finite (decided on the device,
+        nothing read back); the skip flag, counted. ``skip_nonfinite=False``: a plain step (flag False)."""
+        if not skip_nonfinite:
+            self.optimizer.step()
+            self.counts.taken()
+            return False
+        device = self.params[0].device if self.params else torch.device("cpu")
+        found = found_inf(loss, [p.grad for p in self.params if p.grad is not None], device)
+        step_unless(self.optimizer, self.params, found)
+        self.counts.add(found)
+        return found
+

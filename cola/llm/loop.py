@@ -63,10 +63,10 @@ class StepBudget:
             self.left -= 1
 
 
-class FullFineTuning:
+class FullFineTuning(guard.Guarded):
     """Full fine-tuning (AdamW over every weight, the chain's base LR schedule) with the chain's step
-    interface, including its non-finite guard: a step whose loss or gradients are not finite leaves
-    the weights alone, is counted, and (as in the chain) still counts as a step of the schedule."""
+    interface and its non-finite guard (:class:`cola.guard.Guarded`, the same code): a step whose loss or
+    gradients are not finite leaves the weights alone, is counted, and still counts as a step of the schedule."""
 
     history: tuple = ()   # no knots: the chain's attributes the loop reads
     link = 0
@@ -85,24 +85,13 @@ class FullFineTuning:
         self.step_count = 0
         self.counts = guard.Counts()   # skipped steps, on the device until read
 
-    @property
-    def nonfinite_steps(self) -> int:
-        return self.counts.read()[0]
-
-    @property
-    def nonfinite_in_row(self) -> int:
-        return self.counts.read()[1]
-
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self, loss: torch.Tensor | float) -> Verdict:
         """The optimizer step unless the loss or a gradient is not finite, decided on the device
         (:mod:`cola.guard`): nothing is read back; the :class:`~cola.guard.Verdict` holds the flag."""
-        device = self.params[0].device if self.params else torch.device("cpu")
-        found = guard.found_inf(loss, [p.grad for p in self.params if p.grad is not None], device)
-        guard.step_unless(self.optimizer, self.params, found)
-        self.counts.add(found)
+        found = self.guarded_step(loss)
         self.scheduler.step()
         self.step_count += 1
         return Verdict(found)

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import cola
@@ -91,8 +91,6 @@ KEY_VERSION = 2
 
 def _chain_defaults() -> dict[str, Any]:
     """The value every ``chain`` field has when it is left out (``cola train``'s defaults, then ChainConfig's)."""
-    from dataclasses import MISSING, fields
-
     found = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
              for f in fields(cola.ChainConfig) if f.name not in CHAIN_DERIVED}
     return {**found, **CHAIN_DEFAULTS}
