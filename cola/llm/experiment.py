@@ -35,7 +35,7 @@ from cola.llm import divergence, report, stopping
 from cola.llm.artifacts import save_outputs
 from cola.llm.corpus import special_ids
 from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, StartPoint, zero_shot
-from cola.llm.host import Loader, ModelHost, default_loader, meta_model
+from cola.llm.host import Loader, ModelHost, default_loader, meta_model, plan_settings
 from cola.llm.inputs import ForgettingTexts, build_task, load_corpus_data, load_data, load_facts_data
 from cola.llm.lock import FolderLock
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
@@ -114,7 +114,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     inputs = prepare_inputs(settings, model, tokenizer)
     sizes = (corpus_sizes(inputs.max_length) if settings.task == CORPUS
              else example_sizes(inputs.encoded[settings.seeds[0]], settings.objective))
-    plan = build_plan(settings, model, inputs.task, inputs.splits, sizes, inputs.max_length, inputs.total_steps)
+    plan = build_plan(plan_settings(settings, host.adapter if host is not None else None), model, inputs.task,
+                      inputs.splits, sizes, inputs.max_length, inputs.total_steps)
     if settings.dry_run:
         return {"dry_run": True, "settings": settings.to_dict(), "plan": plan, "flops_formula": FLOPS_FORMULA}
     world = cd.world_size() if device is not None else 1

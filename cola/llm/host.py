@@ -43,6 +43,25 @@ def adapter_base(name_or_path: str) -> str | None:
     return base
 
 
+def plan_settings(settings: TrainSettings, adapter: dict[str, Any] | None = None) -> TrainSettings:
+    """The settings a run's plan counts with: for ``--model`` a PEFT adapter folder, the adapter's own targets,
+    rank and alpha (the chain continues it: ``--rank`` and ``--targets`` do not apply), from its layers once
+    loaded (``adapter``, :meth:`ModelHost.get`) or else from its ``adapter_config.json``; otherwise ``settings``.
+    An adapter whose layers have different ranks (a ``rank_pattern``) is counted at its largest."""
+    if adapter:
+        first = next(iter(adapter.values()))
+        return settings.replace(targets=sorted(adapter), rank=max(a.A.shape[0] for a in adapter.values()),
+                                alpha=float(first.alpha))
+    path = Path(settings.model) / "adapter_config.json"
+    if not path.is_file():
+        return settings
+    config = json.loads(path.read_text())
+    targets = config.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else sorted(targets) if targets else settings.targets
+    ranks = [config.get("r", settings.rank), *(config.get("rank_pattern") or {}).values()]
+    return settings.replace(targets=targets, rank=int(max(ranks)), alpha=float(config.get("lora_alpha", settings.alpha)))
+
+
 def load_adapter_model(folder: str, dtype=None, device=None, attn: str | None = None) -> tuple[Any, Any]:
     """A PEFT adapter folder as a trainable ``PeftModel`` over its base (:func:`cola.llm.load_model`); the
     tokenizer is the adapter folder's when it has one, else the base's."""

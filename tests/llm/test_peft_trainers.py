@@ -228,3 +228,28 @@ def test_trainer_with_a_peft_model_resumes_from_a_checkpoint_exactly(tmp_path, t
     torch.testing.assert_close(logits(resumed, ids), logits(whole, ids), atol=1e-6, rtol=1e-6)
     resumed.save_pretrained(tmp_path / "adapter")
     check_saved(tmp_path / "adapter", base, ids, logits(whole, ids), rank=6)
+
+
+def test_the_plan_of_an_adapter_folder_counts_its_own_rank_and_targets(tmp_path, tok, make_model):
+    """``--model`` a PEFT adapter folder (r=2 on v_proj only): the plan's trainable parameters per link are the
+    adapter's, loaded or in a dry run, whatever --rank and --targets say."""
+    from cola.llm.experiment import run_experiment
+    from cola.llm.settings import TrainSettings
+
+    fixtures = Path(__file__).parent / "fixtures"
+    make_model("opt").save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    start = peft.get_peft_model(make_model("opt"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
+    start.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    start.save_pretrained(tmp_path / "start")
+    hidden = make_model("opt").config.hidden_size
+    expected = 2 * (hidden + hidden) * 2          # r x (in + out), 2 layers of v_proj
+    common = dict(model=str(tmp_path / "start"), task="sst2", data_dir=str(fixtures), n_train=6, n_val=2, n_test=4,
+                  steps=4, batch_size=2, eval_batch_size=4, links=2, rank=8, targets=["q_proj", "v_proj"],
+                  plots=False, log_every=1)
+    dry = run_experiment(TrainSettings(**common, dry_run=True, output_dir=str(tmp_path / "dry")))
+    assert dry["plan"]["methods"]["cola"]["trainable_params"] == [expected, expected]
+    assert dry["plan"]["methods"]["cola"]["ranks"] == [2, 2] and dry["plan"]["model"]["lora_targets"] == ["v_proj"]
+    run = run_experiment(TrainSettings(**common, output_dir=str(tmp_path / "run")))
+    assert run["plan"]["methods"]["cola"]["trainable_params"] == [expected, expected]
+    assert run["runs"][0]["trainable_params"] == expected
