@@ -24,6 +24,10 @@ over the merged base), and at ``on_train_end`` the model is a correct PeftModel 
 base weights, one adapter holding the whole chain), so ``trainer.save_model()`` and
 ``model.save_pretrained`` write an adapter that ``PeftModel.from_pretrained(original_base, dir)``
 turns into the trained model. ``load_best_model_at_end`` is refused for a PeftModel.
+
+A second ``trainer.train()`` of the same Trainer is refused with what to do instead: a new Trainer on the saved
+adapter (``PeftModel.from_pretrained(base, dir, is_trainable=True)``, whose adapter is the new chain's first
+link), or for a bare model on ``cola.merge_and_unload(model)`` (the chain folded into its weights).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class ColaCallback(TrainerCallback):
         self.chain_settings = chain
         self.plugin_manager = plugin_manager
         self.chain: Chain | None = None
+        self._ended = False   #: the chain of this callback's Trainer has ended (a second train() is refused)
         self._saved_lrs: list[float] | None = None
         self._knots_logged = 0
         self._pending: dict[str, float] = {}   #: the metrics of knots not yet in a log event
@@ -103,6 +108,7 @@ class ColaCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._report_first()
+        self.chain, self._ended = None, False   # a new Trainer (this callback may be handed to another one)
         if model is not None and is_peft_model(model):   # before the Trainer builds its optimizer
             attach_peft(model, self.chain_settings.get("record_links", True))
             log.info("ColaCallback: a PeftModel, whose LoraConfig decides the ranks and targets")
@@ -112,6 +118,8 @@ class ColaCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is None or model is None:
             raise ConfigError("ColaCallback needs the Trainer's model and optimizer at on_train_begin")
+        if self._ended:
+            raise ConfigError(self._second_train(model))
         if is_peft_model(model) and getattr(args, "load_best_model_at_end", False):
             raise ConfigError("ColaCallback: load_best_model_at_end with a PeftModel would load a checkpoint's "
                               "adapter (over the original base) into the merged chain; turn it off")
@@ -175,5 +183,19 @@ class ColaCallback(TrainerCallback):
                 self.chain.peft.save_adapter(self.chain, folder)   # the whole chain, over the original base
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._ended = self.chain is not None
         if self.chain is not None and self.chain.peft is not None and not self.chain.peft.finished:
             to_peft(self.chain)   # a correct PeftModel again, for save_model() and the rest of the script
+
+    @staticmethod
+    def _second_train(model) -> str:
+        """Why a second ``train()`` of the same Trainer cannot continue the chain, and what does."""
+        if is_peft_model(model):
+            return ("ColaCallback: a second trainer.train() cannot continue the chain: the first one ended it "
+                    "(on_train_end gave the PeftModel back, one adapter holding the whole chain over the original "
+                    "base) and this Trainer's optimizer holds the parameters it trained, so it would train nothing. "
+                    "To continue: trainer.save_model(DIR), then a new Trainer on PeftModel.from_pretrained(base, DIR, "
+                    "is_trainable=True) with ColaCallback(...): that adapter is its first link")
+        return ("ColaCallback: a second trainer.train() cannot continue the chain: a new chain would re-initialise "
+                "the LoRA factors the first one trained (its live link). To continue: cola.merge_and_unload(model) "
+                "(the chain folded into the weights), then a new Trainer with ColaCallback(...)")

@@ -253,3 +253,35 @@ def test_the_plan_of_an_adapter_folder_counts_its_own_rank_and_targets(tmp_path,
     run = run_experiment(TrainSettings(**common, output_dir=str(tmp_path / "run")))
     assert run["plan"]["methods"]["cola"]["trainable_params"] == [expected, expected]
     assert run["runs"][0]["trainable_params"] == expected
+
+
+@pytest.mark.parametrize("kind", ["peft", "bare"])
+def test_a_second_train_is_refused_and_a_new_trainer_continues_the_chain(tmp_path, tok, ids, base, kind):
+    """The same Trainer's second train() would train nothing (PEFT: its optimizer holds the parameters the
+    conversion replaced) or drop the live link (bare): refused, saying what works. A new Trainer on the saved
+    adapter (PEFT) or on the merged model (bare) continues: its first link starts where the first chain ended,
+    and what it saves over the original base is the twice-trained model."""
+    first = peft.get_peft_model(base(), peft.LoraConfig(**LORA)) if kind == "peft" else base()
+    trainer = transformers.Trainer(model=first, args=transformers.TrainingArguments(**common_args(tmp_path)),
+                                   train_dataset=Texts(tok), callbacks=[cola.integrations.ColaCallback(links=3, rank=2,
+                                                                                                        alpha=4)])
+    trainer.train()
+    after_one, loss_one = logits(first, ids), text_loss(first, tok)
+    with pytest.raises(cola.ConfigError, match="a second trainer.train\\(\\) cannot continue the chain"):
+        trainer.train()
+    torch.testing.assert_close(logits(first, ids), after_one)          # refused before anything changed
+    if kind == "peft":
+        trainer.save_model(str(tmp_path / "one"))
+        second = peft.PeftModel.from_pretrained(base(), tmp_path / "one", is_trainable=True)
+    else:
+        second = cola.merge_and_unload(first)
+    torch.testing.assert_close(logits(second, ids), after_one, atol=1e-5, rtol=1e-5)   # it starts where it ended
+    args = transformers.TrainingArguments(**dict(common_args(tmp_path), output_dir=str(tmp_path / "two")))
+    callback = cola.integrations.ColaCallback(links=2, rank=2, alpha=4)
+    again = transformers.Trainer(model=second, args=args, train_dataset=Texts(tok), callbacks=[callback])
+    again.train()
+    assert [r.step for r in callback.chain.history] == [3]
+    assert text_loss(second, tok) < loss_one                                       # it went on learning
+    if kind == "peft":
+        again.save_model(str(tmp_path / "two-adapter"))
+        check_saved(tmp_path / "two-adapter", base, ids, logits(second, ids), rank=6 * 2)
