@@ -38,22 +38,40 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_adaptable(m)}
 
 
+#: the default targets of a model whose language model sits beside other towers (Gemma 3's vision tower): a
+#: regex of the layer name under its ``language_model``
+LANGUAGE_MODEL_PATTERN = r"(.*\.)?language_model\.(.*\.)?{leaf}"
+
+
+def _in_language_model(name: str) -> bool:
+    return name.startswith("language_model.") or ".language_model." in name
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
     """The attention's query and value projections (q_proj, v_proj: the paper's) or the fused one that
     holds them (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``), from :data:`FAMILY_TARGETS` or the model's own
-    module names; a model with none of these gets every Linear / Conv1D but ``lm_head``."""
+    module names; a model with none of these gets every Linear / Conv1D but ``lm_head``. A multimodal model
+    (a ``language_model`` beside a vision tower, as Gemma 3's) gets them in its language model only
+    (:data:`LANGUAGE_MODEL_PATTERN`)."""
     layers = _adaptable(model)
+    language = {n: m for n, m in layers.items() if _in_language_model(n)}
+    if language and len(language) < len(layers):   # a multimodal model (Gemma 3): LoRA on its language model only
+        layers = language
     leaves = {n.split(".")[-1] for n in layers}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILY_TARGETS.get(model_type)
+
+    def scoped(names) -> list[str]:
+        return [LANGUAGE_MODEL_PATTERN.format(leaf=n) for n in names] if layers is language else list(names)
+
     if family is not None and set(family) <= leaves:
-        return list(family)
+        return scoped(family)
     for names in _ATTENTION_NAMES:
         if set(names) <= leaves:
             if family is not None:
                 log.warning("model type %r has no %s layers: LoRA defaults to %s", model_type,
                             "/".join(family), "/".join(names))
-            return list(names)
+            return scoped(names)
     names = [n for n in layers if n.split(".")[-1] != "lm_head"]
     if not names:
         raise ConfigError(f"{type(model).__name__} has no {ADAPTABLE} layer to put LoRA on")

@@ -47,12 +47,14 @@ DTYPES: dict[str, torch.dtype | str] = {
 }
 """Accepted dtype names; ``"auto"`` keeps the dtype stored with the checkpoint."""
 
-SUPPORTED_FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                      "gpt2", "olmo2")
+SUPPORTED_FAMILIES = ("opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3",
+                      "phi3", "gpt2", "olmo2")
 """Model families (``config.model_type``) this layer is tested for: exactly the families of the
 parametrised test ``tests/llm/test_families.py`` (train, PEFT export and round trip, merged model),
 which checks that the two lists agree. ``gemma3_text`` is Gemma 3's text-only causal LM
-(``Gemma3ForCausalLM``); tied embeddings (Gemma, GPT-2), Gemma 2's logit soft-capping and
+(``Gemma3ForCausalLM``), ``gemma3`` the whole model with its vision tower (``Gemma3ForConditionalGeneration``,
+what ``AutoModelForCausalLM`` loads from a Gemma 3 checkpoint): the language model trains and exports, LoRA
+stays off the vision tower (its default targets are under ``language_model``); tied embeddings (Gemma, GPT-2), Gemma 2's logit soft-capping and
 sliding-window attention (Mistral, Gemma 2 and 3) need nothing special: LoRA stays off the tied
 LM head (:func:`cola.inject_lora` refuses it) and the rest is the model's own forward."""
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ FAMILIES: dict[str, tuple[str, str, dict, list[str]]] = {
                ["q_proj", "v_proj"]),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_DECODER, head_dim=8, sliding_window=6),
                     ["q_proj", "v_proj"]),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration",
+               dict(text_config=dict(_DECODER, head_dim=8, sliding_window=6),
+                    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+                    mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7),
+               [r"(.*\.)?language_model\.(.*\.)?q_proj", r"(.*\.)?language_model\.(.*\.)?v_proj"]),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER), ["qkv_proj"]),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2, resid_pdrop=0.0,
@@ -59,7 +66,7 @@ FAMILIES: dict[str, tuple[str, str, dict, list[str]]] = {
              ["c_attn"]),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_DECODER), ["q_proj", "v_proj"]),
 }
-TIED = ("gemma", "gemma2", "gemma3_text", "gpt2")
+TIED = ("gemma", "gemma2", "gemma3_text", "gemma3", "gpt2")
 
 
 def test_the_tested_families_are_this_tests_list():
@@ -72,7 +79,11 @@ def build(family: str, vocab_size: int, seed: int = 0):
     if not (hasattr(transformers, config_name) and hasattr(transformers, model_name)):
         pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
     torch.manual_seed(seed)
-    config = getattr(transformers, config_name)(vocab_size=vocab_size, **kwargs)
+    if "text_config" in kwargs:   # a multimodal config: the vocabulary is its language model's
+        kwargs = {**kwargs, "text_config": {**kwargs["text_config"], "vocab_size": vocab_size}}
+        config = getattr(transformers, config_name)(**kwargs)
+    else:
+        config = getattr(transformers, config_name)(vocab_size=vocab_size, **kwargs)
     model = getattr(transformers, model_name)(config).eval()
     assert model.config.model_type == family
     return model
@@ -124,7 +135,9 @@ def test_family_trains_exports_and_round_trips(family, tmp_path, tok, caplog):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 2 * settings.rank                        # the whole chain: both links
     assert config["fan_in_fan_out"] is (family == "gpt2")          # GPT-2's Conv1D weights are in x out
-    assert sorted({m.rsplit(".", 1)[-1] for m in config["target_modules"]}) == sorted(targets)
+    leaves = sorted(re.sub(r".*[^A-Za-z0-9_]", "", t) for t in targets)   # a pattern's layer name
+    assert sorted({m.rsplit(".", 1)[-1] for m in config["target_modules"]}) == leaves
+    assert not any("vision" in m for m in config["target_modules"])   # Gemma 3: its language model only
     assert len(config["target_modules"]) == 2 * len(targets)      # two layers
 
     original = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -146,12 +159,13 @@ def _check_quirks(family, folder, merged, ids, logits):
     config = merged.config
     if getattr(config, "final_logit_softcapping", None):           # Gemma 2: logits within +-cap
         assert logits.abs().max() < config.final_logit_softcapping
-    window = getattr(config, "sliding_window", None)
+    text = getattr(config, "text_config", None) or config                # Gemma 3: its language model's window
+    window = getattr(text, "sliding_window", None)
     if window is not None:                                          # a window narrower than the input: it matters
         assert window < ids.shape[1]
         load = transformers.AutoModelForCausalLM.from_pretrained
         wide = transformers.AutoConfig.from_pretrained(folder)
-        wide.sliding_window = 4 * ids.shape[1]
+        (getattr(wide, "text_config", None) or wide).sliding_window = 4 * ids.shape[1]
         windowed, unwindowed = load(folder, dtype=torch.float32), load(folder, config=wide, dtype=torch.float32)
         assert (_logits(windowed.eval(), ids) - _logits(unwindowed.eval(), ids)).abs().max() > 1e-3
     if family in TIED:                                              # the merged head is still the embedding
