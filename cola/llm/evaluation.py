@@ -224,20 +224,49 @@ class FactsEvaluator(_ReferenceScoring):
     of the facts and of their paraphrases, which facts were recalled, and the reference text's loss
     (forgetting) and KL to the start; the same call signature as :class:`Evaluator`.
 
-    Under torchrun every rank scores every fact (the same numbers on each: the facts are short, and
-    under FSDP every forward is a collective that all ranks join anyway)."""
+    Under torchrun the facts, the paraphrases and the reference blocks are split over the ranks (each scores a
+    contiguous slice; under FSDP a rank with fewer batches runs a filler one, since every forward is a
+    collective) and the scores gathered: the same numbers on every rank, and as one process gives."""
 
     settings: TrainSettings
     eos_id: int
     start: StartPoint | None = None
 
+    def answers(self, model, encoded, pad: int) -> facts.AnswerScores:
+        """:func:`cola.llm.facts.score_answers` of ``encoded``, split over the ranks when data-parallel."""
+        size = self.settings.eval_batch_size
+        if not cd.is_distributed():
+            return as_forward(model, lambda: facts.score_answers(model, encoded, size, pad))
+        import torch.distributed as dist
+
+        mine = cd.shard(list(range(len(encoded))))
+        fillers = (math.ceil(max(cd.shard_sizes(len(encoded))) / size) - math.ceil(len(mine) / size)
+                   if is_sharded(model) else 0)
+
+        def score() -> facts.AnswerScores:   # under FSDP as many forwards on every rank, in one root forward
+            scores = facts.score_answers(model, [encoded[i] for i in mine], size, pad)
+            for _ in range(fillers):
+                facts.score_answers(model, encoded[:1], size, pad)
+            return scores
+
+        part = as_forward(model, score)
+        gathered: list[Any] = [None] * cd.world_size()
+        dist.all_gather_object(gathered, (mine, part.n_tokens, part.n_correct, part.nll))
+        n_tokens = torch.zeros(len(encoded), dtype=torch.long)
+        n_correct = torch.zeros(len(encoded), dtype=torch.long)
+        nll = torch.zeros(len(encoded), dtype=torch.float64)
+        for index, tokens, correct, loss in gathered:
+            if index:
+                n_tokens[index], n_correct[index], nll[index] = tokens, correct, loss
+        return facts.AnswerScores(n_tokens, n_correct, nll)
+
     def __call__(self, model, tokenizer, evalset, what: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        size, pad = self.settings.eval_batch_size, tokenizer.pad_token_id or 0
-        scores = as_forward(model, lambda: facts.score_answers(model, evalset.encoded, size, pad))
+        pad = tokenizer.pad_token_id or 0
+        scores = self.answers(model, evalset.encoded, pad)
         result = {**facts.answer_metrics(scores), "recalled": facts.recalled_text(scores)}
         if evalset.paraphrases:
-            para = as_forward(model, lambda: facts.score_answers(model, evalset.paraphrases, size, pad))
+            para = self.answers(model, evalset.paraphrases, pad)
             result.update(facts.answer_metrics(para, "paraphrase_"))
         result.update(self.references(model, evalset))
         result["seconds"] = time.perf_counter() - t0

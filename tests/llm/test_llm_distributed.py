@@ -90,10 +90,23 @@ def _corpus_common(root: Path) -> dict:
                 threads=1)
 
 
+def _facts_common(root: Path) -> dict:
+    """The facts task on the same tiny Llama: 9 invented facts (3 a micro-batch; scored 5 and 4 per rank, in batches of 2: rank 1 runs a
+    filler batch under FSDP), their 18 paraphrases, a reference text, and a replay text replayed as KL to the
+    start (2 blocks a micro-batch: one per rank)."""
+    (root / "facts-reference.txt").write_text("\n\n".join(f"It was great. Yes {i}." for i in range(60)))
+    (root / "facts-replay.txt").write_text("\n\n".join(f"Maybe it was good, no {i}." for i in range(60)))
+    return dict(model="tiny-llama", task="facts", train_file="synthetic:9", reference_file=str(root / "facts-reference.txt"),
+                replay_file=str(root / "facts-replay.txt"), replay_loss="kl", replay_ratio=0.5, replay_blocks=16,
+                n_test=7, steps=6, batch_size=3, eval_batch_size=2, links=3, rank=2, alpha=4.0, lr=3e-2, plots=False,
+                log_every=1, threads=1)
+
+
 def _torchrun(args: list[str], timeout: float = 150.0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent.parent)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line and "File " not in line)
+    assert proc.returncode == 0, errors[-4000:] + "\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -124,6 +137,7 @@ def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist-llm")
     common = _common(_reviews(root / "reviews.jsonl"))
     corpus = _corpus_common(root)
+    facts = _facts_common(root)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     # a 1-rank run stopped after 3 steps, to be resumed on 2 ranks
@@ -142,6 +156,8 @@ def launched(tmp_path_factory):
         {**corpus, "output_dir": str(root / "corpus-ddp")},
         {**corpus, "output_dir": str(root / "corpus-fsdp"), "fsdp": True},
         {**common, "output_dir": str(root / "ddp"), "_expect_error": True},   # already holds a run
+        {**facts, "output_dir": str(root / "facts-ddp")},
+        {**facts, "output_dir": str(root / "facts-fsdp"), "fsdp": True},
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
     t1 = time.perf_counter()
@@ -149,13 +165,14 @@ def launched(tmp_path_factory):
     launch_s = time.perf_counter() - t1
     res = torch.load(root / "result.pt", weights_only=False)
     names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "ddp_ckpt", "fsdp_ckpt", "corpus_ddp",
-             "corpus_fsdp", "refused"]
+             "corpus_fsdp", "refused", "facts_ddp", "facts_fsdp"]
     out = dict(zip(names, res["jobs"]), root=root, common=common, proc=proc, raw=res)
     # the one-process references
     out["ref"], out["ref_weights"] = script.run({**compare, "output_dir": str(root / "ref")})
     out["cola_ref"], out["cola_ref_weights"] = script.run({**common, "output_dir": str(root / "cola-ref")})
     out["full_ref"], out["full_ref_weights"] = script.run({**full, "output_dir": str(root / "full-ref")})
     out["corpus_ref"], out["corpus_ref_weights"] = script.run({**corpus, "output_dir": str(root / "corpus-ref")})
+    out["facts_ref"], out["facts_ref_weights"] = script.run({**facts, "output_dir": str(root / "facts-ref")})
     out["resumed_here"], out["resumed_here_weights"] = script.run(
         {**common, "output_dir": str(root / "two-then-one"), "resume": True})
     print(f"\n[dist-llm] torchrun launch ({len(jobs)} jobs, 2 ranks): {launch_s:.1f} s; "
@@ -205,6 +222,28 @@ def test_the_corpus_task_on_two_ranks_matches_one_rank(launched, job):
     assert mine["knots"] == [2, 4] and [c["after_link"] for c in mine["curve"]] == [0, 1, 2, 3]
     assert ppl_diff < TOL and abs(mine["test"]["forgetting"] - theirs["test"]["forgetting"]) < TOL
     assert mine["test"]["tokens"] == theirs["test"]["tokens"] and mine["test"]["n"] == 7
+
+
+@pytest.mark.parametrize("job", ["facts_ddp", "facts_fsdp"])
+def test_the_facts_task_with_replay_on_two_ranks_matches_one_rank(launched, job):
+    """--task facts with KL replay, data-parallel (replicated, and FSDP): the facts and replay blocks of each
+    global batch split over the ranks, the facts, paraphrases and reference scored sharded; the same weights,
+    losses, recalled facts, answer losses, forgetting and KL to the start as one process."""
+    run, ref = launched[job], launched["facts_ref"]
+    weight_diff = _max_diff(run["weights"], launched["facts_ref_weights"])
+    loss_diff = _loss_diff(run["results"], ref)
+    mine, theirs = run["results"]["runs"][0], ref["runs"][0]
+    print(f"\n[dist-llm] facts ({job}), 2 ranks vs 1: weights {weight_diff:.3g}, losses {loss_diff:.3g}, answer loss "
+          f"{mine['test']['answer_loss']:.6f} vs {theirs['test']['answer_loss']:.6f}, KL {mine['test']['reference_kl']:.6f} "
+          f"vs {theirs['test']['reference_kl']:.6f}")
+    assert run["rank_weight_diff"] == 0.0 and weight_diff < TOL and loss_diff < TOL
+    for a, b in zip([*mine["curve"], {"validation": mine["test"]}], [*theirs["curve"], {"validation": theirs["test"]}]):
+        assert a["validation"]["recalled"] == b["validation"]["recalled"]
+        for key in ("answer_loss", "token_accuracy", "reference_loss", "reference_kl"):
+            assert abs(a["validation"][key] - b["validation"][key]) < TOL, key
+    assert mine["test"]["paraphrase_n"] == 18 and abs(mine["test"]["paraphrase_answer_loss"]
+                                                       - theirs["test"]["paraphrase_answer_loss"]) < TOL
+    assert mine["test"]["reference_kl"] > 0 and abs(mine["test"]["forgetting"] - theirs["test"]["forgetting"]) < TOL
 
 
 def test_full_fine_tuning_on_two_ranks_matches_one_rank(launched):
@@ -431,7 +470,8 @@ def test_cola_train_cli_under_accelerate_launch(cli_args, tmp_path):
            "-m", "cola", "train", *cli_args, "--output-dir", str(tmp_path / "acc")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=150, cwd=HERE.parent.parent)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line and "File " not in line)
+    assert proc.returncode == 0, errors[-4000:] + "\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("results: ") == 1, proc.stdout
     acc = json.loads((tmp_path / "acc" / "results.json").read_text())
     print(f"\n[dist-llm] accelerate launch --multi_gpu --num_processes 2 -m cola train: "
