@@ -2,13 +2,13 @@
 
 One run per invocation (a fresh model each time), appended as one JSON line to ``--out``:
 continued pretraining of the embedded SmolLM2-135M on a corpus (the language-model loss on
-packed blocks, :mod:`cola.llm.corpus`), then held-out domain metrics (test documents fixed by
+packed blocks, :mod:`cola.llm.tasks.blocks`), then held-out domain metrics (test documents fixed by
 ``--test-seed``) and the same metrics on the reference text (forgetting = rise over zero-shot).
 
 Methods: ``zero-shot`` (evaluation only), ``lora`` (one LoRA link through :class:`cola.Chain`,
 rank ``--rank``, alpha = ``--alpha-ratio`` x rank, on ``--targets``), ``full`` (AdamW over every
 parameter). Both use AdamW (no weight decay) and a linear decay of the LR to 0 over ``--steps``,
-no warm-up, float32, the same batches (``cola.llm.corpus.batch_indices`` with the run's seed).
+no warm-up, float32, the same batches (``cola.llm.tasks.blocks.batch_indices`` with the run's seed).
 
 Run it with one intra-op thread on a shared machine (``OMP_NUM_THREADS=1``; ``--threads``).
 Seconds per step are the median over the steps after the first two.
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "alternated in one process (--rounds rounds after 2 warm-up rounds)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--corpus", default="stdlib",
-                   help="'stdlib' (the embedded corpus) or a path for cola.llm.corpus.read_documents")
+                   help="'stdlib' (the embedded corpus) or a path for cola.llm.tasks.blocks.read_documents")
     p.add_argument("--files", default="*", help="glob for a corpus folder")
     p.add_argument("--text-field", default="text")
     p.add_argument("--sample-by", default=None, help="document | paragraph | line (text files)")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_documents(spec: str, args: argparse.Namespace, reference: bool = False):
-    from cola.llm import corpus as C
+    from cola.llm.tasks import blocks as C
 
     if spec == "stdlib":
         return C.embedded_corpus()
@@ -81,7 +81,7 @@ def load_documents(spec: str, args: argparse.Namespace, reference: bool = False)
 def time_steps(args: argparse.Namespace) -> dict:
     """Median seconds per training step of LoRA and full fine-tuning, alternated (A B, B A, ...)."""
     import cola
-    from cola.llm import corpus as C
+    from cola.llm.tasks import blocks as C
     from cola.llm import load_model
 
     tokenizer = load_model("embedded", device="cpu")[1]
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.method == "time":
         return time_steps(args)
     import cola
-    from cola.llm import corpus as C
+    from cola.llm.tasks import blocks as C
     from cola.llm import load_model
 
     start = time.perf_counter()

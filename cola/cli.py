@@ -20,7 +20,7 @@ from .manager import get_plugin_manager
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("cola.llm.cli", "fine-tune an OPT / Llama model with COLA, LoRA or full fine-tuning"),
-    "sweep": ("cola.llm.sweep_cli", "a grid of cola train runs with paired comparisons to a baseline"),
+    "sweep": ("cola.llm.sweep.cli", "a grid of cola train runs with paired comparisons to a baseline"),
     "theory": ("cola_theory.cli", "numerical checks of the convergence bounds on synthetic problems"),
     "plugins": ("cola.cli", "list every plugin, its version and what it registers"),
 }

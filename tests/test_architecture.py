@@ -7,6 +7,10 @@
   import the LLM layer; nothing but a command-line module imports a command-line module.
 * Inside functions only optional heavy packages are imported (transformers, datasets, matplotlib,
   ...), never a module of the project and never a light standard-library module.
+* Inside the LLM layer, floor by floor (:data:`LLM_FLOORS`): the basics, the tasks (``cola.llm.tasks`` and the
+  objective), one experiment, the sweep (``cola.llm.sweep``); a module imports only its own floor or lower ones.
+  No module of ``cola/llm/`` outside its packages is named ``sweep_*``, ``facts*`` or ``corpus*``, and no
+  ``settings.task ==`` branch lives outside ``cola/llm/tasks/``.
 * No module in ``cola/`` is longer than 500 lines and no function longer than 80.
 """
 
@@ -19,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cola": ROOT / "cola", "cola_plugins": ROOT / "plugins", "cola_theory": ROOT / "theory"}
-CLI = {"cola.cli", "cola.__main__", "cola.llm.cli", "cola.llm.sweep_cli", "cola_theory.cli"}
+CLI = {"cola.cli", "cola.__main__", "cola.llm.cli", "cola.llm.sweep.cli", "cola_theory.cli"}
 #: what a function may import lazily: packages that are optional (extras) or slow to import
 LAZY_OK = ("transformers", "datasets", "matplotlib", "tqdm", "peft", "safetensors", "gguf", "yaml", "pandas",
            "pyarrow", "torch.distributed", "torch.nn.parallel", "accelerate")
@@ -136,6 +140,46 @@ def test_imports_flow_one_way():
     wrong = [f"{m} ({_layer(m)}) imports {t} ({_layer(t)})" for m, targets in _graph().items() for t in targets
              if _layer(t) not in ALLOWED[_layer(m)]]
     assert not wrong, "\n".join(wrong)
+
+
+#: the floors of the LLM layer, lowest first; a module not named is on the experiment's floor
+LLM_BASICS = {"cola.llm.models", "cola.llm.divergence", "cola.llm.parallel", "cola.llm.performance",
+              "cola.llm.tracking", "cola.llm.stats", "cola.llm.lock", "cola.llm.stopping", "cola.llm.config_files",
+              "cola.llm.metrics"}
+
+
+def _floor(module: str) -> int:
+    if module in LLM_BASICS:
+        return 0
+    if module.startswith("cola.llm.tasks") or module == "cola.llm.objective":
+        return 1
+    if module.startswith("cola.llm.sweep"):
+        return 3
+    return 2
+
+
+LLM_FLOORS = ("basics", "tasks", "experiment", "sweep")
+
+
+def test_the_llm_layer_imports_no_floor_above_its_own():
+    wrong = [f"{m} ({LLM_FLOORS[_floor(m)]}) imports {t} ({LLM_FLOORS[_floor(t)]})"
+             for m, targets in _graph().items() if _layer(m) == "llm" for t in targets
+             if _layer(t) == "llm" and _floor(t) > _floor(m)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_llm_layer_keeps_its_families_in_packages():
+    flat = sorted(p.name for p in (ROOT / "cola" / "llm").glob("*.py")
+                  if p.name.startswith(("sweep_", "facts", "corpus")))
+    assert not flat, f"modules of cola/llm/ that belong in cola/llm/sweep/ or cola/llm/tasks/: {flat}"
+    for package in ("sweep", "tasks"):
+        doc = ast.get_docstring(MODULES[f"cola.llm.{package}"][1])
+        assert doc and len(doc.splitlines()) >= 2, f"cola/llm/{package}/__init__.py: say what it holds"
+    branches = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "cola").rglob("*.py"))
+                if (ROOT / "cola" / "llm" / "tasks") not in p.parents
+                for i, line in enumerate(p.read_text().splitlines(), 1)
+                if "task ==" in line or "task in (" in line or '.get("task") ==' in line]
+    assert not branches, "a branch on the kind of task outside cola/llm/tasks/: " + ", ".join(branches)
 
 
 def test_functions_import_only_optional_heavy_packages():

@@ -409,8 +409,8 @@ def check_cola(args: list[str]) -> str:
             rc, out = run_cola(args)
             assert rc == 0 and out.strip(), out
             return "run"
-        from cola.llm.sweep import build_cells
-        from cola.llm.sweep_cli import spec_from_args
+        from cola.llm.sweep.cells import build_cells
+        from cola.llm.sweep.cli import spec_from_args
 
         spec = spec_from_args(ns)
         cells, extra = build_cells(spec)  # every cell's settings validated

@@ -87,10 +87,8 @@ def test_benchmark_flop_counter_matches_torch_flop_counter(setup):
 # ------------------------------------------------------------------------------ the cola train plan
 
 def _flops_per_example():
-    try:
-        from cola.llm.plan import flops_per_example
-    except ImportError:  # before the runner was split
-        from cola.llm.runner import flops_per_example
+    from cola.llm.plan import flops_per_example
+
     return flops_per_example
 
 

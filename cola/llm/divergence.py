@@ -17,7 +17,7 @@ with ``p`` the start, ``q`` the model now and ``p_rest``, ``q_rest`` their mass 
 rest into one bucket can only lower a KL (the log-sum inequality), so this is a lower bound of the
 full-vocabulary KL, exact when ``k`` covers the vocabulary, never negative, and exactly 0 when the
 model is the start. The same quantity with gradients is the replay loss ``kl``
-(:mod:`cola.llm.replay`): the model is pulled back to the start's distributions on the replayed text,
+(:mod:`cola.llm.tasks.replay`): the model is pulled back to the start's distributions on the replayed text,
 as distillation does, rather than towards the text's own tokens.
 """
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,34 +33,22 @@ from cola.errors import ConfigError
 from cola.io import make_folder, write_json
 from cola.llm import divergence, report, stopping
 from cola.llm.artifacts import save_outputs
-from cola.llm.corpus import special_ids
-from cola.llm.evaluation import CorpusEvaluator, Evaluator, FactsEvaluator, StartPoint, zero_shot
+from cola.llm.evaluation import zero_shot
 from cola.llm.host import Loader, ModelHost, default_loader, meta_model, plan_settings
-from cola.llm.inputs import ForgettingTexts, build_task, load_corpus_data, load_data, load_facts_data
 from cola.llm.lock import FolderLock
 from cola.llm.loop import FullFineTuning, Run, RunStopped, StepBudget, Training, resume, save_checkpoint
-from cola.llm.objective import default_max_length, encode_examples
 from cola.llm.parallel import check_global_batches, describe, on_main, start_distributed
-from cola.llm.plan import FLOPS_FORMULA, build_plan, corpus_sizes, example_sizes
+from cola.llm.plan import FLOPS_FORMULA, build_plan
 from cola.llm.records import RunRecord, primary_metric
-from cola.llm.settings import CORPUS, FACTS, RUNTIME_FIELDS, TrainSettings, default_of
+from cola.llm.settings import RUNTIME_FIELDS, TrainSettings, default_of
+from cola.llm.tasks.kind import Inputs
+from cola.llm.tasks.kinds import kind_of
+from cola.llm.tasks.references import ForgettingTexts, StartPoint
 from cola.llm.tracking import Naming, open_run
 
 log = logging.getLogger(__name__)
 
 RESULTS_VERSION = 1
-
-
-@dataclass
-class Inputs:
-    """What every run of an experiment shares: the task, each seed's splits and encoded training set."""
-
-    task: Any
-    splits: dict[int, Any]
-    encoded: dict[int, list]
-    max_length: int | None
-    total_steps: int
-    kept: ForgettingTexts | None = None   #: the corpus and facts tasks: references and replay pool
 
 
 @dataclass
@@ -71,7 +59,7 @@ class Experiment:
     out: Path
     inputs: Inputs
     host: ModelHost
-    evaluate: Evaluator
+    evaluate: Callable
     budget: StepBudget
     progress: bool
     plan: dict[str, Any]
@@ -111,9 +99,9 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
                         "the model is not sharded")
         host = ModelHost(loader or default_loader(settings, device, fsdp), device, fsdp, settings)
         model, tokenizer = host.get()
-    inputs = prepare_inputs(settings, model, tokenizer)
-    sizes = (corpus_sizes(inputs.max_length) if settings.task == CORPUS
-             else example_sizes(inputs.encoded[settings.seeds[0]], settings.objective))
+    kind = kind_of(settings.task)
+    inputs = kind.inputs(settings, model, tokenizer)
+    sizes = kind.sizes(settings, inputs)
     plan = build_plan(plan_settings(settings, host.adapter if host is not None else None), model, inputs.task,
                       inputs.splits, sizes, inputs.max_length, inputs.total_steps)
     if settings.dry_run:
@@ -122,11 +110,8 @@ def run_experiment(settings: TrainSettings, loader: Loader | None = None, progre
     if world > 1:
         check_global_batches(settings, {s: len(inputs.splits[s].train) for s in settings.seeds}, world)
     main = cd.is_main_process()
-    start = StartPoint(settings) if settings.task in (CORPUS, FACTS) else None
-    evaluate = (CorpusEvaluator(settings, special_ids(tokenizer)[0], progress and main, start)
-                if settings.task == CORPUS
-                else FactsEvaluator(settings, special_ids(tokenizer)[0], start) if settings.task == FACTS
-                else Evaluator(settings, inputs.task, inputs.max_length, progress and main))
+    evaluate = kind.evaluator(settings, tokenizer, inputs, progress and main,
+                              StartPoint(settings) if kind.keeps else None)
     naming = naming or Naming(settings.name or out.name, out / "tracking")
     exp = Experiment(settings, out, inputs, host, evaluate, StepBudget(settings.stop_after), progress and main, plan,
                      naming)
@@ -164,32 +149,6 @@ def _run_all(exp: Experiment, device: torch.device | None, world: int, started: 
     files = on_main(lambda: report.write_all(results, out, plots=settings.plots))  # written when any rank returns
     results.setdefault("files", dict(files))
     return results
-
-
-def prepare_inputs(settings: TrainSettings, model, tokenizer) -> Inputs:
-    """The task, every seed's splits and encoded training examples, the max length and T."""
-    if settings.task == CORPUS:
-        task, splits, kept = load_corpus_data(settings, tokenizer, settings.seeds)
-        total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
-        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, settings.max_length, total_steps, kept)
-    max_length = settings.max_length if settings.max_length is not None else default_max_length(model, tokenizer)
-    if settings.task == FACTS:
-        task, splits, kept = load_facts_data(settings, tokenizer, settings.seeds, max_length)
-        total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
-        return Inputs(task, splits, {s: d.train for s, d in splits.items()}, max_length, total_steps, kept)
-    task = build_task(settings)
-    splits = {seed: load_data(settings, task, seed) for seed in settings.seeds}
-    encoded = {seed: encode_examples(tokenizer, splits[seed].train, task, max_length) for seed in settings.seeds}
-    total_steps = _checked_steps(settings, len(splits[settings.seeds[0]].train))
-    return Inputs(task, splits, encoded, max_length, total_steps)
-
-
-def _checked_steps(settings: TrainSettings, n_train: int) -> int:
-    """T for ``n_train`` examples; ``end_at_step`` must lie inside it."""
-    total = settings.total_steps(n_train)
-    if settings.end_at_step is not None and settings.end_at_step > total:
-        raise ConfigError(f"end_at_step={settings.end_at_step}: after the last step of the run ({total})")
-    return total
 
 
 def remember_start(start: StartPoint, host: ModelHost, settings: TrainSettings, inputs: Inputs) -> ForgettingTexts:

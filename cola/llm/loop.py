@@ -20,8 +20,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 import cola
@@ -30,13 +31,12 @@ from cola.config import schedule_multiplier
 from cola.errors import ColaError
 from cola import guard
 from cola.guard import Verdict
-from cola.llm import corpus, objective, replay, stopping
-from cola.llm.evaluation import Evaluator
-from cola.llm.inputs import epoch_batches
+from cola.llm import objective, stopping
+from cola.llm.tasks import blocks as corpus, replay
 from cola.llm.parallel import as_forward, gather_errors, is_sharded, shares
 from cola.llm.records import RunRecord, mean_loss
-from cola.llm.replay import ReplayPool
 from cola.llm.settings import TrainSettings
+from cola.llm.tasks.replay import ReplayPool
 from cola.llm.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,13 @@ def current_lr(trainer) -> float:
     return trainer.current_lr()
 
 
+def epoch_batches(encoded: list, batch_size: int, seed: int, epoch: int) -> list[list]:
+    """The micro-batches of ``epoch``: a permutation drawn from ``(seed, epoch)`` alone, so that the data position of
+    a resumed run is the number of micro-batches it consumed."""
+    state = int(np.random.SeedSequence([seed, 0x5EED, epoch]).generate_state(1)[0])
+    return objective.iterate_batches(encoded, batch_size, torch.Generator().manual_seed(state))
+
+
 @dataclass
 class Run:
     """A run being trained: the model, its trainer, its training data and its record."""
@@ -140,7 +147,7 @@ class Run:
     lr_hint: str = ""               #: the flag to lower when steps keep failing
     objective: str = "classification"  #: the loss: blocks (the corpus task's LM loss), lm or classification
     tracking: Tracking = field(default_factory=Tracking)  #: its experiment trackers (none by default)
-    replay: ReplayPool | None = None  #: text mixed into every micro-batch (:mod:`cola.llm.replay`)
+    replay: ReplayPool | None = None  #: text mixed into every micro-batch (:mod:`cola.llm.tasks.replay`)
     _batches: tuple[int, list] = field(default=(-1, []), repr=False)
 
     @property
@@ -230,7 +237,7 @@ def _to_host(values: list) -> list[float]:
 class Training:
     """The loop of one run: :meth:`train` trains until ``total_steps`` (or the step budget is spent)."""
 
-    def __init__(self, settings: TrainSettings, run: Run, evaluate: Evaluator, budget: StepBudget,
+    def __init__(self, settings: TrainSettings, run: Run, evaluate: Callable, budget: StepBudget,
                  progress: bool = False):
         self.settings, self.run, self.evaluate, self.budget = settings, run, evaluate, budget
         self.progress = progress

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from cola.errors import ConfigError
 from cola.llm.metrics import accuracy, macro_f1
-from cola.llm.tasks import Example, Task
+from cola.llm.tasks.templates import Example, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

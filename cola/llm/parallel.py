@@ -18,10 +18,9 @@ import torch
 import cola.distributed as cd
 from cola.errors import ColaError, ConfigError
 from cola.llm.models import resolve_device
-from cola.llm.settings import TrainSettings
 
 
-def start_distributed(settings: TrainSettings) -> torch.device | None:
+def start_distributed(settings: Any) -> torch.device | None:
     """Under torchrun / ``accelerate launch`` with several ranks (or one rank and ``fsdp``): start
     the process group and return this rank's device; ``None`` for a plain single process.
 
@@ -118,7 +117,7 @@ def gather_errors(error: str | None) -> str | None:
     return next((e for e in errors if e), None)
 
 
-def check_global_batches(settings: TrainSettings, n_train: dict[int, int], world: int) -> None:
+def check_global_batches(settings: Any, n_train: dict[int, int], world: int) -> None:
     """Every micro-batch, the last of an epoch included, must give each of ``world`` ranks at least
     one example (a rank with an empty slice would have nothing to run its forward on)."""
     problems = []

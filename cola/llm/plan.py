@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 import cola
 from cola.errors import ConfigError
 from cola.planning import build_strategies
 from cola.llm.settings import TrainSettings
+from cola.llm.tasks.kind import ExampleSize
 
 FLOPS_FORMULA = ("per training token: forward 2*(N+N_lora) + backward 2*(N+N_lora) (activation gradients) "
                  "+ 2*N_trainable (weight gradients of trained parameters only), N = parameters outside the "
@@ -47,16 +47,6 @@ class ModelSize:
 
     def to_dict(self) -> dict[str, int]:
         return {"body": self.body, "vocab": self.vocab, "width": self.width, "all": self.total}
-
-
-@dataclass(frozen=True)
-class ExampleSize:
-    """Mean tokens per example through the body, and positions through the LM head."""
-
-    train_tokens: float
-    train_positions: float
-    eval_tokens: float
-    eval_positions: float
 
 
 def model_size(model) -> ModelSize:
@@ -79,26 +69,6 @@ def flops_per_example(tokens: float, positions: float, n_body: int, n_lora: int,
     if train_head:
         bwd += 2.0 * vocab * width * positions
     return fwd + bwd
-
-
-def example_sizes(encoded: list, loss: str) -> ExampleSize:
-    """Mean tokens and LM-head positions per example, in training and in evaluation.
-
-    Single-token answers: one forward of the context scores every candidate; otherwise one
-    sequence per candidate (training with ``lm`` loss: the gold answer only).
-    """
-    if not encoded:
-        return ExampleSize(0.0, 0.0, 0.0, 0.0)
-    if all(len(c) == 1 for e in encoded for c in e.candidates):
-        t = float(np.mean([len(e.context) for e in encoded]))
-        return ExampleSize(t, 1.0, t, 1.0)
-    ev_tokens = float(np.mean([sum(len(e.context) + len(c) for c in e.candidates) for e in encoded]))
-    ev_pos = float(np.mean([sum(len(c) for c in e.candidates) for e in encoded]))
-    if loss == "lm":
-        tr_tokens = float(np.mean([len(e.context) + len(e.candidates[e.label]) for e in encoded]))
-        tr_pos = float(np.mean([len(e.candidates[e.label]) for e in encoded]))
-        return ExampleSize(tr_tokens, tr_pos, ev_tokens, ev_pos)
-    return ExampleSize(ev_tokens, ev_pos, ev_tokens, ev_pos)
 
 
 def lora_shapes(model, settings: TrainSettings) -> dict[str, tuple[int, int]]:
@@ -155,11 +125,6 @@ def _replay_per_step(settings: TrainSettings, task) -> tuple[int, int]:
     if not pool:
         return 0, 0
     return pool["blocks_per_micro_batch"] * settings.grad_accum, pool["pool"]["block_length"]
-
-
-def corpus_sizes(block_length: int) -> ExampleSize:
-    """A corpus block: every one of its tokens goes through the body and the LM head."""
-    return ExampleSize(float(block_length), float(block_length), float(block_length), float(block_length))
 
 
 def build_plan(settings: TrainSettings, model, task, splits: dict, sizes: ExampleSize, max_length: int | None,

@@ -14,19 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from cola.llm.facts import retention
+from cola.llm.tasks.facts_scoring import retention
+from cola.llm.tasks.kinds import kind_of
 
 
 def primary_metric(settings: dict[str, Any]) -> str:
     """What a comparison of ``cola train`` runs is about: test perplexity for the corpus task, exact-match
     recall of the facts taught for the facts task, test accuracy (under the run's rule) for the
     classification tasks."""
-    return {"corpus": "perplexity", "facts": "recall"}.get(settings.get("task"), "accuracy")
-
-
-def complete_runs(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    """The completed run records of ``method`` in a ``results`` dict."""
-    return [r for r in results.get("runs", []) if r.get("method") == method and r.get("status") == "complete"]
+    return kind_of(settings.get("task")).primary_metric
 
 
 def losses(values: Sequence[float | None]) -> np.ndarray:
@@ -85,7 +81,7 @@ class RunRecord:
     def add_curve_point(self, after_link: int, step: int, validation: dict[str, Any]) -> None:
         """A point of the COLA curve; for the corpus and facts tasks with its forgetting so far (the rise
         of the reference loss over the zero-shot point, the curve's first); for the facts task with what
-        the link did to the facts recalled before it (:func:`cola.llm.facts.retention`)."""
+        the link did to the facts recalled before it (:func:`cola.llm.tasks.facts_scoring.retention`)."""
         if self.curve and "reference_loss" in validation:
             validation = {**validation,
                           "forgetting": validation["reference_loss"] - self.curve[0]["validation"]["reference_loss"]}

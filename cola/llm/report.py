@@ -27,17 +27,19 @@ from typing import Any
 
 import torch
 
-from cola.io import atomic_write, markdown_table, write_json
+from cola.io import atomic_write, write_json
 from cola.llm import stats
-from cola.llm.records import complete_runs, mean_loss, primary_metric
+from cola.llm.records import mean_loss, primary_metric
 from cola.llm.report_plots import write_plots
+from cola.llm.tasks.kinds import kind_of
+from cola.llm.tasks.tables import complete_runs
 
 log = logging.getLogger(__name__)
 
 TEST_METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "loss", "perplexity", "bits_per_byte",
                 "reference_loss", "reference_perplexity", "forgetting", "recall", "token_accuracy", "answer_loss",
                 "paraphrase_recall", "paraphrase_token_accuracy", "paraphrase_answer_loss", "reference_kl")
-#: what a facts run's link did to the facts recalled before it (see cola.llm.facts.retention)
+#: what a facts run's link did to the facts recalled before it (see cola.llm.tasks.facts_scoring.retention)
 RETENTION = ("kept", "lost", "new", "kept_fraction")
 
 
@@ -111,15 +113,6 @@ def compare(results: dict[str, Any], methods: list[str], confidence: float = 0.9
 
 # ------------------------------------------------------------------------------------ text
 
-def _pm(stats: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stats or stats.get("mean") is None:
-        return "–"
-    text = f"{stats['mean']:.{digits}f}"
-    if stats.get("std") is not None:
-        text += f" ± {stats['std']:.{digits}f}"
-    return text
-
-
 def count_text(n: float | None) -> str:
     """``6.89T``, ``461k``: a count with an SI prefix and 3 significant digits (– for None)."""
     if n is None:
@@ -131,205 +124,13 @@ def count_text(n: float | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The results table (and the comparison) as markdown."""
-    if results["settings"].get("task") == "corpus":
-        return corpus_markdown(results)
-    if results["settings"].get("task") == "facts":
-        return facts_markdown(results)
-    settings, plan = results["settings"], results["plan"]
-    zero = results["zero_shot"]["test"]
-    rule = settings["eval_rule"]
-    has_f1 = "macro_f1" in zero
-    lines = [f"### {plan['task']} on {settings['model']}: test accuracy (rule {rule}, n={zero['n']}), "
-             f"{plan['total_steps']} steps of {plan['examples_per_step']} examples, "
-             f"seeds {', '.join(map(str, settings['seeds']))}", ""]
-    header = ["method", "links", "ranks", "trainable", "validation acc after each link", f"test acc ({rule})"]
-    if has_f1:
-        header.append("macro-F1")
-    header += ["acc_mean", "acc_sum", "acc_norm", "train s/run"]
-    table = []
-    row = ["zero-shot", "–", "–", "0", "–", f"{zero['accuracy']:.3f}"]
-    if has_f1:
-        row.append(f"{zero['macro_f1']:.3f}")
-    row += [f"{zero['acc_mean']:.3f}", f"{zero['acc_sum']:.3f}", f"{zero['acc_norm']:.3f}", "–"]
-    table.append(row)
-    for method, entry in results.get("summary", {}).items():
-        p = plan["methods"][method]
-        ranks = "/".join(map(str, p["ranks"])) if p["ranks"] else "all"
-        curve = " → ".join(f"{c['mean']:.3f}" for c in entry["validation_curve"]) or "–"
-        row = [method, str(p["links"]), ranks, f"{entry['trainable_params']:,}", curve,
-               _pm(entry.get("test_accuracy"))]
-        if has_f1:
-            row.append(_pm(entry.get("test_macro_f1")))
-        row += [_pm(entry.get("test_acc_mean")), _pm(entry.get("test_acc_sum")), _pm(entry.get("test_acc_norm")),
-                f"{entry['train_seconds']['mean']:.0f}"]
-        table.append(row)
-    lines += [markdown_table(header, table), ""]
-    return _finish_markdown(results, lines)
-
-
-def _finish_markdown(results: dict[str, Any], lines: list[str]) -> str:
-    lines += comparison_lines(results)
-    if results.get("status") == "stopped":
-        lines.append(f"**Stopped early** ({results.get('stopped')}): continue with `cola train --resume "
-                     f"{results['output_dir']}`.")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def corpus_markdown(results: dict[str, Any]) -> str:
-    """The corpus task's table: held-out perplexity after each link, test perplexity, bits per byte,
-    the reference text's perplexity and the forgetting (its loss's rise over zero-shot)."""
-    settings, plan = results["settings"], results["plan"]
-    zero = results["zero_shot"]["test"]
-    lines = [f"### corpus on {settings['model']}: held-out perplexity ({zero['n']} test blocks of "
-             f"{plan['max_length']} tokens), {plan['total_steps']} steps of {plan['examples_per_step']} blocks, "
-             f"seeds {', '.join(map(str, settings['seeds']))}", ""]
-    header = ["method", "links", "ranks", "trainable", "validation ppl after each link", "test ppl", "bits/byte",
-              "reference ppl", "forgetting (nats)", "KL to the start", "train s/run"]
-    table = [["zero-shot", "–", "–", "0", "–", f"{zero['perplexity']:.3f}", f"{zero['bits_per_byte']:.4f}",
-              f"{zero['reference_perplexity']:.3f}", "0", "0", "–"]]
-    for method, entry in results.get("summary", {}).items():
-        p = plan["methods"][method]
-        curve = " → ".join(f"{c['mean']:.2f}" for c in entry["validation_curve"]) or "–"
-        table.append([method, str(p["links"]), "/".join(map(str, p["ranks"])) if p["ranks"] else "all",
-                      f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_perplexity")),
-                      _pm(entry.get("test_bits_per_byte"), 4), _pm(entry.get("test_reference_perplexity")),
-                      _pm(entry.get("test_forgetting"), 4), _pm(entry.get("test_reference_kl"), 4),
-                      f"{entry['train_seconds']['mean']:.0f}"])
-    lines += [markdown_table(header, table), "",
-              "Forgetting: the rise of the loss on the reference text (never trained on) over zero-shot, in nats "
-              "per token; KL to the start: the mean KL divergence from the starting model's next-token "
-              "distributions to the tuned one's on the same text (0 for the starting model; replay cannot hide it); "
-              "lower perplexity, forgetting and KL are better.", ""]
-    return _finish_markdown(results, _forgetting_lines(results, lines))
-
-
-def _forgetting_lines(results: dict[str, Any], lines: list[str]) -> list[str]:
-    """The replay, the other references' forgetting and each method's trajectory, after the table."""
-    settings = results["settings"]
-    if settings.get("replay_file"):
-        lines += [f"Replay: {settings['replay_file']} ({settings['replay_loss']} loss, weight "
-                  f"{settings['replay_weight']:g}), {settings['replay_ratio']:g} blocks per training example.", ""]
-    rows = []
-    for method in results.get("summary", {}):
-        found: dict[str, list[float]] = {}
-        for r in complete_runs(results, method):
-            for source, m in (r["test"].get("more_references") or {}).items():
-                if m.get("forgetting") is not None:
-                    found.setdefault(source, []).append(m["forgetting"])
-        rows += [[method, source, _pm(stats.describe(v), 4)] for source, v in found.items()]
-    if rows:
-        lines += ["Forgetting on the other references (loss rise over zero-shot, nats per token):", "",
-                  markdown_table(["method", "reference", "forgetting"], rows), ""]
-    traj = [[m, str(p["step"]), _pm(p.get(primary_metric(settings))), _pm(p.get("forgetting"), 4),
-             _pm(p.get("reference_kl"), 4)] for m, e in results.get("summary", {}).items()
-            for p in e.get("trajectory") or []]
-    if traj:
-        lines += [f"Trajectory (validation every {settings['eval_every']} steps):", "",
-                  markdown_table(["method", "step", primary_metric(settings), "forgetting", "KL to the start"], traj),
-                  ""]
-    return lines
-
-
-def facts_markdown(results: dict[str, Any]) -> str:
-    """The facts task's table: recall after each link, test recall, token accuracy, answer loss, recall on
-    the paraphrases and the forgetting; then, per method, what each link did to the facts recalled before."""
-    settings, plan = results["settings"], results["plan"]
-    zero = results["zero_shot"]["test"]
-    lines = [f"### facts on {settings['model']}: exact-match recall of {zero['n']} facts taught "
-             f"({plan['facts']['facts']['source']}), {plan['total_steps']} steps of {plan['examples_per_step']} facts "
-             f"({plan['epochs']:.1f} epochs), seeds {', '.join(map(str, settings['seeds']))}", ""]
-    header = ["method", "links", "ranks", "trainable", "recall after each link", "test recall", "token acc",
-              "answer loss", "paraphrase recall", "forgetting (nats)", "KL to the start", "train s/run"]
-    table = [["zero-shot", "–", "–", "0", "–", f"{zero['recall']:.3f}", f"{zero['token_accuracy']:.3f}",
-              f"{zero['answer_loss']:.3f}", f"{zero['paraphrase_recall']:.3f}" if "paraphrase_recall" in zero else "–",
-              "0", "0", "–"]]
-    retained = []
-    for method, entry in results.get("summary", {}).items():
-        p = plan["methods"][method]
-        curve = " → ".join(f"{c['mean']:.3f}" for c in entry["validation_curve"]) or "–"
-        table.append([method, str(p["links"]), "/".join(map(str, p["ranks"])) if p["ranks"] else "all",
-                      f"{entry['trainable_params']:,}", curve, _pm(entry.get("test_recall")),
-                      _pm(entry.get("test_token_accuracy")), _pm(entry.get("test_answer_loss")),
-                      _pm(entry.get("test_paraphrase_recall")), _pm(entry.get("test_forgetting"), 4),
-                      _pm(entry.get("test_reference_kl"), 4), f"{entry['train_seconds']['mean']:.0f}"])
-        for link in entry.get("retention", [])[1:]:
-            retained.append([method, str(link["after_link"]), _pm(link["kept"], 1), _pm(link["lost"], 1),
-                             _pm(link["new"], 1), _pm(link["kept_fraction"])])
-    lines += [markdown_table(header, table), "",
-              "Recall: the fraction of facts whose whole answer greedy decoding gives (every answer token the "
-              "argmax); paraphrase recall: on the phrasings never trained on; forgetting: the rise of the reference "
-              "text's loss over zero-shot, in nats per token; KL to the start: the mean KL divergence from the "
-              "starting model's next-token distributions to the tuned one's on the same text.", ""]
-    lines = _forgetting_lines(results, lines)
-    if retained:
-        lines += ["Link by link (validation facts, mean ± std over seeds): kept = recalled before the link and "
-                  "after it, lost = recalled before only, new = recalled after only.", "",
-                  markdown_table(["method", "after link", "kept", "lost", "new", "kept / recalled before"], retained),
-                  ""]
-    return _finish_markdown(results, lines)
-
-
-def comparison_lines(results: dict[str, Any]) -> list[str]:
-    comparison = results.get("comparison")
-    if not comparison:
-        return []
-    lines = []
-    base, metric = comparison["baseline"], comparison["metric"]
-    what = f"test {metric}" + (f", rule {comparison['rule']}" if metric == "accuracy" else
-                               ", lower is better" if not comparison["higher_is_better"] else "")
-    for method, g in comparison["gains"].items():
-        per_seed = ", ".join(f"{d:+.3f}" for d in g["per_seed"])
-        interval = (f" [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] ({int(round(100 * g['confidence']))}% t interval, "
-                    f"paired by seed)" if g["ci_low"] is not None else
-                    " (one seed: no interval; pass --seeds 0 1 2 for one)")
-        lines.append(f"Gain of {method} over {base} ({what}; {method} - {base}): {g['mean']:+.3f}{interval}; "
-                     f"per seed {per_seed}: **{g['verdict']}**.")
-    lines.append("")
-    return lines
+    """The results table (and the comparison) as markdown: the columns of the run's kind of task."""
+    return kind_of(results["settings"].get("task")).markdown(results)
 
 
 def headline(results: dict[str, Any]) -> str:
-    """One line: zero-shot vs fine-tuned test accuracy (or perplexity) of each method."""
-    zero = results["zero_shot"]["test"]
-    if results["settings"].get("task") == "corpus":
-        parts = [f"zero-shot {zero['perplexity']:.3f}"] + [
-            f"{m} {_pm(e.get('test_perplexity'))} (forgetting {_pm(e.get('test_forgetting'), 4)}, KL "
-            f"{_pm(e.get('test_reference_kl'), 4)})"
-            for m, e in results.get("summary", {}).items()]
-        return f"corpus test perplexity (n={zero['n']} blocks): " + " | ".join(parts)
-    if results["settings"].get("task") == "facts":
-        parts = [f"zero-shot {zero['recall']:.3f}"] + [
-            f"{m} {_pm(e.get('test_recall'))} (forgetting {_pm(e.get('test_forgetting'), 4)}, KL "
-            f"{_pm(e.get('test_reference_kl'), 4)})"
-            for m, e in results.get("summary", {}).items()]
-        return f"facts recall (n={zero['n']} facts): " + " | ".join(parts)
-    rule = results["settings"]["eval_rule"]
-    parts = [f"zero-shot {zero['accuracy']:.3f}"]
-    for method, entry in results.get("summary", {}).items():
-        parts.append(f"{method} {_pm(entry.get('test_accuracy'))}")
-    return f"{results['plan']['task']} test accuracy (rule {rule}, n={zero['n']}): " + " | ".join(parts)
-
-
-def _task_line(plan: dict[str, Any], sizes: dict[str, int]) -> str:
-    if "facts" in plan:
-        facts = plan["facts"]["facts"]
-        return (f"task facts: {sizes['train']} facts from {facts['source']} (fingerprint {facts['fingerprint']}), "
-                f"every one trained on and tested, {sizes['validation']} scored after every link, "
-                f"{sizes['paraphrases']} paraphrased prompts tested; {plan['tokens_per_example']:.1f} tokens per fact "
-                f"on average; forgetting on {sizes['reference']} blocks of "
-                f"{plan['facts']['reference']['description']}")
-    if "corpus" not in plan:
-        return (f"task {plan['task']} (answers {', '.join(plan['answers'])}): {sizes['train']} train / "
-                f"{sizes['validation']} validation / {sizes['test']} test; {plan['tokens_per_example']:.1f} tokens "
-                f"per training example on average (max_length {plan['max_length']})")
-    text, ref = plan["corpus"]["corpus"], plan["corpus"]["reference"]
-    split = next(iter(plan["corpus"]["splits"].values()))
-    return (f"task corpus: {text['description']} ({text['n_documents']:,} documents, {text['n_bytes']:,} bytes), "
-            f"split by document into {sizes['train']:,} train / {sizes['validation']} validation / "
-            f"{sizes['test']} test blocks of {plan['max_length']} tokens (held out: "
-            f"{split['validation']['n_documents']} and {split['test']['n_documents']} documents); forgetting on "
-            f"{sizes['reference']} blocks of {ref['description']}")
+    """One line: zero-shot against each method's test score (accuracy, perplexity or recall)."""
+    return kind_of(results["settings"].get("task")).headline(results)
 
 
 def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) -> str:
@@ -340,7 +141,7 @@ def format_plan(plan: dict[str, Any], settings: dict[str, Any], formula: str) ->
         f"model {m['name']}: {m['class']} ({m['model_type']}), {m['parameters']:,} parameters, "
         f"{m['body_parameters']:,} outside the embeddings; LoRA on {m['lora_layers']} layers "
         f"({', '.join(m['lora_targets']) or 'none'})",
-        _task_line(plan, sizes),
+        kind_of(settings.get("task")).task_line(plan, sizes),
         f"{plan['total_steps']} optimizer steps of {plan['examples_per_step']} examples "
         f"({plan['epochs']:.2f} epochs); seeds {', '.join(map(str, settings['seeds']))}",
     ]

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from cola.io import atomic_writer
-from cola.llm.records import complete_runs, losses, primary_metric
+from cola.llm.records import losses, primary_metric
+from cola.llm.tasks.tables import complete_runs
 
 
 def write_plots(results: dict[str, Any], out: Path) -> dict[str, Path]:

@@ -41,22 +41,14 @@ from cola.errors import ConfigError
 from cola.fieldtypes import base_type, field_types, type_problem
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.models import EMBEDDED_MODEL
-from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, CORPUS, DTYPE_NAMES,  # noqa: F401
-                                 FACTS, LOSSES, METHODS, REPLAY_LOSSES, RULES, TRACKERS, value_problems)
+from cola.llm.tasks.kinds import CLASSIFICATION, kind_of
+from cola.llm.validation import (CHAIN_DEFAULTS, CHAIN_DERIVED, CHAIN_KEYS, DTYPE_NAMES, LOSSES,  # noqa: F401
+                                 METHODS, REPLAY_LOSSES, RULES, TRACKERS, value_problems)
 from cola.io import write_json
 
-#: quick CPU budget of the embedded default (``cola train`` with no arguments)
-EMBEDDED_PROFILE = {"n_train": 240, "n_val": 64, "n_test": 200, "steps": 60, "max_length": 96}
-#: the corpus task (blocks of max_length tokens; n_val / n_test count held-out blocks; every training block
-#: is used): the embedded model on CPU, and every other model
-CORPUS_PROFILE = {"n_train": None, "n_val": 32, "n_test": 128, "steps": 120, "max_length": 64}
-CORPUS_PAPER_PROFILE = {"n_train": None, "n_val": 64, "n_test": 256, "steps": 1000, "max_length": 512}
-#: the facts task (every fact trained on and scored; n_val: facts scored after every link, all by default;
-#: n_test: blocks of the reference text its forgetting is measured on)
-FACTS_PROFILE = {"n_train": None, "n_val": None, "n_test": 64, "epochs": 20.0, "max_length": 96}
-FACTS_PAPER_PROFILE = {"n_train": None, "n_val": None, "n_test": 256, "epochs": 20.0, "max_length": None}
-#: the paper's protocol (MeZO splits, 5 epochs) for every other model
-PAPER_PROFILE = {"n_train": 1000, "n_val": 500, "n_test": 1000, "epochs": 5.0, "max_length": None}
+#: the classification tasks' automatic defaults (the --help texts name them): the embedded model's quick CPU budget
+#: and the paper's protocol (MeZO splits, 5 epochs) for every other model
+EMBEDDED_PROFILE, PAPER_PROFILE = CLASSIFICATION.profile(True), CLASSIFICATION.profile(False)
 
 #: fields that may differ when a run is resumed (they do not change the numbers)
 RUNTIME_FIELDS = ("resume", "output_dir", "dry_run", "threads", "stop_after", "keep_checkpoints",
@@ -303,7 +295,7 @@ class TrainSettings(Validated):
     def objective(self) -> str:
         """What a step's loss is: ``blocks`` (the corpus task's LM loss on token blocks), ``lm`` (the
         answer tokens' NLL: the facts task, or ``loss="lm"``) or ``classification``."""
-        return "blocks" if self.task == CORPUS else "lm" if self.task == FACTS else self.loss
+        return kind_of(self.task).objective or self.loss
 
     @property
     def is_embedded(self) -> bool:
@@ -311,12 +303,7 @@ class TrainSettings(Validated):
 
     def resolved(self) -> "TrainSettings":
         """A copy with every automatic (``None``) default filled in from the model's profile."""
-        if self.task == CORPUS:
-            profile = CORPUS_PROFILE if self.is_embedded else CORPUS_PAPER_PROFILE
-        elif self.task == FACTS:
-            profile = FACTS_PROFILE if self.is_embedded else FACTS_PAPER_PROFILE
-        else:
-            profile = EMBEDDED_PROFILE if self.is_embedded else PAPER_PROFILE
+        profile = kind_of(self.task).profile(self.is_embedded)
         changes = {}
         for key in ("n_train", "n_val", "n_test", "max_length"):
             if getattr(self, key) is None and profile[key] is not None:

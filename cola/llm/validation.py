@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from cola.config import STRATEGY_KINDS, ChainConfig
 from cola.errors import ConfigError, closest
-from cola.llm.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
-from cola.llm.facts_sources import SYNTHETIC_PREFIX, parse_synthetic
-from cola.llm.tasks import BUILTIN_TASKS
+from cola.llm.tasks.kinds import task_problems
 from cola.llm.tracking import TRACKERS, tracker_problems
 from cola.manager import get_plugin_manager
 
@@ -36,12 +33,6 @@ CHAIN_KEYS = tuple(f.name for f in fields(ChainConfig) if f.name not in CHAIN_DE
 
 #: ChainConfig defaults of this command that differ from ChainConfig's own
 CHAIN_DEFAULTS = {"lr_schedule": "linear", "diagnostics": True}
-
-CORPUS = "corpus"
-"""The task name of language modelling on raw text (:mod:`cola.llm.corpus`)."""
-FACTS = "facts"
-"""The task name of knowledge injection (:mod:`cola.llm.facts`)."""
-
 
 def value_problems(v: Any) -> list[str]:
     """Value checks of settings whose types are right (``v``: the field values)."""
@@ -99,114 +90,10 @@ def value_problems(v: Any) -> list[str]:
                  "drop --fsdp, or drop 'full' from --method/--compare")
     if v.targets is not None and not v.targets:
         p.append("targets: give at least one module name pattern")
-    p += _task_problems(v)
+    p += task_problems(v)
     p += _chain_problems(v)
     return p
 
-
-def _corpus_problems(v: Any) -> list[str]:
-    p = ["train_paraphrases is for --task facts (the phrasings of its facts)"] if v.train_paraphrases else []
-    for name, why in (("template", "it trains on raw text, no prompt"), ("answers", "it has no answers"),
-                      ("test_file", "its test documents are held out of --train-file"),
-                      ("data_dir", "it reads --train-file (a file or a folder)")):
-        if getattr(v, name) is not None:
-            p.append(f"{name} is not for --task corpus ({why})")
-    value = v.train_file
-    if value and value.startswith(EMBEDDED_PREFIX):
-        problem = embedded_name_problem(value)
-        if problem:
-            p.append(f"train_file={problem}")
-    elif value and not Path(value).exists():
-        p.append(f"train_file={value!r}: no such file or folder (or embedded:NAME, one of "
-                 f"{', '.join(EMBEDDED_CORPORA)})")
-    return p + _reference_problems(v)
-
-
-def _text_problem(name: str, value: str | None) -> list[str]:
-    """What is wrong with a text source (a file or folder, or embedded:NAME), if anything."""
-    if value and value.startswith(EMBEDDED_PREFIX):
-        problem = embedded_name_problem(value)
-        return [f"{name}={problem}"] if problem else []
-    if value is not None and not value:
-        return [f"{name}: give a file, a folder or embedded:NAME"]
-    if value and not Path(value).exists():
-        return [f"{name}={value!r}: no such file or folder (or embedded:NAME, one of "
-                f"{', '.join(EMBEDDED_CORPORA)})"]
-    return []
-
-
-def _reference_problems(v: Any) -> list[str]:
-    """The texts of forgetting and replay (the corpus and facts tasks)."""
-    p = _text_problem("reference_file", v.reference_file) + _text_problem("replay_file", v.replay_file)
-    for value in v.more_references:
-        p += _text_problem("more_references", value)
-    return p
-
-
-def _facts_problems(v: Any) -> list[str]:
-    p = []
-    for name, why in (("template", "each fact is its own prompt"), ("answers", "each fact has its own answer"),
-                      ("test_file", "every fact of --train-file is trained on and tested"),
-                      ("data_dir", "it reads --train-file"), ("label_field", "a fact's answer is its label")):
-        if getattr(v, name) is not None:
-            p.append(f"{name} is not for --task facts ({why})")
-    value = v.train_file
-    if not value:
-        p.append("task 'facts' needs --train-file: a jsonl/json/csv/parquet table of facts (prompt, answer[, "
-                 "paraphrases]) or synthetic:N for N invented facts")
-    elif value.startswith(SYNTHETIC_PREFIX):
-        try:
-            parse_synthetic(value)
-        except ConfigError as err:
-            p += err.problems
-    elif not Path(value).is_file():
-        p.append(f"train_file={value!r}: no such file (or synthetic:N for N invented facts)")
-    for name in ("prompt_field", "answer_field", "paraphrases_field"):
-        if not getattr(v, name):
-            p.append(f"{name}: give a column name")
-    return p + _reference_problems(v)
-
-
-def _task_problems(v: Any) -> list[str]:
-    if v.task == CORPUS:
-        return _corpus_problems(v)
-    if v.task == FACTS:
-        return _facts_problems(v)
-    p = []
-    for name, given in (("reference_file", v.reference_file is not None), ("more_references", bool(v.more_references))):
-        if given:
-            p.append(f"{name} is for --task corpus and --task facts (the texts their forgetting is measured on)")
-    if v.replay_file is not None:
-        p.append("replay_file is for --task corpus and --task facts (text mixed into their batches to keep)")
-    if v.train_paraphrases:
-        p.append("train_paraphrases is for --task facts (the phrasings of its facts)")
-    if v.task == "custom":
-        if not v.template:
-            p.append("task 'custom' needs --template, e.g. '{text} It was {answer}'")
-        if not v.answers or len(v.answers) < 2:
-            p.append("task 'custom' needs --answers with at least two answer words, e.g. terrible,great")
-        if not (v.train_file or v.data_dir):
-            p.append("task 'custom' needs --train-file (or --data-dir)")
-    else:
-        if v.task not in BUILTIN_TASKS:
-            known = [*BUILTIN_TASKS, CORPUS, FACTS]
-            p.append(f"task={v.task!r}: unknown; closest: {', '.join(closest(v.task, known))}; "
-                     f"known: {', '.join(BUILTIN_TASKS)}, {CORPUS} (raw text), {FACTS} (knowledge injection), or "
-                     "'custom' with --template and --answers")
-        for name in ("template", "answers"):
-            if getattr(v, name) is not None:
-                p.append(f"{name} is for --task custom (task {v.task!r} has its own prompt and answers)")
-    if v.test_file and not v.train_file:
-        p.append("test_file needs train_file")
-    if v.train_file and v.data_dir:
-        p.append("give train_file or data_dir, not both")
-    for name in ("train_file", "test_file"):
-        value = getattr(v, name)
-        if value and not Path(value).is_file():
-            p.append(f"{name}={value!r}: no such file")
-    if v.data_dir and not Path(v.data_dir).exists():
-        p.append(f"data_dir={v.data_dir!r}: no such folder or file")
-    return p
 
 def _chain_problems(v: Any) -> list[str]:
     p = []

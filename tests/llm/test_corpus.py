@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cola.errors import ConfigError
-from cola.llm import corpus as C
+from cola.llm.tasks import blocks as C
 from cola.llm.tasks import DataError
 
 DOCS = [

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cola.llm import corpus
+from cola.llm.tasks import blocks as corpus
 from cola.llm.experiment import run_experiment
 from cola.llm.settings import TrainSettings
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_spec import SweepSpec
+from cola.llm.sweep.spec import SweepSpec
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega").split()

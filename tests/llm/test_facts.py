@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cola.errors import ConfigError
-from cola.llm import facts
+from cola.llm.tasks import facts_scoring as facts
 from cola.llm.experiment import run_experiment
-from cola.llm.facts_sources import (RELATIONS, Fact, check_facts, load_facts, parse_synthetic, read_facts,
+from cola.llm.tasks.facts_sources import (RELATIONS, Fact, check_facts, load_facts, parse_synthetic, read_facts,
                                     synthetic_facts)
 from cola.llm.settings import TrainSettings
 from cola.llm.tasks import DataError

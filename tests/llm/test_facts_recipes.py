@@ -11,9 +11,9 @@ import torch
 
 from cola.llm import experiment
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_cells import build_cells, effective
-from cola.llm.sweep_spec import load_recipe
-from cola.llm.sweep_tuning import candidates, tuning_units
+from cola.llm.sweep.cells import build_cells, effective
+from cola.llm.sweep.spec import load_recipe
+from cola.llm.sweep.tuning import candidates, tuning_units
 
 MAPS = ["capacity-map-cpu", "capacity-map-opt-1.3b", "capacity-map-llama-2-7b"]
 CHAINS = ["facts-chains-cpu", "facts-chains-opt-1.3b", "facts-chains-llama-2-7b"]

@@ -96,7 +96,7 @@ def _logits(model, ids):
 
 def _test_scores(model, folder, settings):
     """The test split's scores of ``model`` with the tokenizer the run loaded from ``folder``."""
-    from cola.llm.inputs import build_task, load_data
+    from cola.llm.tasks.classification import build_task, load_data
     from cola.llm.models import prepare_tokenizer
     from cola.llm.objective import evaluate
 

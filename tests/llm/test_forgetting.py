@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from cola.errors import ConfigError
-from cola.llm import corpus, divergence, replay
-from cola.llm.corpus_sources import Document
+from cola.llm import divergence
+from cola.llm.tasks import blocks as corpus, replay
+from cola.llm.tasks.corpus_sources import Document
 from cola.llm.experiment import run_experiment
-from cola.llm.facts_sources import Fact, split_phrasings, synthetic_facts
-from cola.llm.inputs import forgetting_texts, reference_source
+from cola.llm.tasks.facts_sources import Fact, split_phrasings, synthetic_facts
+from cola.llm.tasks.references import forgetting_texts, reference_source
 from cola.llm.settings import TrainSettings
 
 

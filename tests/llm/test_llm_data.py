@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from cola.llm import data
-from cola.llm.data import load_splits, load_tweets, read_rows, split_mezo, split_single_pool
+from cola.llm.tasks import data
+from cola.llm.tasks.data import load_splits, load_tweets, read_rows, split_mezo, split_single_pool
 from cola.llm.tasks import DataError, get_task, make_task
 
 TASKS = ("sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc")

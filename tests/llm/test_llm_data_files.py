@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from cola.llm.data import load_splits, read_rows
+from cola.llm.tasks.data import load_splits, read_rows
 from cola.llm.tasks import DataError
 
 datasets = pytest.importorskip("datasets")

@@ -19,6 +19,7 @@ from cola.llm.objective import evaluate
 from cola.llm.experiment import run_experiment
 from cola.llm.settings import TrainSettings, read_config_file
 from cola.llm.tasks import get_task
+from cola.llm.tasks import tables
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -124,7 +125,7 @@ def test_compare_reports_the_paired_interval_and_verdict_of_cola_sweep():
     one_seed = {"runs": [r for r in runs if r["seed"] == 0], "settings": {"eval_rule": "mean", "task": "sst2"}}
     g = report.compare(one_seed, ["lora", "cola"])["gains"]["cola"]
     assert g["verdict"] == "no interval" and g["ci_low"] is None
-    text = "\n".join(report.comparison_lines({"comparison": report.compare(results, ["lora", "cola"])}))
+    text = "\n".join(tables.comparison_lines({"comparison": report.compare(results, ["lora", "cola"])}))
     assert "95% t interval, paired by seed" in text and "**worse**" in text
 
 
@@ -193,7 +194,7 @@ def test_resume_refuses_changed_settings_and_existing_folders(tmp_path, tok, loa
 # ------------------------------------------------------------------------------ saved models
 
 def _test_scores(model, tok, settings):
-    from cola.llm.inputs import build_task, load_data
+    from cola.llm.tasks.classification import build_task, load_data
 
     task = build_task(settings)
     splits = load_data(settings, task, 0)

@@ -18,10 +18,10 @@ from cola.errors import ConfigError
 from cola.llm import stats
 from cola.llm.experiment import run_experiment
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_cells import build_cells, effective, expand, run_key
+from cola.llm.sweep.cells import build_cells, effective, expand, run_key
 from cola.llm.settings import TrainSettings
-from cola.llm.sweep_results import run_status
-from cola.llm.sweep_spec import SweepSpec, axis_path, load_recipe, recipe_names
+from cola.llm.sweep.results import run_status
+from cola.llm.sweep.spec import SweepSpec, axis_path, load_recipe, recipe_names
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,
@@ -375,7 +375,7 @@ def test_readme_sweep_on_the_embedded_model_shortened(tmp_path, capsys):
 def test_run_keys_ignore_settings_at_their_default():
     """A setting added later at a behaviour-keeping default must not orphan finished runs."""
     from cola.llm.settings import TrainSettings
-    from cola.llm.sweep_cells import run_key
+    from cola.llm.sweep.cells import run_key
 
     plain = TrainSettings(**TINY)
     assert run_key(plain) == run_key(plain.replace(fsdp=False, weight_decay=0.0, dropout=0.0))

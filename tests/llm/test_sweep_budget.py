@@ -13,10 +13,10 @@ import pytest
 
 from cola.errors import ConfigError
 from cola.io import write_json
-from cola.llm import sweep_cli, sweep_frontiers, sweep_tuning
+from cola.llm.sweep import cli as sweep_cli, frontiers as sweep_frontiers, tuning as sweep_tuning
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_cells import build_cells
-from cola.llm.sweep_spec import SweepSpec, auto_values
+from cola.llm.sweep.cells import build_cells
+from cola.llm.sweep.spec import SweepSpec, auto_values
 
 FACTS = dict(model="tiny", task="facts", train_file="synthetic:8", n_test=4, steps=6, batch_size=2, eval_batch_size=4,
              rank=2, lr=5e-3)

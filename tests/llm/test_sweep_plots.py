@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from cola.llm import sweep_report  # noqa: E402
+from cola.llm.sweep import report as sweep_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

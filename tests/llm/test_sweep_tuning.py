@@ -10,10 +10,10 @@ import pytest
 
 from cola.errors import ConfigError
 from cola.io import write_json
-from cola.llm import sweep_cli, sweep_tuning
+from cola.llm.sweep import cli as sweep_cli, tuning as sweep_tuning
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_cells import Cell, build_cells
-from cola.llm.sweep_spec import SweepSpec
+from cola.llm.sweep.cells import Cell, build_cells
+from cola.llm.sweep.spec import SweepSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,

@@ -185,7 +185,7 @@ def test_a_stop_for_stop_after_is_no_failure(tmp_path, loader, fakes):
 def test_a_sweep_names_its_runs_by_sweep_cell_and_seed(tmp_path, tok, make_model, fakes):
     pytest.importorskip("tensorboard")
     from cola.llm.sweep import run_sweep
-    from cola.llm.sweep_spec import SweepSpec
+    from cola.llm.sweep.spec import SweepSpec
 
     base = {k: v for k, v in tiny(tmp_path).to_dict().items()
             if k in ("model", "task", "data_dir", "n_train", "n_val", "n_test", "steps", "batch_size", "rank")}
@@ -220,8 +220,8 @@ def test_bad_and_missing_trackers_are_clear_errors(monkeypatch):
 
 def test_report_to_is_a_runtime_setting_outside_sweep_identities_and_axes():
     from cola.llm.settings import RUNTIME_FIELDS
-    from cola.llm.sweep_cells import run_key
-    from cola.llm.sweep_spec import NOT_AXES, SweepSpec
+    from cola.llm.sweep.cells import run_key
+    from cola.llm.sweep.spec import NOT_AXES, SweepSpec
 
     assert "report_to" in RUNTIME_FIELDS and "report_to" in NOT_AXES
     plain = TrainSettings(model="tiny", task="sst2", data_dir=str(FIXTURES))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cola.llm.tasks import DataError, Task, get_task
+from cola.llm.tasks.templates import DataError, Task, get_task
 
 logger = logging.getLogger(__name__)
 

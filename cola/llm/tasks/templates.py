@@ -7,7 +7,7 @@ answer``. The prefix is ``" "`` when the answer follows a word (``"... It was gr
 space belongs to the answer token in BPE vocabularies) and ``""`` when it follows a newline
 (``"...? Yes or No?\\nYes"``).
 
-Data loading lives in :mod:`cola.llm.data`.
+Data loading lives in :mod:`cola.llm.tasks.data`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def get_task(name: str) -> Task:
     except KeyError:
         raise ConfigError(f"unknown task {name!r}; did you mean {', '.join(closest(name, BUILTIN_TASKS))}? "
                           f"Known tasks: {', '.join(BUILTIN_TASKS)}; or make one from a prompt template "
-                          "with cola.llm.tasks.make_task") from None
+                          "with cola.llm.tasks.templates.make_task") from None
 
 
 # ------------------------------------------------------------------------------ user templates

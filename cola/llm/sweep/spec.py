@@ -22,6 +22,7 @@ from cola.errors import ConfigError, closest
 from cola.llm import stats
 from cola.llm.config_files import checked, read_config_file
 from cola.llm.records import primary_metric
+from cola.llm.tasks.kinds import CLASSIFICATION, kind_of
 from cola.llm.settings import CHAIN_KEYS, FIELD_NAMES, FILE_KEYS
 
 #: short axis names -> their setting path
@@ -41,12 +42,6 @@ METRICS = ("accuracy", "macro_f1", "acc_mean", "acc_sum", "acc_norm", "perplexit
            "forgetting", "reference_perplexity", "recall", "token_accuracy", "answer_loss", "paraphrase_recall")
 """Test metrics a sweep can compare on; perplexity, loss, bits per byte, answer loss and forgetting are better
 when lower (:func:`cola.llm.stats.higher_is_better`)."""
-CORPUS_METRICS = ("perplexity", "loss", "bits_per_byte", "forgetting", "reference_perplexity")
-"""The corpus task's metrics."""
-FACTS_METRICS = ("recall", "token_accuracy", "answer_loss", "paraphrase_recall", "forgetting", "reference_perplexity")
-"""The facts task's metrics (the rest are the classification tasks')."""
-TASK_METRICS = {"corpus": CORPUS_METRICS, "facts": FACTS_METRICS,
-                "classification": tuple(m for m in METRICS if m not in CORPUS_METRICS + FACTS_METRICS)}
 
 
 
@@ -71,7 +66,7 @@ class SweepSpec(Validated):
     confidence: float = 0.95
     tune: dict[str, list[Any]] = field(default_factory=dict)
     """Axes each cell picks its own value of before it is scored (e.g. ``{"lr": [1e-3, 2e-3, 5e-3]}``): on the
-    validation split of ``tune_seeds`` (:mod:`cola.llm.sweep_tuning`)."""
+    validation split of ``tune_seeds`` (:mod:`cola.llm.sweep.tuning`)."""
     tune_seeds: list[int] = field(default_factory=lambda: [1000])
     """The seeds of the tuning runs: disjoint from ``seeds``, so that the report seeds never see the tuning."""
     max_forgetting: float | None = None
@@ -165,16 +160,16 @@ class SweepSpec(Validated):
         tasks = {str(t) for t in self.grid.get("task", [])} if isinstance(self.grid, dict) else set()
         if isinstance(self.settings, dict):
             tasks = tasks or {str(self.settings.get("task"))}
-        kinds = {t if t in ("corpus", "facts") else "classification" for t in tasks}
+        kinds = {kind_of(t).name for t in tasks}
         if len(kinds) > 1:
             return [f"grid.task={sorted(tasks)}: a sweep compares one kind of task (corpus, facts or classification), "
                     "since the metric it compares is one of them"]
-        kind = kinds.pop() if kinds else "classification"
+        kind = kinds.pop() if kinds else CLASSIFICATION.name
         if self.metric is None:
             self.metric = primary_metric({"task": next(iter(tasks), None)})
         if self.metric not in METRICS:
             return [f"metric={self.metric!r}: allowed {', '.join(METRICS)}"]
-        allowed = TASK_METRICS[kind]
+        allowed = kind_of(kind).metrics
         if self.metric not in allowed:
             return [f"metric={self.metric!r}: not a metric of the {kind} task; allowed {', '.join(allowed)}"]
         return []
@@ -235,7 +230,7 @@ class SweepSpec(Validated):
             setattr(self, name, float(value))
             if not self.tune:
                 p.append(f"{name}={value}: a budget chooses among tuning candidates: give --tune (e.g. lr=1e-3,3e-3)")
-        if self.budget and self.metric in TASK_METRICS["classification"]:
+        if self.budget and self.metric in CLASSIFICATION.metrics:
             p.append(f"max_forgetting / max_kl: metric {self.metric!r} is a classification task's, which measures no "
                      "forgetting (the corpus and facts tasks do)")
         if self.refine is not None and (isinstance(self.refine, bool) or not isinstance(self.refine, int)

@@ -18,7 +18,7 @@ import cola
 from cola.errors import ConfigError
 from cola.llm.config_files import merge
 from cola.llm.settings import CHAIN_DEFAULTS, CHAIN_DERIVED, TrainSettings, default_of
-from cola.llm.sweep_spec import SweepSpec, label_of, set_path
+from cola.llm.sweep.spec import SweepSpec, label_of, set_path
 
 #: what a sweep's runs default to (each run's adapters and plots are rarely wanted; flags win)
 SWEEP_DEFAULTS = {"save_adapter": False, "save_links": False, "plots": False}
@@ -44,7 +44,7 @@ class Cell:
     baseline_key: str | None = None
     baseline_label: str | None = None
     is_baseline_only: bool = False
-    tuning: dict[str, Any] | None = None  #: how its tuned values were chosen (:mod:`cola.llm.sweep_tuning`)
+    tuning: dict[str, Any] | None = None  #: how its tuned values were chosen (:mod:`cola.llm.sweep.tuning`)
 
 
 def expand(spec: SweepSpec) -> list[dict[str, Any]]:

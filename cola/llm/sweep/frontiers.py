@@ -1,6 +1,6 @@
 """A budgeted sweep's report: the learn / forget frontier each cell chose on (a table and a plot of every
 tuning candidate's validation metric against its forgetting), whether each cell kept its budget on the report
-seeds, and the forgetting on the other references (:mod:`cola.llm.sweep_tuning` makes the choices)."""
+seeds, and the forgetting on the other references (:mod:`cola.llm.sweep.tuning` makes the choices)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 from cola.io import markdown_table
 from cola.llm.report_plots import save_figure
-from cola.llm.report import _pm
-from cola.llm.sweep_tuning import _fmt, _value_text
+from cola.llm.tasks.tables import pm as _pm
+from cola.llm.sweep.tuning import _fmt, _value_text
 
 
 def budget_cell(row: dict[str, Any]) -> str:

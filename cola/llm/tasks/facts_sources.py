@@ -2,13 +2,13 @@
 
 A *fact* is a prompt and the answer that completes it (``"Velmora Quistane was born in the city
 of"`` -> ``"Drelwick"``), with optional *paraphrases*: other prompts for the same answer, scored but
-never trained on. The facts task (:mod:`cola.llm.facts`) trains on every fact and measures what was
+never trained on. The facts task (:mod:`cola.llm.tasks.facts_scoring`) trains on every fact and measures what was
 taught (exact-match recall) and whether it generalises (recall on the paraphrases).
 
 Sources
 -------
 * a table (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, read by ``datasets`` through
-  :func:`cola.llm.data.read_rows`) with a ``prompt`` and an ``answer`` column (other names by
+  :func:`cola.llm.tasks.data.read_rows`) with a ``prompt`` and an ``answer`` column (other names by
   ``prompt_field`` / ``answer_field``) and optionally ``paraphrases`` (a list of prompts; in a CSV
   cell a JSON list, e.g. ``["Q: Where was X born?\\nA:"]``);
 * ``synthetic:N`` or ``synthetic:N:SEED``: ``N`` invented facts about made-up people (birthplaces,
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from cola.errors import ConfigError
-from cola.llm.data import read_rows
-from cola.llm.tasks import DataError
+from cola.llm.tasks.data import read_rows
+from cola.llm.tasks.templates import DataError
 
 logger = logging.getLogger(__name__)
 

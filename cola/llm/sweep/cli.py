@@ -24,13 +24,14 @@ from typing import Any
 from cola.errors import ConfigError
 from cola.io import OutputError
 from cola.llm import cli as train_cli
-from cola.llm import lock, stopping, sweep_report
+from cola.llm import lock, stopping
+from cola.llm.sweep import report as sweep_report
 from cola.llm.cli import flags_of
 from cola.llm.config_files import checked, merge, read_config_file
 from cola.llm.settings import FIELD_NAMES, FILE_KEYS
 from cola.llm.stats import CI_METHODS
 from cola.llm.sweep import run_sweep
-from cola.llm.sweep_spec import METRICS, SweepSpec, axis_path, load_recipe, recipe_names, set_path
+from cola.llm.sweep.spec import METRICS, SweepSpec, axis_path, load_recipe, recipe_names, set_path
 
 #: grid flags: name -> (axis path, value type)
 GRID_FLAGS = {

@@ -25,7 +25,7 @@ seeds) as long as the base settings stay the same. Zero-shot scores, which depen
 model and data, are computed once per seed and shared between runs.
 
 Results (``results.json``, ``results.csv``, ``results.md`` and plots, see
-:mod:`cola.llm.sweep_report`) hold per cell: mean, std and n of the test score; the paired
+:mod:`cola.llm.sweep.report`) hold per cell: mean, std and n of the test score; the paired
 difference with its confidence interval and verdict; the validation score after every link;
 the mean training-loss curve with the knots; and the compute actually spent: trainable
 parameters and training FLOPs per link and in all, the FLOPs ratio to the baseline (so "equal
@@ -36,8 +36,6 @@ compute" is checked, not assumed) and the wall time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -46,99 +44,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cola
-from cola.errors import ColaError, ConfigError
-from cola.io import OutputError, write_json
-from cola.llm import report, stopping, sweep_report, sweep_tuning
+from cola.errors import ConfigError
+from cola.io import write_json
+from cola.llm import report, stopping
+from cola.llm.sweep import report as sweep_report, tuning as sweep_tuning
 from cola.llm.experiment import run_experiment
 from cola.llm.lock import FolderLock
-from cola.llm.models import load_model
-from cola.llm.settings import TrainSettings, default_of
-from cola.llm.sweep_cells import KEY_VERSION, Cell, build_cells, effective, run_key
-from cola.llm.sweep_results import aggregate, read_json, run_status
-from cola.llm.sweep_spec import SweepSpec, load_recipe, recipe_names
-from cola.llm.tracking import Naming
+from cola.llm.settings import TrainSettings
+from cola.llm.sweep.cells import KEY_VERSION, Cell, build_cells, effective, run_key
+from cola.llm.sweep.results import aggregate, read_json, run_status
+from cola.llm.sweep.runs import Runner, units
+from cola.llm.sweep.spec import SweepSpec, load_recipe, recipe_names
 
 __all__ = ["SweepSpec", "load_recipe", "recipe_names", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_VERSION = 1
-
-#: settings the zero-shot scores depend on
-_ZERO_SHOT_KEYS = ("model", "task", "data_dir", "train_file", "test_file", "template", "answers", "label_field",
-                   "n_train", "n_val", "n_test", "test_seed", "max_length", "dtype", "eval_rule", "eval_batch_size",
-                   "eval_links", "loss")
-
-# ============================================================================ running
-
-class _ModelCache:
-    """Hands every run the same base model object (runs restore it afterwards), reloaded only when
-    a run changed it (full fine-tuning, a failure) or asks for another model, dtype or device."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.model = None
-        self.tokenizer = None
-
-    def loader(self, settings: TrainSettings) -> Callable[[], tuple[Any, Any]]:
-        key = (settings.model, settings.dtype, settings.device)
-
-        def load():
-            if self.key != key or self.model is None or not self._pristine():
-                self.model = self.tokenizer = None
-                self.model, self.tokenizer = load_model(settings.model, settings.dtype, settings.device)
-                self.key = key
-            return self.model, self.tokenizer
-
-        return load
-
-    def _pristine(self) -> bool:
-        return not cola.lora_layers(self.model) and not any(p.requires_grad for p in self.model.parameters())
-
-    def after(self, settings: TrainSettings, ok: bool) -> None:
-        if settings.method == "full" or not ok:
-            self.model = self.tokenizer = None
-
-
-#: settings the zero-shot scores also depend on, in the key only when they differ from their default (so that the
-#: keys of sweeps from before they existed stay the same)
-_ZERO_SHOT_KEYS_IF_SET = ("reference_file", "more_references", "replay_file", "kl_top_k", "train_paraphrases",
-                          "paraphrases_field", "prompt_field", "answer_field", "files", "text_field")
-
-
-def _zero_shot_key(settings: TrainSettings) -> str:
-    s = settings.resolved().to_dict()
-    data = {k: s[k] for k in _ZERO_SHOT_KEYS}
-    data.update({k: s[k] for k in _ZERO_SHOT_KEYS_IF_SET if s[k] != default_of(k)})
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _share_zero_shot(out: Path, settings: TrainSettings, seed: int, run_dir: Path, direction: str) -> None:
-    """Copy the shared zero-shot scores into a new run's folder (``in``) or collect a run's (``out``)."""
-    shared_path = out / "zero_shot" / f"{_zero_shot_key(settings)}.json"
-    shared = read_json(shared_path) or {"test": None, "validation": {}}
-    local_path = run_dir / "zero_shot.json"
-    if direction == "in":
-        if shared["test"] is None or local_path.is_file():
-            return
-        local = {"test": shared["test"], "validation": {}}
-        if str(seed) in shared["validation"]:
-            local["validation"][str(seed)] = shared["validation"][str(seed)]
-        write_json(local_path, local)
-        return
-    local = read_json(local_path)
-    if not local:
-        return
-    changed = shared["test"] is None and local.get("test") is not None
-    if changed:
-        shared["test"] = local["test"]
-    for s, v in (local.get("validation") or {}).items():
-        if s not in shared["validation"]:
-            shared["validation"][s] = v
-            changed = True
-    if changed:
-        write_json(shared_path, shared)
-
 
 def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Callable[[], Any] | None = None,
               progress: bool = False, max_runs: int | None = None, dry_run: bool = False,
@@ -162,7 +84,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
             are taken over without it, the sweep holding its folder's lock; a live owner is never overridden.
 
     Returns:
-        The results dict (see :mod:`cola.llm.sweep_report`). While it runs, the sweep folder is locked
+        The results dict (see :mod:`cola.llm.sweep.report`). While it runs, the sweep folder is locked
         (two sweeps never write one folder) and SIGTERM / SIGINT stop it after the current step of the
         current run (:class:`cola.llm.stopping.SignalStop`; continue with ``resume=True``).
     """
@@ -176,13 +98,13 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
-    runner = _Runner(out, loader, progress, max_runs, [])
+    runner = Runner(out, loader, progress, max_runs, [])
     with FolderLock(out, "cola sweep", take_over_lock, take_stale=resume), stopping.graceful():  # released at the end, on errors, signals
         _prepare(spec, out, resume)
         return _run_units(spec, out, runner, cells, extra, groups, started)
 
 
-def _run_units(spec: SweepSpec, out: Path, runner: "_Runner", cells: list[Cell], extra: list[Cell],
+def _run_units(spec: SweepSpec, out: Path, runner: Runner, cells: list[Cell], extra: list[Cell],
                groups: dict[str, list[Cell]], started: float) -> dict[str, Any]:
     """The tuning runs, the sweep's runs and the results files, once the sweep folder is held."""
     failures = runner.failures
@@ -200,7 +122,7 @@ def _run_units(spec: SweepSpec, out: Path, runner: "_Runner", cells: list[Cell],
         cells, extra = _tuned(spec, out, *untuned, groups)
         # every cell chose (or found no candidate within the budget: it is reported so, and not run)
         chosen = all(c.tuning["chosen"] or c.tuning.get("over_budget") for c in [*cells, *extra]) if groups else True
-        status = runner.run(_units(spec, cells, extra), "sweep") if status == "complete" and chosen else "partial"
+        status = runner.run(units(spec, cells, extra), "sweep") if status == "complete" and chosen else "partial"
     except (KeyboardInterrupt, stopping.SignalStop):   # a signal: the checkpoint is written, the rest waits
         log.warning("sweep stopped; continue with: cola sweep --resume %s", out)
         raise
@@ -218,82 +140,6 @@ def _tuned(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell],
         return cells, extra
     records = {key: sweep_tuning.choose(spec, out, group) for key, group in groups.items()}
     return sweep_tuning.apply(cells, extra, groups, records)
-
-
-class _Runner:
-    """Runs (cell, seed) units not finished yet, at most ``max_runs`` in all the calls of one invocation.
-    A failing run is logged and added to ``failures``; the others go on."""
-
-    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]]):
-        self.out, self.loader, self.progress, self.max_runs, self.failures = out, loader, progress, max_runs, failures
-        self.cache = _ModelCache()
-        self.done_now = 0
-
-    def run(self, units: list[tuple[Cell, int]], what: str) -> str:
-        """``complete`` when every unit is finished, else ``partial``."""
-        status = "complete"
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(units), desc=what, unit="run", dynamic_ncols=True, position=0)
-        try:
-            for i, (cell, seed) in enumerate(units, 1):
-                run_dir = self.out / "runs" / cell.key / f"seed{seed}"
-                state = run_status(run_dir)
-                if state != "complete":
-                    if self.max_runs is not None and self.done_now >= self.max_runs:
-                        return "partial"
-                    log.info("%s run %d/%d: %s, seed %d (%s)", what, i, len(units), cell.label, seed,
-                             "resuming" if state == "partial" else "new")
-                    status = status if self.one(cell, seed, run_dir, state) else "partial"
-                    self.done_now += 1
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        return status
-
-    def naming(self, cell: Cell) -> Naming:
-        """A run's tracked name ``<sweep folder>/<cell label>/<method>-seed<k>`` (tuning runs' labels start with
-        ``tuning``), its TensorBoard events in ``tracking/<cell label>/<method>-seed<k>`` of the sweep folder."""
-        return Naming(f"{self.out.name}/{cell.label}", self.out / "tracking" / cell.label.replace("/", "_"))
-
-    def one(self, cell: Cell, seed: int, run_dir: Path, state: str) -> bool:
-        # the sweep holds its folder's lock, so a lock inside one of its runs' folders was left by one of its own
-        # runs that was killed (or by a `cola train` on that folder): taken over when stale; a live owner never
-        settings = effective(cell.settings).replace(seeds=[seed], output_dir=str(run_dir), resume=state == "partial",
-                                                    take_over_lock=True)
-        _share_zero_shot(self.out, settings, seed, run_dir, "in")
-        ok = False
-        try:
-            results = run_experiment(settings, loader=self.loader or self.cache.loader(settings),
-                                     progress=self.progress, naming=self.naming(cell))
-            ok = results.get("status") == "complete"
-        except (OutputError, stopping.SignalStop):
-            raise   # the machine (a full or read-only disk) or a signal stops the sweep: no failure of this run
-        except ColaError as err:
-            log.error("sweep run %s seed %d failed: %s", cell.label, seed, err)
-            self.failures.append({"label": cell.label, "key": cell.key, "seed": seed, "error": str(err)})
-        finally:
-            self.cache.after(settings, ok)
-            _share_zero_shot(self.out, settings, seed, run_dir, "out")
-        return ok
-
-
-def _units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[Cell, int]]:
-    """(cell, seed) runs in order: seed by seed (so a cut-short sweep has whole seeds), baselines
-    first, each run once even when several cells share it."""
-    units, seen = [], set()
-    for seed in spec.seeds:
-        for cell in [*extra, *cells]:
-            if cell.tuning and cell.tuning.get("over_budget"):
-                continue   # no candidate kept the budget: nothing to report
-            if (cell.key, seed) not in seen:
-                seen.add((cell.key, seed))
-                units.append((cell, seed))
-    return units
 
 
 def _prepare(spec: SweepSpec, out: Path, resume: bool) -> None:

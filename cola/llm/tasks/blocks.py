@@ -53,12 +53,12 @@ import torch
 import torch.nn.functional as F
 
 from cola.errors import ConfigError
-from cola.llm.corpus_sources import (EMBEDDED_PREFIX, SAMPLE_BY, STDLIB_EXCLUDED_DIRS, TABLE_BUILDERS,  # noqa: F401
-                                     Corpus,
-                                     CorpusInfo, Document, _utf8_lengths, describe, embedded_corpus,
-                                     embedded_reference, load_corpus, read_documents, stdlib_files)
+from cola.llm.tasks.corpus_sources import (EMBEDDED_PREFIX, SAMPLE_BY, STDLIB_EXCLUDED_DIRS,  # noqa: F401
+                                           TABLE_BUILDERS, Corpus, CorpusInfo, Document, _utf8_lengths, describe,
+                                           embedded_corpus, embedded_reference, load_corpus, read_documents,
+                                           stdlib_files)
 from cola.llm.divergence import StartDistributions, input_device, block_log_probs, coarse_kl
-from cola.llm.tasks import DataError
+from cola.llm.tasks.templates import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

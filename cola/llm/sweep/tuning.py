@@ -30,9 +30,9 @@ from typing import Any
 
 from cola.io import markdown_table
 from cola.llm import stats
-from cola.llm.sweep_cells import Cell, cell_settings, run_key
-from cola.llm.sweep_results import read_json
-from cola.llm.sweep_spec import SweepSpec, label_of, round_value
+from cola.llm.sweep.cells import Cell, cell_settings, run_key
+from cola.llm.sweep.results import read_json
+from cola.llm.sweep.spec import SweepSpec, label_of, round_value
 
 #: the tie-break of a tuning score: a validation loss (lower is better) that does not saturate
 TIE_BREAK = {"recall": "answer_loss", "token_accuracy": "answer_loss", "paraphrase_recall": "answer_loss"}
