@@ -9,7 +9,8 @@ A loader may give a ``peft.PeftModel`` (``--model`` a PEFT adapter folder does):
 base (the original weights) and the adapter's factors apart (:func:`cola.peft_models.take_adapter`),
 and each run's LoRA layers hold a copy of them, which the run's chain continues as its first link.
 The adapter's LoraConfig, not ``--targets`` / ``--rank``, then decides where LoRA goes and its rank
-(the plan's trainable-parameter counts still use ``--rank``); the zero-shot scores are the base's.
+(and the plan counts with them: :func:`plan_settings`); the zero-shot scores are the base's. Under FSDP the
+same holds: the adapter's factors are put back before the base is sharded.
 """
 
 from __future__ import annotations
@@ -80,19 +81,15 @@ def default_loader(settings: TrainSettings, device: torch.device | None = None, 
 
     ``device`` (a distributed run: this rank's device) replaces ``settings.device``. With ``fsdp``
     the model is loaded on the CPU, in the dtype ``device`` calls for, and FSDP moves each rank's
-    shard to ``device``.
+    shard to ``device``: a PeftModel the same way, its adapter taken apart by :class:`ModelHost` and put
+    back as the first link's factors (replicated) before the base is sharded, as a bare model's LoRA is.
     """
     attn = settings.attn_implementation
-    if adapter_base(settings.model) is not None:
-        if fsdp:
-            raise ConfigError("--fsdp with a PEFT adapter folder as --model: not supported; train it on one process "
-                              "or data-parallel without fsdp")
-        return lambda: load_adapter_model(settings.model, settings.dtype,
-                                          device if device is not None else settings.device, attn)
-    if fsdp and device is not None:
+    load = load_adapter_model if adapter_base(settings.model) is not None else load_model
+    if fsdp and device is not None:   # on the CPU; each rank's shard goes to the device (a PeftModel's too)
         dtype = resolve_dtype(settings.dtype, device)
-        return lambda: load_model(settings.model, dtype, "cpu", attn)
-    return lambda: load_model(settings.model, settings.dtype, device if device is not None else settings.device, attn)
+        return lambda: load(settings.model, dtype, "cpu", attn)
+    return lambda: load(settings.model, settings.dtype, device if device is not None else settings.device, attn)
 
 
 def model_source(settings: TrainSettings) -> str:

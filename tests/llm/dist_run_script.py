@@ -61,7 +61,9 @@ def run(fields: dict, loader=None) -> tuple[dict, list[dict[str, torch.Tensor]]]
     _weight_types.clear()
     experiment.save_outputs = _capture_and_save
     try:
-        results = experiment.run_experiment(TrainSettings(**fields), loader=loader or tiny_loader())
+        from_disk = Path(fields.get("model", "")).is_dir()   # a saved folder (a PEFT adapter): cola's own loader
+        results = experiment.run_experiment(TrainSettings(**fields),
+                                            loader=loader or (None if from_disk else tiny_loader()))
     finally:
         experiment.save_outputs = _original_save_outputs
     return results, list(_captured)

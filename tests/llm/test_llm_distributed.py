@@ -102,6 +102,24 @@ def _facts_common(root: Path) -> dict:
                 log_every=1, threads=1)
 
 
+def _adapter_folder(root: Path) -> Path:
+    """A PEFT LoRA adapter (r=3 on k_proj and o_proj, B not zero: it changes the outputs) over the tiny Llama saved
+    with save_pretrained: ``cola train --model <adapter folder>`` continues it as the chain's first link."""
+    from peft import LoraConfig, get_peft_model
+
+    base = root / "peft-base"
+    tok = script.build_tokenizer()
+    script.tiny_llama(len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    torch.manual_seed(5)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["k_proj", "o_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)
+    model = get_peft_model(script.tiny_llama(len(tok)), config)
+    model.peft_config["default"].base_model_name_or_path = str(base)
+    model.save_pretrained(root / "peft-adapter")
+    return root / "peft-adapter"
+
+
 def _torchrun(args: list[str], timeout: float = 150.0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent.parent)
@@ -138,6 +156,7 @@ def launched(tmp_path_factory):
     common = _common(_reviews(root / "reviews.jsonl"))
     corpus = _corpus_common(root)
     facts = _facts_common(root)
+    peft = {**common, "model": str(_adapter_folder(root)), "links": 2}
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     # a 1-rank run stopped after 3 steps, to be resumed on 2 ranks
@@ -158,6 +177,7 @@ def launched(tmp_path_factory):
         {**common, "output_dir": str(root / "ddp"), "_expect_error": True},   # already holds a run
         {**facts, "output_dir": str(root / "facts-ddp")},
         {**facts, "output_dir": str(root / "facts-fsdp"), "fsdp": True},
+        {**peft, "output_dir": str(root / "peft-fsdp"), "fsdp": True},   # a PeftModel, sharded
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
     t1 = time.perf_counter()
@@ -165,7 +185,7 @@ def launched(tmp_path_factory):
     launch_s = time.perf_counter() - t1
     res = torch.load(root / "result.pt", weights_only=False)
     names = ["ddp", "two_then_one_stopped", "one_then_two", "fsdp", "full", "ddp_ckpt", "fsdp_ckpt", "corpus_ddp",
-             "corpus_fsdp", "refused", "facts_ddp", "facts_fsdp"]
+             "corpus_fsdp", "refused", "facts_ddp", "facts_fsdp", "peft_fsdp"]
     out = dict(zip(names, res["jobs"]), root=root, common=common, proc=proc, raw=res)
     # the one-process references
     out["ref"], out["ref_weights"] = script.run({**compare, "output_dir": str(root / "ref")})
@@ -173,6 +193,7 @@ def launched(tmp_path_factory):
     out["full_ref"], out["full_ref_weights"] = script.run({**full, "output_dir": str(root / "full-ref")})
     out["corpus_ref"], out["corpus_ref_weights"] = script.run({**corpus, "output_dir": str(root / "corpus-ref")})
     out["facts_ref"], out["facts_ref_weights"] = script.run({**facts, "output_dir": str(root / "facts-ref")})
+    out["peft_ref"], out["peft_ref_weights"] = script.run({**peft, "output_dir": str(root / "peft-ref")})
     out["resumed_here"], out["resumed_here_weights"] = script.run(
         {**common, "output_dir": str(root / "two-then-one"), "resume": True})
     print(f"\n[dist-llm] torchrun launch ({len(jobs)} jobs, 2 ranks): {launch_s:.1f} s; "
@@ -244,6 +265,23 @@ def test_the_facts_task_with_replay_on_two_ranks_matches_one_rank(launched, job)
     assert mine["test"]["paraphrase_n"] == 18 and abs(mine["test"]["paraphrase_answer_loss"]
                                                        - theirs["test"]["paraphrase_answer_loss"]) < TOL
     assert mine["test"]["reference_kl"] > 0 and abs(mine["test"]["forgetting"] - theirs["test"]["forgetting"]) < TOL
+
+
+def test_a_peft_adapter_folder_under_fsdp_on_two_ranks_matches_one_rank(launched):
+    """``--model`` a PEFT adapter folder with ``--fsdp``: the PeftModel's base is sharded (DTensor weights), its
+    adapter continued as the first link (replicated), as a bare model's LoRA is; equal to one process."""
+    job, ref = launched["peft_fsdp"], launched["peft_ref"]
+    assert job["results"]["distributed"]["fsdp"] and set(job["weight_types"]) == {"DTensor"}
+    assert job["rank_weight_diff"] == 0.0
+    run, ref_run = job["results"]["runs"][0], ref["runs"][0]
+    assert run["knots"] == ref_run["knots"] == [3] and run["ranks"] == [3, 3]   # the adapter's rank, not --rank
+    assert sorted(job["weights"][0]) == sorted(launched["peft_ref_weights"][0])
+    assert all(n.endswith((".k_proj", ".o_proj")) for n in job["weights"][0])   # the adapter's targets
+    weight_diff = _max_diff(job["weights"], launched["peft_ref_weights"])
+    loss_diff = _loss_diff(job["results"], ref)
+    print(f"\n[dist-llm] PeftModel under FSDP, 2 ranks vs 1: weights {weight_diff:.2e}, losses {loss_diff:.2e}")
+    assert weight_diff < 1e-6 and loss_diff < 1e-6
+    assert ref_run["train_loss"][0] == pytest.approx(run["train_loss"][0], abs=1e-6)
 
 
 def test_full_fine_tuning_on_two_ranks_matches_one_rank(launched):
