@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "alternated in one process (--rounds rounds after 2 warm-up rounds)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--corpus", default="stdlib",
-                   help="'stdlib' (the embedded corpus) or a path for cola.llm.tasks.blocks.read_documents")
+                   help="'stdlib' (the embedded corpus) or a path for cola.llm.tasks.corpus_sources.read_documents")
     p.add_argument("--files", default="*", help="glob for a corpus folder")
     p.add_argument("--text-field", default="text")
     p.add_argument("--sample-by", default=None, help="document | paragraph | line (text files)")
@@ -68,13 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_documents(spec: str, args: argparse.Namespace, reference: bool = False):
-    from cola.llm.tasks import blocks as C
+    from cola.llm.tasks import corpus_sources
 
     if spec == "stdlib":
-        return C.embedded_corpus()
+        return corpus_sources.embedded_corpus()
     if spec == "tweets":
-        return C.embedded_reference()
-    return C.load_corpus(spec, files=args.files if not reference else "*", text_field=args.text_field,
+        return corpus_sources.embedded_reference()
+    return corpus_sources.load_corpus(spec, files=args.files if not reference else "*", text_field=args.text_field,
                          sample_by=args.sample_by)
 
 

@@ -100,19 +100,29 @@ def model_source(settings: TrainSettings) -> str:
     return adapter_base(settings.model) or settings.model
 
 
+#: the meta-device models of this process, by source: the dry runs of a sweep's cells share one (a plan only reads
+#: the model's shapes)
+_META: dict[str, tuple[Any, Any]] = {}
+
+
 def meta_model(settings: TrainSettings):
-    """``settings.model``'s architecture on the meta device (no weights) and its tokenizer, for plans."""
+    """``settings.model``'s architecture on the meta device (no weights) and its tokenizer, for plans; built once
+    per model in a process (the plan reads shapes only, so the same one serves every dry run)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = model_source(settings)
-    try:
-        config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        raise ColaError(f"could not read model {settings.model!r}: {exc}") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model, prepare_tokenizer(tokenizer)
+    if source not in _META:
+        try:
+            config = AutoConfig.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise ColaError(f"could not read model {settings.model!r}: {exc}") from exc
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        while len(_META) >= 2:
+            _META.pop(next(iter(_META)))
+        _META[source] = (model, prepare_tokenizer(tokenizer))
+    return _META[source]
 
 
 class ModelHost:

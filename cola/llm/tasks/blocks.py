@@ -24,9 +24,8 @@ tokens; the remainder (fewer than ``block_length`` tokens) is dropped. No BOS by
 blocks start mid-document anyway, and EOS already marks each document's start (OPT's BOS
 *is* its EOS). With ``bos=True`` (and a tokenizer that has a BOS) every block is BOS followed
 by ``block_length - 1`` corpus tokens. Each token carries the number of UTF-8 bytes of text it
-covers (EOS and BOS: 0; a token's bytes run from the previous token's end to its own end, so
-the bytes of a document add up exactly), which gives bits per byte, comparable across
-tokenizers.
+covers (EOS and BOS: 0; a token's bytes run from the previous token's end to its own end, so the
+bytes of a document add up exactly), which gives bits per byte, comparable across tokenizers.
 
 Metrics (:func:`evaluate_corpus`, :func:`lm_loss`)
 --------------------------------------------------
@@ -36,8 +35,8 @@ predicted tokens (computed in float32), ``perplexity = exp(loss)``, ``bits_per_b
 sum of token losses / ln 2 / bytes of the predicted tokens``. :func:`lm_loss` is the same
 quantity on one batch, with gradients: the training objective.
 
-Forgetting on a reference of many short documents (the tweets) is scored with ``boundary_id=eos``:
-a fine-tuned model learns the packing format, which would lower the reference loss and hide it.
+Forgetting on many short documents (the tweets) is scored with ``boundary_id=eos``: a fine-tuned model
+learns the packing format, which would lower the reference loss and hide it.
 """
 
 from __future__ import annotations
@@ -53,11 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from cola.errors import ConfigError
-from cola.llm.tasks.corpus_sources import (EMBEDDED_PREFIX, SAMPLE_BY, STDLIB_EXCLUDED_DIRS,  # noqa: F401
-                                           TABLE_BUILDERS, Corpus, CorpusInfo, Document, _utf8_lengths, describe,
-                                           embedded_corpus, embedded_reference, load_corpus, read_documents,
-                                           stdlib_files)
-from cola.llm.divergence import StartDistributions, input_device, block_log_probs, coarse_kl
+from cola.llm.divergence import StartDistributions, block_log_probs, coarse_kl, input_device
+from cola.llm.tasks.corpus_sources import Document, _utf8_lengths
 from cola.llm.tasks.templates import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -249,7 +245,7 @@ def _take(draw: np.ndarray, sizes: Sequence[int], needed: int) -> list[int]:
 # ------------------------------------------------------------------------------------ tokenising
 
 def encode_documents(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase,
-                     batch_size: int = 64) -> list[EncodedDocument]:
+                     batch_size: int = 1024) -> list[EncodedDocument]:
     """Token ids (without special tokens) and bytes per token of each document.
 
     A token's bytes are the UTF-8 bytes of the text from the previous token's end to its own
@@ -259,21 +255,27 @@ def encode_documents(documents: Sequence[Document], tokenizer: PreTrainedTokeniz
     """
     encoded: list[EncodedDocument] = []
     warned = False
+    # a fast tokenizer's Rust tokenizer encodes as its call does (unless it truncates or pads by itself)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = None if backend is None or backend.truncation or backend.padding else backend
     for start in range(0, len(documents), batch_size):
         chunk = documents[start:start + batch_size]
         texts = [doc.text for doc in chunk]
-        try:
-            batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            offsets = batch["offset_mapping"]
-        except (NotImplementedError, ValueError, TypeError):
-            batch = tokenizer(texts, add_special_tokens=False, verbose=False)
-            offsets = None
-            if not warned:
-                logger.info("%s gives no offsets: spreading each document's bytes evenly over its tokens",
-                            type(tokenizer).__name__)
-                warned = True
+        if backend is not None:   # the Rust tokenizer itself: the same ids and offsets, without a Python object each
+            found = backend.encode_batch(texts, add_special_tokens=False)
+            all_ids, offsets = [e.ids for e in found], [e.offsets for e in found]
+        else:
+            try:
+                batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+                all_ids, offsets = batch["input_ids"], batch["offset_mapping"]
+            except (NotImplementedError, ValueError, TypeError):
+                all_ids, offsets = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"], None
+                if not warned:
+                    logger.info("%s gives no offsets: spreading each document's bytes evenly over its tokens",
+                                type(tokenizer).__name__)
+                    warned = True
         for i, doc in enumerate(chunk):
-            ids = np.asarray(batch["input_ids"][i], dtype=np.int64)
+            ids = np.asarray(all_ids[i], dtype=np.int64)
             total = doc.n_bytes
             if len(ids) == 0:
                 per = np.zeros(0, dtype=np.int64)
@@ -281,13 +283,14 @@ def encode_documents(documents: Sequence[Document], tokenizer: PreTrainedTokeniz
                 per = np.full(len(ids), total // len(ids), dtype=np.int64)
                 per[len(ids) - total % len(ids):] += 1
             else:
-                ends = np.maximum.accumulate(np.asarray([end for _, end in offsets[i]], dtype=np.int64))
+                ends = np.maximum.accumulate(np.fromiter((end for _, end in offsets[i]), np.int64, len(ids)))
                 if doc.text.isascii():
                     byte_ends = ends
                 else:
                     cumulative = np.concatenate([[0], np.cumsum(_utf8_lengths(doc.text))])
                     byte_ends = cumulative[np.minimum(ends, len(cumulative) - 1)]
-                per = np.diff(byte_ends, prepend=0)
+                per = byte_ends.copy()
+                per[1:] -= byte_ends[:-1]
                 per[-1] += total - int(byte_ends[-1])
             encoded.append(EncodedDocument(doc.name, ids, per.astype(np.int32)))
     return encoded
@@ -373,10 +376,11 @@ def prepare_corpus(documents: Sequence[Document], tokenizer: PreTrainedTokenizer
 
 
 def prepare_reference(documents: Sequence[Document], tokenizer: PreTrainedTokenizerBase, block_length: int,
-                      n_blocks: int | None = None, bos: bool = False) -> Blocks:
-    """Every document packed (in order); at most ``n_blocks`` evenly spaced blocks kept."""
-    eos_id, bos_id = special_ids(tokenizer, bos)
-    blocks = pack_documents(encode_documents(documents, tokenizer), block_length, eos_id, bos_id).evenly(n_blocks)
+                      n_blocks: int | None = None, bos: bool = False, encoded=None) -> Blocks:
+    """Every document packed (in order; ``encoded``: their :func:`encode_documents`, if known); at most
+    ``n_blocks`` evenly spaced blocks kept."""
+    encoded = encoded if encoded is not None else encode_documents(documents, tokenizer)
+    blocks = pack_documents(encoded, block_length, *special_ids(tokenizer, bos)).evenly(n_blocks)
     if blocks.n_blocks == 0:
         raise DataError(f"the reference text holds fewer than one block of {block_length} tokens")
     return blocks
@@ -491,10 +495,6 @@ def forgetting(zero_shot: dict[str, Any], after: dict[str, Any]) -> dict[str, fl
             "perplexity_ratio": after["perplexity"] / zero_shot["perplexity"], "bits_per_byte_rise": bpb}
 
 
-__all__ = [
-    "Blocks", "Corpus", "CorpusInfo", "CorpusSplits", "Document", "DocumentSplit", "EncodedDocument",
-    "SAMPLE_BY", "STDLIB_EXCLUDED_DIRS", "TABLE_BUILDERS", "batch_indices", "describe", "embedded_corpus",
-    "embedded_reference", "encode_documents", "evaluate_corpus", "evenly_spaced", "forgetting", "lm_loss",
-    "load_corpus", "pack_documents", "prepare_corpus", "prepare_reference", "read_documents", "special_ids",
-    "split_documents", "stdlib_files",
-]
+__all__ = ["Blocks", "CorpusSplits", "DocumentSplit", "EncodedDocument", "batch_indices", "encode_documents",
+           "evaluate_corpus", "evenly_spaced", "forgetting", "lm_loss", "pack_documents", "prepare_corpus",
+           "prepare_reference", "special_ids", "split_documents"]

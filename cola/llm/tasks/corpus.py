@@ -15,6 +15,7 @@ import torch
 
 from cola.io import markdown_table
 from cola.llm.tasks import blocks
+from cola.llm.tasks import corpus_sources, token_cache
 from cola.llm.tasks.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
 from cola.llm.tasks.kind import ExampleSize, Inputs, TaskKind, checked_steps
 from cola.llm.tasks.references import (ForgettingTexts, ReferenceScoring, StartPoint, cached, forgetting_texts,
@@ -70,20 +71,26 @@ def load_corpus_data(settings: Any, tokenizer, seeds: list[int]
     (:func:`forgetting_texts`), tokenised once, split by document and packed for each seed."""
     block = settings.max_length
     text = cached(("read", settings.train_file, settings.files, settings.text_field),
-                  lambda: blocks.load_corpus(settings.train_file, settings.files, settings.text_field),
+                  lambda: corpus_sources.load_corpus(settings.train_file, settings.files, settings.text_field),
                   settings.train_file)
     kept = forgetting_texts(settings, tokenizer, block, settings.n_test)
     encoded = cached(("encode", text.info.fingerprint, tokenizer_id(tokenizer)),
-                     lambda: blocks.encode_documents(text.documents, tokenizer))
+                     lambda: token_cache.encoded_documents(text.documents, text.info.fingerprint, tokenizer,
+                                                           settings.train_file))
     reference = kept.reference
     reference_val = reference.evenly(settings.n_val)
     data = {}
     for seed in seeds:
-        split = blocks.prepare_corpus(text.documents, tokenizer, block, settings.n_val, settings.n_test, seed=seed,
-                                      test_seed=settings.test_seed, encoded=encoded)
+        def make(seed=seed):
+            split = blocks.prepare_corpus(text.documents, tokenizer, block, settings.n_val, settings.n_test, seed=seed,
+                                          test_seed=settings.test_seed, encoded=encoded)
+            return split, list(split.train.input_ids)
+
+        split, train = cached(("split", text.info.fingerprint, tokenizer_id(tokenizer), block, settings.n_val,
+                               settings.n_test, seed, settings.test_seed), make, settings.train_file)   # cells share it
         summary = split.summary()
         summary["train"]["documents"] = None  # the held-out documents are named; the rest are training
-        data[seed] = CorpusData(list(split.train.input_ids), EvalSet(split.validation, reference_val),
+        data[seed] = CorpusData(train, EvalSet(split.validation, reference_val),
                                 EvalSet(split.test, reference, kept.more), summary)
     info = {"corpus": text.info.to_dict(), **kept.info}
     return CorpusTask(info), data, kept

@@ -93,7 +93,7 @@ class Document:
     @property
     def n_bytes(self) -> int:
         """UTF-8 bytes of the text."""
-        return _utf8_lengths(self.text).sum().item() if not self.text.isascii() else len(self.text)
+        return len(self.text) if self.text.isascii() else len(self.text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from cola.llm.tasks.facts_sources import (SYNTHETIC_PREFIX, Fact, FactSet, facts
                                           split_phrasings)
 from cola.llm.tasks.kind import Inputs, TaskKind, checked_steps
 from cola.llm.tasks.references import (ForgettingTexts, ReferenceScoring, StartPoint, cached, forgetting_texts,
-                                       kl_text, reference_problems)
+                                       kl_text, reference_problems, tokenizer_id)
 from cola.llm.tasks.tables import finish_markdown, forgetting_lines, pm
 
 log = logging.getLogger(__name__)
@@ -109,19 +109,24 @@ def load_facts_data(settings: Any, tokenizer, seeds: list[int], max_length: int 
         raise ConfigError(f"train_paraphrases={k}: no fact keeps a paraphrase that is never trained on (the most "
                           f"phrasings a fact has is {max(len(f.phrasings) + len(f.paraphrases) for f in taught.facts)}"
                           "); train on fewer")
-    prompts = facts_scoring.encode_facts(tokenizer, taught.facts, max_length)
-    extra = facts_scoring.encode_phrasings(tokenizer, taught.facts, [trained for trained, _ in split], max_length)
-    train = prompts + extra
     held = [held for _, held in split]
-    paraphrases = facts_scoring.encode_phrasings(tokenizer, taught.facts, held, max_length)
+
+    def encode():   # once per facts, tokenizer, length and K in a process (a sweep's cells share them)
+        return (facts_scoring.encode_facts(tokenizer, taught.facts, max_length),
+                facts_scoring.encode_phrasings(tokenizer, taught.facts, [trained for trained, _ in split], max_length),
+                facts_scoring.encode_phrasings(tokenizer, taught.facts, held, max_length))
+
+    prompts, extra, paraphrases = cached(("facts-encoded", taught.info["fingerprint"], tokenizer_id(tokenizer),
+                                          max_length, k), encode, None)
+    train = prompts + extra
     kept = forgetting_texts(settings, tokenizer, FACTS_REFERENCE_BLOCK, settings.n_test)
     reference = kept.reference
     test = FactsEvalSet(taught.facts, prompts, paraphrases, reference, kept.more)
     # after every link: the facts (all, or n_val evenly spaced) and the reference; paraphrases at the end only,
     # unless some are trained on
     keep = blocks.evenly_spaced(len(prompts), len(prompts) if settings.n_val is None else settings.n_val).tolist()
-    val_paraphrases = facts_scoring.encode_phrasings(tokenizer, [taught.facts[i] for i in keep],
-                                                     [held[i] for i in keep], max_length) if k else []
+    starts = np.cumsum([0] + [len(h) for h in held])   # fact i's held-out paraphrases: paraphrases[starts[i]:...]
+    val_paraphrases = [e for i in keep for e in paraphrases[starts[i]:starts[i + 1]]] if k else []
     validation = FactsEvalSet(tuple(taught.facts[i] for i in keep), [prompts[i] for i in keep], val_paraphrases,
                               reference if settings.n_val is None else reference.evenly(settings.n_val))
     summary = {"facts": facts_summary(taught), "validation_facts": len(validation),

@@ -50,10 +50,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], a
     if not prompts:
         return []
     leading = special_affixes(tokenizer)
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    texts = [p + x + a for p, x, a in zip(prompts, prefixes, answers)]
-    full_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    alone = tokenizer([x + a for x, a in zip(prefixes, answers)], add_special_tokens=False)["input_ids"]
+    prompt_ids = _token_ids(tokenizer, list(prompts))
+    full_ids = _token_ids(tokenizer, [p + x + a for p, x, a in zip(prompts, prefixes, answers)])
+    alone = _token_ids(tokenizer, [x + a for x, a in zip(prefixes, answers)])
     encoded = []
     for prompt, ids, whole, single in zip(prompts, prompt_ids, full_ids, alone):
         answer = continuation(ids, whole)
@@ -63,6 +62,15 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], a
         context, dropped = fit_context(leading, list(ids), len(answer), max_length)
         encoded.append(EncodedExample(tuple(context), (answer,), 0, dropped))
     return encoded
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Each text's ids without special tokens; from a fast tokenizer's Rust tokenizer directly when it encodes as
+    the tokenizer's call does (no truncation or padding of its own), which spares a Python object per text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation or backend.padding:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def encode_facts(tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact],

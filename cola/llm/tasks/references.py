@@ -20,7 +20,8 @@ import cola.distributed as cd
 from cola.llm import divergence
 from cola.llm.divergence import StartDistributions
 from cola.llm.parallel import as_forward
-from cola.llm.tasks import blocks as text_blocks, replay
+from cola.llm.tasks import blocks as text_blocks, replay, token_cache
+from cola.llm.tasks import corpus_sources
 from cola.llm.tasks.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
 from cola.llm.tasks.replay import ReplayPool
 
@@ -53,7 +54,7 @@ class ForgettingTexts:
 
 
 def _read(path: str):
-    return cached(("read", path), lambda: text_blocks.load_corpus(path), path)  # its own files/text defaults
+    return cached(("read", path), lambda: corpus_sources.load_corpus(path), path)  # its own files/text defaults
 
 
 def tokenizer_id(tokenizer) -> tuple:
@@ -62,8 +63,11 @@ def tokenizer_id(tokenizer) -> tuple:
 
 def _blocks(tag: str, documents, fingerprint: str, path: str, tokenizer, block: int,
             n: int | None) -> text_blocks.Blocks:
-    return cached((tag, fingerprint, tokenizer_id(tokenizer), block, n),
-                  lambda: text_blocks.prepare_reference(documents, tokenizer, block, n), path)
+    def make():   # tokenised once per tokenizer on disk for the embedded texts (cola.llm.tasks.token_cache)
+        encoded = token_cache.encoded_documents(documents, fingerprint, tokenizer, path)
+        return text_blocks.prepare_reference(documents, tokenizer, block, n, encoded=encoded)
+
+    return cached((tag, fingerprint, tokenizer_id(tokenizer), block, n), make, path)
 
 
 def forgetting_texts(settings: Any, tokenizer, block: int, n_blocks: int | None) -> ForgettingTexts:
@@ -110,7 +114,7 @@ def cached(key: tuple, make, path: str | None = "embedded:"):
     """``make()``, kept for the next run of the same process (a sweep, a dry run of many cells): the
     embedded corpora (read) and anything keyed by a corpus's content fingerprint (tokenised). A user's
     file (``path`` not ``embedded:...``) is read again each time: it may have changed."""
-    if path is not None and not str(path).startswith(text_blocks.EMBEDDED_PREFIX):
+    if path is not None and not str(path).startswith(corpus_sources.EMBEDDED_PREFIX):
         return make()
     if key not in _CACHE:
         while len(_CACHE) >= _CACHE_SIZE:
