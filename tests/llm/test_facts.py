@@ -271,3 +271,19 @@ def test_the_restart_recipe_of_relora_is_expressible_as_settings(tmp_path, refer
     assert lr[6] < lr[5] / 2                                          # dropped at the knot ...
     assert lr[6] < lr[7] < lr[8] and lr[9] < lr[8]                    # ... re-warmed over 3 steps, then the cosine
     assert run["knot_reports"][0]["step"] == 6
+
+
+def test_the_encodings_a_process_keeps_are_those_of_the_facts_taught(tokenizer, tmp_path):
+    """Two runs of one process teaching different subsets of one fact source (n_train) each get their own
+    facts' encodings (the in-process cache is keyed by the facts taught, not by their source)."""
+    from cola.llm.settings import TrainSettings
+    from cola.llm.tasks.facts import load_facts_data
+
+    (tmp_path / "reference.txt").write_text("\n\n".join(f"It was great. Yes {i}." for i in range(40)))
+    sizes = []
+    for n in (8, 16, 8):
+        settings = TrainSettings(task="facts", train_file="synthetic:32", n_train=n, n_test=4,
+                                 reference_file=str(tmp_path / "reference.txt")).resolved()
+        task, data, _ = load_facts_data(settings, tokenizer, [0], 64)
+        sizes.append((len(data[0].train), len(data[0].test.facts), task.info["facts"]["n_facts"]))
+    assert sizes == [(8, 8, 8), (16, 16, 16), (8, 8, 8)]

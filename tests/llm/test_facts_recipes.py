@@ -133,3 +133,55 @@ def test_gpu_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypa
         assert row["steps"] == spec.settings["steps"] and row["tuning_candidates"] == len(spec.tune["lr"])
     assert plan["tuning_runs"] == sum(r["tuning_candidates"] for r in {r["key"]: r for r in plan["cells"]}.values())
     assert not (tmp_path / "plan").exists()
+
+
+BUDGETS = ["facts-budget-cpu", "facts-budget-opt-1.3b", "facts-budget-llama-2-7b"]
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+def test_budget_verdicts_tune_every_arm_within_0_3_nats_with_kl_replay(name):
+    """The chain verdict at a forgetting budget: the arms of the chain comparison, each tuned (LR and step) under
+    0.3 nats of forgetting, with the tweets replayed as KL to the start and forgetting measured on another text."""
+    spec = load_recipe(name)
+    cells, extra, runs = _all(spec)
+    assert spec.max_forgetting == 0.3 and spec.tune_step and len(spec.seeds) >= 3
+    assert not set(spec.tune_seeds) & set(spec.seeds)
+    for s in runs:
+        assert (s.replay_file, s.replay_loss, s.reference_file) == ("embedded:tweets", "kl", "embedded:python-docs")
+        assert s.eval_every and s.steps % s.eval_every == 0 and s.task == "facts"
+    r = spec.baseline["rank"]
+    assert len({(s.steps, s.batch_size, s.train_file, s.n_train) for s in runs}) == 1
+    assert {s.rank for s in runs if s.method == "lora"} == {r, 4 * r} and any(s.method == "full" for s in runs)
+    chains = {(s.links, s.chain.get("reinit"), s.chain.get("optimizer_policy", "reset"),
+               (s.chain.get("optimizer_policy_options") or {}).get("fraction"),
+               (s.chain.get("optimizer_policy_options") or {}).get("joint")) for s in runs if s.method == "cola"}
+    assert chains == {(2, "lora", "reset", None, None), (2, "fw", "reset", None, None),
+                      (4, "lora", "reset", None, None), (4, "fw", "reset", None, None),
+                      (4, "lora", "prune", 0.99, True), (4, "lora", "prune", 1.0, True)}
+    groups = candidates(spec, cells, extra)
+    assert len(groups) == 9 and all(len(g) == 3 for g in groups.values())
+
+
+@pytest.mark.parametrize("name", [n for n in BUDGETS if not n.endswith("-cpu")])
+def test_gpu_budget_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypatch, tmp_path):
+    """LoRA on q_proj and v_proj of the top 10 layers of OPT-1.3B / Llama-2-7B: r x (d + d) per matrix, 20 of them."""
+    import transformers
+
+    tok, built = copy.deepcopy(tokenizer), {}
+
+    def meta_model(settings):
+        if settings.model not in built:
+            config_cls, model_cls, config = ARCHITECTURES[settings.model]
+            with torch.device("meta"):
+                built[settings.model] = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+        return built[settings.model], tok
+
+    monkeypatch.setattr(experiment, "meta_model", meta_model)
+    spec = load_recipe(name)
+    plan = run_sweep(spec, tmp_path / "plan", dry_run=True)
+    width = ARCHITECTURES[spec.settings["model"]][2]["hidden_size"]
+    for row in plan["cells"]:
+        if row["method"] != "full":
+            assert row["trainable_params_per_link"][0] == row["ranks"][0] * 2 * width * 20
+        assert row["steps"] == spec.settings["steps"] and row["tuning_candidates"] == 3
+    assert plan["tuning_runs"] == 27

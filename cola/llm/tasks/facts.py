@@ -22,8 +22,8 @@ from cola.io import markdown_table
 from cola.llm.objective import EncodedExample, default_max_length
 from cola.llm.parallel import as_forward, is_sharded
 from cola.llm.tasks import blocks, facts_scoring
-from cola.llm.tasks.facts_sources import (SYNTHETIC_PREFIX, Fact, FactSet, facts_summary, load_facts, parse_synthetic,
-                                          split_phrasings)
+from cola.llm.tasks.facts_sources import (SYNTHETIC_PREFIX, Fact, FactSet, facts_summary, fingerprint, load_facts,
+                                          parse_synthetic, split_phrasings)
 from cola.llm.tasks.kind import Inputs, TaskKind, checked_steps
 from cola.llm.tasks.references import (ForgettingTexts, ReferenceScoring, StartPoint, cached, forgetting_texts,
                                        kl_text, reference_problems, tokenizer_id)
@@ -116,7 +116,7 @@ def load_facts_data(settings: Any, tokenizer, seeds: list[int], max_length: int 
                 facts_scoring.encode_phrasings(tokenizer, taught.facts, [trained for trained, _ in split], max_length),
                 facts_scoring.encode_phrasings(tokenizer, taught.facts, held, max_length))
 
-    prompts, extra, paraphrases = cached(("facts-encoded", taught.info["fingerprint"], tokenizer_id(tokenizer),
+    prompts, extra, paraphrases = cached(("facts-encoded", fingerprint(taught.facts), tokenizer_id(tokenizer),
                                           max_length, k), encode, None)
     train = prompts + extra
     kept = forgetting_texts(settings, tokenizer, FACTS_REFERENCE_BLOCK, settings.n_test)

@@ -107,7 +107,9 @@ def forgetting_texts(settings: Any, tokenizer, block: int, n_blocks: int | None)
 
 
 _CACHE: dict[tuple, object] = {}
-_CACHE_SIZE = 8
+#: entries kept, the least recently used dropped first: a facts run with replay and two more references uses
+#: about ten (texts read, their blocks, the facts and their encodings), so every cell of a sweep finds them
+_CACHE_SIZE = 24
 
 
 def cached(key: tuple, make, path: str | None = "embedded:"):
@@ -120,6 +122,7 @@ def cached(key: tuple, make, path: str | None = "embedded:"):
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = make()
+    _CACHE[key] = _CACHE.pop(key)   # the most recently used last
     return _CACHE[key]
 
 
