@@ -138,9 +138,10 @@ def load_facts_data(settings: Any, tokenizer, seeds: list[int], max_length: int 
 
 @dataclass
 class FactsEvaluator(ReferenceScoring):
-    """Scores a facts run (:class:`cola.llm.inputs.FactsEvalSet`): recall, token accuracy and answer loss
+    """Scores a facts run (:class:`FactsEvalSet`): recall, token accuracy and answer loss
     of the facts and of their paraphrases, which facts were recalled, and the reference text's loss
-    (forgetting) and KL to the start; the same call signature as :class:`Evaluator`.
+    (forgetting) and KL to the start; the same call signature as
+    :class:`cola.llm.tasks.classification.Evaluator`.
 
     Under torchrun the facts, the paraphrases and the reference blocks are split over the ranks (each scores a
     contiguous slice; under FSDP a rank with fewer batches runs a filler one, since every forward is a

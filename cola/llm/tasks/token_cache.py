@@ -70,9 +70,10 @@ def _read(path: Path, documents: Sequence[Document]) -> list[EncodedDocument] | 
 
 def _write(path: Path, encoded: list[EncodedDocument]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, ids=np.concatenate([e.ids for e in encoded]).astype(np.int32) if encoded else np.zeros(0, np.int32),
-             token_bytes=np.concatenate([e.token_bytes for e in encoded]).astype(np.int32) if encoded
-             else np.zeros(0, np.int32), lengths=np.asarray([len(e.ids) for e in encoded], dtype=np.int64))
+    empty = np.zeros(0, np.int32)
+    ids = np.concatenate([e.ids for e in encoded]).astype(np.int32) if encoded else empty
+    token_bytes = np.concatenate([e.token_bytes for e in encoded]).astype(np.int32) if encoded else empty
+    np.savez(buffer, ids=ids, token_bytes=token_bytes, lengths=np.asarray([len(e.ids) for e in encoded], np.int64))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue(), what="token cache")
