@@ -26,7 +26,7 @@ PACKAGES = {"cola": ROOT / "cola", "cola_plugins": ROOT / "plugins", "cola_theor
 CLI = {"cola.cli", "cola.__main__", "cola.llm.cli", "cola.llm.sweep.cli", "cola_theory.cli"}
 #: what a function may import lazily: packages that are optional (extras) or slow to import
 LAZY_OK = ("transformers", "datasets", "matplotlib", "tqdm", "peft", "safetensors", "gguf", "yaml", "pandas",
-           "pyarrow", "torch.distributed", "torch.nn.parallel", "accelerate")
+           "pyarrow", "torch.distributed", "torch.nn.parallel", "accelerate", "scipy")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 

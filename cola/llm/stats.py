@@ -27,14 +27,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
 from cola.errors import ConfigError
 
 CI_METHODS = ("t", "bootstrap")
 
-# scipy 1.15 renamed ``random_state`` to ``rng`` (both take a numpy Generator).
-_RNG_KEYWORD = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+def _scipy_stats():
+    """``scipy.stats``, imported when first needed (about a second: a ``cola train`` that compares nothing, and
+    every subprocess of the tests, is spared it)."""
+    import scipy.stats
+
+    return scipy.stats
+
+
+def _rng_keyword() -> str:
+    """scipy 1.15 renamed ``random_state`` to ``rng`` (both take a numpy Generator)."""
+    return "rng" if "rng" in inspect.signature(_scipy_stats().bootstrap).parameters else "random_state"
 
 
 # ============================================================================ summaries
@@ -60,7 +68,7 @@ def _check_df(df: float) -> None:
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with ``df`` degrees of freedom."""
     _check_df(df)
-    return float(scipy.stats.t.cdf(t, df))
+    return float(_scipy_stats().t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -68,7 +76,7 @@ def t_quantile(p: float, df: float) -> float:
     if not 0.0 < p < 1.0:
         raise ConfigError(f"p={p}: a quantile needs 0 < p < 1")
     _check_df(df)
-    return float(scipy.stats.t.ppf(p, df))
+    return float(_scipy_stats().t.ppf(p, df))
 
 
 # ============================================================================ paired comparison
@@ -99,9 +107,9 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, method: str
         sd = float(x.std(ddof=1))
         half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
         return mean - half, mean + half
-    res = scipy.stats.bootstrap((x,), np.mean, n_resamples=n_boot, vectorized=True, axis=-1,
+    res = _scipy_stats().bootstrap((x,), np.mean, n_resamples=n_boot, vectorized=True, axis=-1,
                                 confidence_level=confidence, method="percentile",
-                                **{_RNG_KEYWORD: np.random.default_rng(seed)})
+                                **{_rng_keyword(): np.random.default_rng(seed)})
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
