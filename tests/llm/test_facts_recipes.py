@@ -107,14 +107,15 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("name", [n for n in MAPS + CHAINS if not n.endswith("-cpu")])
-def test_gpu_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypatch, tmp_path):
+@pytest.fixture
+def real_architectures(tokenizer, monkeypatch):
+    """cola's dry runs on OPT-1.3B and Llama-2-7B built on the meta device from their configs (once per architecture,
+    as cola's own meta_model does: a plan reads shapes only), with the tiny tokenizer."""
     import transformers
 
-    tok = copy.deepcopy(tokenizer)
-    built = {}
+    tok, built = copy.deepcopy(tokenizer), {}
 
-    def meta_model(settings):   # once per architecture, as cola's own meta_model does (a plan reads shapes only)
+    def meta_model(settings):
         if settings.model not in built:
             config_cls, model_cls, config = ARCHITECTURES[settings.model]
             with torch.device("meta"):
@@ -122,6 +123,10 @@ def test_gpu_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypa
         return built[settings.model], tok
 
     monkeypatch.setattr(experiment, "meta_model", meta_model)
+
+
+@pytest.mark.parametrize("name", [n for n in MAPS + CHAINS if not n.endswith("-cpu")])
+def test_gpu_recipes_dry_run_on_the_real_architectures(name, real_architectures, tmp_path):
     spec = load_recipe(name)
     plan = run_sweep(spec, tmp_path / "plan", dry_run=True)
     model = next(iter(ARCHITECTURES.values()))[2] if "opt" in name else ARCHITECTURES["meta-llama/Llama-2-7b-hf"][2]
@@ -163,20 +168,8 @@ def test_budget_verdicts_tune_every_arm_within_0_3_nats_with_kl_replay(name):
 
 
 @pytest.mark.parametrize("name", [n for n in BUDGETS if not n.endswith("-cpu")])
-def test_gpu_budget_recipes_dry_run_on_the_real_architectures(name, tokenizer, monkeypatch, tmp_path):
+def test_gpu_budget_recipes_dry_run_on_the_real_architectures(name, real_architectures, tmp_path):
     """LoRA on q_proj and v_proj of the top 10 layers of OPT-1.3B / Llama-2-7B: r x (d + d) per matrix, 20 of them."""
-    import transformers
-
-    tok, built = copy.deepcopy(tokenizer), {}
-
-    def meta_model(settings):
-        if settings.model not in built:
-            config_cls, model_cls, config = ARCHITECTURES[settings.model]
-            with torch.device("meta"):
-                built[settings.model] = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
-        return built[settings.model], tok
-
-    monkeypatch.setattr(experiment, "meta_model", meta_model)
     spec = load_recipe(name)
     plan = run_sweep(spec, tmp_path / "plan", dry_run=True)
     width = ARCHITECTURES[spec.settings["model"]][2]["hidden_size"]

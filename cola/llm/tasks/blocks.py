@@ -386,19 +386,18 @@ def prepare_reference(documents: Sequence[Document], tokenizer: PreTrainedTokeni
     return blocks
 
 
-def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int = 0) -> np.ndarray:
-    """The training blocks of step ``step`` (0-based): epochs of seeded permutations, read in order.
+def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int = 0, stream: int = 2) -> np.ndarray:
+    """The training blocks of step ``step`` (0-based): epochs of seeded permutations (from ``(seed, stream,
+    epoch)``; another ``stream``, another order: the replay's), read in order.
 
     Stateless, so a resumed run draws exactly the batches an uninterrupted one would.
     """
     if n_blocks < 1 or batch_size < 1:
         raise ConfigError(f"batch_indices needs n_blocks >= 1 and batch_size >= 1 (got {n_blocks}, {batch_size})")
-    first = step * batch_size
-    out = []
-    position = first
+    out, position = [], step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(position, n_blocks)
-        permutation = np.random.default_rng([seed, 2, epoch]).permutation(n_blocks)
+        permutation = np.random.default_rng([seed, stream, epoch]).permutation(n_blocks)
         take = min(batch_size - len(out), n_blocks - offset)
         out.extend(permutation[offset:offset + take].tolist())
         position += take

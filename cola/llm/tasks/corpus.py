@@ -17,7 +17,7 @@ from cola.io import markdown_table
 from cola.llm.tasks import blocks
 from cola.llm.tasks import corpus_sources, token_cache
 from cola.llm.tasks.corpus_sources import EMBEDDED_CORPORA, EMBEDDED_PREFIX, embedded_name_problem
-from cola.llm.tasks.kind import ExampleSize, Inputs, TaskKind, checked_steps
+from cola.llm.tasks.kind import ExampleSize, Inputs, TaskKind, TextTask, checked_steps
 from cola.llm.tasks.references import (ForgettingTexts, ReferenceScoring, StartPoint, cached, forgetting_texts,
                                        kl_text, reference_problems, tokenizer_id)
 from cola.llm.tasks.tables import finish_markdown, forgetting_lines, pm
@@ -26,15 +26,6 @@ log = logging.getLogger(__name__)
 
 CORPUS = "corpus"
 """The task name of language modelling on raw text."""
-
-
-@dataclass(frozen=True)
-class CorpusTask:
-    """The corpus task as the plan and the report see it: a name, no answers, where the text came from."""
-
-    info: dict
-    name: str = CORPUS
-    answers: tuple = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +57,7 @@ class CorpusData:
 
 
 def load_corpus_data(settings: Any, tokenizer, seeds: list[int]
-                     ) -> tuple[CorpusTask, dict[int, CorpusData], ForgettingTexts]:
+                     ) -> tuple[TextTask, dict[int, CorpusData], ForgettingTexts]:
     """The documents of ``settings.train_file`` (default: the Python standard library) and the forgetting texts
     (:func:`forgetting_texts`), tokenised once, split by document and packed for each seed."""
     block = settings.max_length
@@ -93,7 +84,7 @@ def load_corpus_data(settings: Any, tokenizer, seeds: list[int]
         data[seed] = CorpusData(train, EvalSet(split.validation, reference_val),
                                 EvalSet(split.test, reference, kept.more), summary)
     info = {"corpus": text.info.to_dict(), **kept.info}
-    return CorpusTask(info), data, kept
+    return TextTask(CORPUS, info), data, kept
 
 
 @dataclass

@@ -24,7 +24,7 @@ from cola.llm.parallel import as_forward, is_sharded
 from cola.llm.tasks import blocks, facts_scoring
 from cola.llm.tasks.facts_sources import (SYNTHETIC_PREFIX, Fact, FactSet, facts_summary, fingerprint, load_facts,
                                           parse_synthetic, split_phrasings)
-from cola.llm.tasks.kind import Inputs, TaskKind, checked_steps
+from cola.llm.tasks.kind import Inputs, TaskKind, TextTask, checked_steps
 from cola.llm.tasks.references import (ForgettingTexts, ReferenceScoring, StartPoint, cached, forgetting_texts,
                                        kl_text, reference_problems, tokenizer_id)
 from cola.llm.tasks.tables import finish_markdown, forgetting_lines, pm
@@ -36,15 +36,6 @@ FACTS = "facts"
 
 #: the length of the reference text's blocks that a facts run's forgetting is measured on (and of its replay)
 FACTS_REFERENCE_BLOCK = 64
-
-
-@dataclass(frozen=True)
-class FactsTask:
-    """The facts task as the plan and the report see it: a name, no answers, the facts' source."""
-
-    info: dict
-    name: str = FACTS
-    answers: tuple = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +84,7 @@ def _facts_taught(settings: Any) -> FactSet:
 
 
 def load_facts_data(settings: Any, tokenizer, seeds: list[int], max_length: int | None
-                    ) -> tuple[FactsTask, dict[int, FactsData], ForgettingTexts]:
+                    ) -> tuple[TextTask, dict[int, FactsData], ForgettingTexts]:
     """The facts taught, encoded once, and the forgetting texts (:func:`forgetting_texts`) in blocks.
 
     Every seed is taught the same facts (their order is the seed's): each fact's prompt and, with
@@ -133,7 +124,7 @@ def load_facts_data(settings: Any, tokenizer, seeds: list[int], max_length: int 
                "trained_phrasings": len(train), "held_out_paraphrases": len(paraphrases),
                "reference": {**reference.summary(), "documents": None}}
     info = {"facts": summary["facts"], "train_paraphrases": k, **kept.info}
-    return FactsTask(info), {seed: FactsData(train, validation, test, summary) for seed in seeds}, kept
+    return TextTask(FACTS, info), {seed: FactsData(train, validation, test, summary) for seed in seeds}, kept
 
 
 @dataclass

@@ -35,6 +35,16 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class TextTask:
+    """A corpus or facts task as the plan and the report see it: its name, no answer words, where its text came
+    from (``info``)."""
+
+    name: str
+    info: dict
+    answers: tuple = ()
+
+
+@dataclass(frozen=True)
 class ExampleSize:
     """Mean tokens per example through the body, and positions through the LM head."""
 

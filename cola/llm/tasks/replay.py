@@ -81,15 +81,7 @@ def replay_indices(n_blocks: int, per_batch: int, position: int, seed: int) -> n
     if n_blocks < 1 or per_batch < 1 or position < 0:
         raise ConfigError(f"replay_indices needs n_blocks >= 1, per_batch >= 1, position >= 0 (got {n_blocks}, "
                           f"{per_batch}, {position})")
-    out: list[int] = []
-    cursor = position * per_batch
-    while len(out) < per_batch:
-        epoch, offset = divmod(cursor, n_blocks)
-        order = np.random.default_rng([seed, 0x2E91A7, epoch]).permutation(n_blocks)
-        take = min(per_batch - len(out), n_blocks - offset)
-        out.extend(order[offset:offset + take].tolist())
-        cursor += take
-    return np.asarray(out, dtype=np.int64)
+    return corpus.batch_indices(n_blocks, per_batch, position, seed, stream=0x2E91A7)
 
 
 def replay_loss(model, pool: ReplayPool, index: Sequence[int] | np.ndarray) -> torch.Tensor:
