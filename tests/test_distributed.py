@@ -1,8 +1,8 @@
 """Distributed COLA with real processes on CPU (gloo, 2 ranks, tiny models).
 
-Three process launches, each shared by several tests: ``torchrun`` running the training loop of
+Two process launches, each shared by several tests: ``torchrun`` running the training loop of
 tests/dist_train_script.py (lock-step, 2 ranks vs 1 rank, resume on 1 rank); a spawned pair
-checking lock-step of loss-driven knots, drift repair and uneven shards; a spawned pair running
+checking lock-step of loss-driven knots, drift repair and uneven shards, then running
 FSDP2 (``fully_shard``) on a tiny Llama with replicated and with sharded LoRA factors, plus the
 shard-local merge on raw DTensors.
 """
@@ -209,11 +209,24 @@ def _lockstep_worker(rank, world, store, out):
     cd.shutdown()
 
 
+def _spawned_worker(rank, world, store, out):
+    """The lock-step checks, then FSDP, in one pair of processes (each launch imports torch and cola anew):
+    two process groups one after the other, each on its own store."""
+    _lockstep_worker(rank, world, store + "-lockstep", out)
+    _fsdp_worker(rank, world, store + "-fsdp", out)
+
+
 @pytest.fixture(scope="module")
-def lockstep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lockstep")
-    _spawn(_lockstep_worker, out)
-    return torch.load(out / "lockstep.pt", weights_only=False)
+def spawned(tmp_path_factory) -> Path:
+    """The folder of the spawned pair's results (``lockstep.pt``, ``fsdp.pt``, ``fsdp_chain.pt``)."""
+    out = tmp_path_factory.mktemp("spawned")
+    _spawn(_spawned_worker, out, timeout=240.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lockstep(spawned):
+    return torch.load(spawned / "lockstep.pt", weights_only=False)
 
 
 def test_loss_driven_knots_are_tied_in_lock_step(lockstep):
@@ -403,11 +416,9 @@ def _fsdp_worker(rank, world, store, out):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    _spawn(_fsdp_worker, out)
-    res = torch.load(out / "fsdp.pt", weights_only=False)
-    res["out"] = out
+def fsdp_run(spawned):
+    res = torch.load(spawned / "fsdp.pt", weights_only=False)
+    res["out"] = spawned
     return res
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -89,12 +90,14 @@ def _shown_file(name: str) -> str:
 
 
 #: files that commands name as examples of the reader's own, and what the test puts there
+@functools.cache
 def _paragraphs(seed: int) -> str:
     """Plain text: 600 paragraphs of 40 words (a corpus that splits at blank lines, about 25k tokens)."""
     words = "the a chain link knot rank weight low update merge train test step layer model text".split()
     return "\n\n".join(" ".join(words[(seed + i * 7 + j * 3) % len(words)] for j in range(40)) for i in range(600))
 
 
+@functools.cache
 def _jsonl_docs() -> str:
     import json
 

@@ -18,6 +18,7 @@ from cola.errors import ConfigError
 from cola.llm import stats
 from cola.llm.experiment import run_experiment
 from cola.llm.sweep import run_sweep
+from cola.llm.sweep import runs as runs_module
 from cola.llm.sweep.cells import build_cells, effective, expand, run_key
 from cola.llm.settings import TrainSettings
 from cola.llm.sweep.results import run_status
@@ -410,3 +411,30 @@ def test_a_sweep_of_the_older_run_keys_is_migrated_once_and_nothing_is_rerun(tmp
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(c["key"] for c in first["cells"])
     assert sorted(p.stat().st_mtime_ns for p in (out / "runs").glob("*/seed0/results.json")) == sorted(stamps.values())
     assert [c["scores"] for c in again["cells"]] == [c["scores"] for c in first["cells"]]
+
+
+def test_another_sweeps_finished_runs_are_reused_not_rerun(tmp_path, loader, monkeypatch):
+    """``reuse_from`` (``--reuse-runs``): a run of the same key and seed in another sweep folder is copied in
+    (without its checkpoint, ``reused.json`` naming its source) and not run again; the others run; the copy
+    gives the numbers of running it here."""
+    first = run_sweep(spec(grid={"links": [1, 2]}, seeds=[0]), tmp_path / "first", loader=loader)
+    assert first["status"] == "complete"
+    with pytest.raises(ConfigError, match="not a sweep folder"):
+        run_sweep(spec(grid={"links": [2, 3]}, seeds=[0]), tmp_path / "x", loader=loader, reuse_from=[tmp_path])
+    with pytest.raises(ConfigError, match="this sweep's own folder"):
+        run_sweep(spec(grid={"links": [2, 3]}, seeds=[0]), tmp_path / "first", loader=loader, resume=True,
+                  reuse_from=[tmp_path / "first"])
+    ran = []
+    real = runs_module.run_experiment
+    monkeypatch.setattr(runs_module, "run_experiment", lambda settings, **kw: ran.append(settings) or real(settings, **kw))
+    second = run_sweep(spec(grid={"links": [2, 3]}, seeds=[0]), tmp_path / "second", loader=loader,
+                       reuse_from=[tmp_path / "first"])
+    assert second["status"] == "complete" and [s.links for s in ran] == [3]   # links=2 was copied
+    cells, extra = build_cells(spec(grid={"links": [2, 3]}, seeds=[0]))
+    two = next(c for c in cells if c.values["links"] == 2)
+    copied = sorted([two.key, *(c.key for c in extra)])   # links=2 and the LoRA baseline, both run by the first
+    assert second["reused"] == [{"key": k, "seed": "seed0", "from": str(tmp_path / "first" / "runs" / k / "seed0")}
+                                for k in copied]
+    assert not list((tmp_path / "second" / "runs" / two.key).rglob("checkpoint.pt"))
+    scores = [next(c["scores"] for c in r["cells"] if c["label"] == "links=2") for r in (first, second)]
+    assert scores[0] == scores[1]

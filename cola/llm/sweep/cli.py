@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--confidence", type=float, help="confidence of the intervals (default 0.95)")
     sweep.add_argument("--resume", nargs="?", const=True, metavar="DIR", help="continue the sweep in DIR "
                        "(default: --output-dir); grid flags given too replace its axes (finished runs are reused)")
+    sweep.add_argument("--reuse-runs", action="append", metavar="DIR", default=[], help="copy the finished runs "
+                       "of another sweep folder DIR that this sweep would make (same run key and seed) instead of "
+                       "running them again; repeatable")
     sweep.add_argument("--max-runs", type=int, metavar="N", help="run at most N (cell, seed) runs, then write "
                        "the results so far (continue with --resume)")
     sweep.add_argument("--tune", action="append", type=_axis, dest="tune_axes", default=argparse.SUPPRESS,
@@ -213,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     progress = not getattr(args, "quiet", False)
     take_over = bool(getattr(args, "take_over_lock", False))
-    options = dict(resume=bool(args.resume), max_runs=args.max_runs, take_over_lock=take_over)
+    options = dict(resume=bool(args.resume), max_runs=args.max_runs, take_over_lock=take_over,
+                   reuse_from=args.reuse_runs)
     try:
         if progress:
             from tqdm.contrib.logging import logging_redirect_tqdm

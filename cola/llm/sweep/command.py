@@ -41,7 +41,7 @@ import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cola
 from cola.errors import ConfigError
@@ -64,7 +64,7 @@ SWEEP_VERSION = 1
 
 def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Callable[[], Any] | None = None,
               progress: bool = False, max_runs: int | None = None, dry_run: bool = False,
-              take_over_lock: bool = False) -> dict[str, Any]:
+              take_over_lock: bool = False, reuse_from: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run (or continue) the sweep ``spec`` in folder ``out`` and return its results.
 
     Args:
@@ -82,6 +82,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         take_over_lock: take over the lock of the sweep folder that a process which no longer runs left
             behind (:mod:`cola.llm.lock`). The stale locks of its runs' folders (a run killed with the sweep)
             are taken over without it, the sweep holding its folder's lock; a live owner is never overridden.
+        reuse_from: other sweep folders whose finished runs of the same key and seed are copied in instead of
+            run again (the key hashes every setting a run computes with; ``reused.json`` in each copy, and
+            ``reused`` in the results, say where it came from).
 
     Returns:
         The results dict (see :mod:`cola.llm.sweep.report`). While it runs, the sweep folder is locked
@@ -98,7 +101,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, resume: bool = False, loader: Ca
         raise ConfigError("cola sweep runs in one process; under torchrun/accelerate launch each run would be "
                           "repeated by every rank. Run the sweep without a launcher (data-parallel sweeps are not "
                           "supported yet), or launch cola train per cell")
-    runner = Runner(out, loader, progress, max_runs, [])
+    runner = Runner(out, loader, progress, max_runs, [], tuple(Path(p) for p in reuse_from))
     with FolderLock(out, "cola sweep", take_over_lock, take_stale=resume), stopping.graceful():  # released at the end, on errors, signals
         _prepare(spec, out, resume)
         return _run_units(spec, out, runner, cells, extra, groups, started)
@@ -225,6 +228,12 @@ def _plan(spec: SweepSpec, cells: list[Cell], extra: list[Cell], out: Path,
 
 
 
+def _reused(out: Path) -> list[dict[str, Any]]:
+    """The runs copied from other sweeps (``--reuse-runs``), in this and earlier invocations."""
+    return [{"key": f.parent.parent.name, "seed": f.parent.name, "from": (read_json(f) or {}).get("from")}
+            for f in sorted((out / "runs").glob("*/seed*/reused.json"))]
+
+
 def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], started: float, status: str,
             failures: list[dict[str, Any]]) -> dict[str, Any]:
     rows = aggregate(spec, out, cells, extra)
@@ -237,7 +246,7 @@ def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], st
     results = {
         "version": SWEEP_VERSION, "cola_version": cola.__version__, "versions": report.versions(), "status": status,
         "output_dir": str(out), "spec": spec.to_dict(), "runs_finished": finished, "runs_expected": expected,
-        "failures": failures, "seconds_this_invocation": time.time() - started,
+        "failures": failures, "reused": _reused(out), "seconds_this_invocation": time.time() - started,
         "finished": datetime.now().isoformat(timespec="seconds"), "cells": rows,
     }
     results["files"] = sweep_report.write_all(results, out)

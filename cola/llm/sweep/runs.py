@@ -7,17 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import cola
-from cola.errors import ColaError
+from cola.errors import ColaError, ConfigError
 from cola.io import OutputError, write_json
 from cola.llm import stopping
 from cola.llm.experiment import run_experiment
 from cola.llm.models import load_model
 from cola.llm.settings import TrainSettings, default_of
-from cola.llm.sweep.cells import Cell, effective
+from cola.llm.sweep.cells import KEY_VERSION, Cell, effective
 from cola.llm.sweep.results import read_json, run_status
 from cola.llm.sweep.spec import SweepSpec
 from cola.llm.tracking import Naming
@@ -102,10 +104,13 @@ class Runner:
     """Runs (cell, seed) units not finished yet, at most ``max_runs`` in all the calls of one invocation.
     A failing run is logged and added to ``failures``; the others go on."""
 
-    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]]):
+    def __init__(self, out: Path, loader, progress: bool, max_runs: int | None, failures: list[dict[str, Any]],
+                 reuse_from: tuple[Path, ...] = ()):
         self.out, self.loader, self.progress, self.max_runs, self.failures = out, loader, progress, max_runs, failures
+        self.reuse_from = tuple(check_reuse_source(Path(src), out) for src in reuse_from)
         self.cache = ModelCache()
         self.done_now = 0
+        self.reused: list[dict[str, Any]] = []
 
     def run(self, units: list[tuple[Cell, int]], what: str) -> str:
         """``complete`` when every unit is finished, else ``partial``."""
@@ -119,6 +124,8 @@ class Runner:
             for i, (cell, seed) in enumerate(units, 1):
                 run_dir = self.out / "runs" / cell.key / f"seed{seed}"
                 state = run_status(run_dir)
+                if state == "new" and self.reuse(cell, seed, run_dir):
+                    state = "complete"
                 if state != "complete":
                     if self.max_runs is not None and self.done_now >= self.max_runs:
                         return "partial"
@@ -132,6 +139,27 @@ class Runner:
             if bar is not None:
                 bar.close()
         return status
+
+    def reuse(self, cell: Cell, seed: int, run_dir: Path) -> bool:
+        """Copy the finished run of the same key and seed from another sweep folder (``--reuse-runs``): the key
+        hashes every setting the run computes with, so it is the run this sweep would make. Checkpoints are left
+        behind; ``reused.json`` in the copy names where it came from."""
+        for src in self.reuse_from:
+            found = src / "runs" / cell.key / f"seed{seed}"
+            if run_status(found) != "complete":
+                continue
+            tmp = run_dir.with_name(f".{run_dir.name}.reuse-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(found, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", "*.lock", "cola.lock"))
+            write_json(tmp / "reused.json", {"from": str(found)})
+            if run_dir.exists():   # a "new" run folder (started, nothing finished): replaced by the finished one
+                shutil.rmtree(run_dir)
+            os.replace(tmp, run_dir)
+            share_zero_shot(self.out, effective(cell.settings).replace(seeds=[seed]), seed, run_dir, "out")
+            self.reused.append({"label": cell.label, "key": cell.key, "seed": seed, "from": str(found)})
+            log.info("reused %s, seed %d: the finished run %s", cell.label, seed, found)
+            return True
+        return False
 
     def naming(self, cell: Cell) -> Naming:
         """A run's tracked name ``<sweep folder>/<cell label>/<method>-seed<k>`` (tuning runs' labels start with
@@ -158,6 +186,21 @@ class Runner:
             self.cache.after(settings, ok)
             share_zero_shot(self.out, settings, seed, run_dir, "out")
         return ok
+
+
+def check_reuse_source(src: Path, out: Path) -> Path:
+    """A sweep folder whose finished runs may be copied: it holds a sweep of the current run keys, not ``out``."""
+    saved = read_json(src / "sweep.json")
+    if saved is None:
+        raise ConfigError(f"--reuse-runs {src}: not a sweep folder (no sweep.json); give the folder of a sweep "
+                          "whose finished runs to reuse")
+    if saved.get("keys", 1) != KEY_VERSION:
+        raise ConfigError(f"--reuse-runs {src}: its run keys are of version {saved.get('keys', 1)}, this cola's of "
+                          f"version {KEY_VERSION}; resume that sweep once with this cola (cola sweep --resume {src}) "
+                          "to migrate them")
+    if src.resolve() == out.resolve():
+        raise ConfigError(f"--reuse-runs {src}: that is this sweep's own folder; give another sweep's folder")
+    return src
 
 
 def units(spec: SweepSpec, cells: list[Cell], extra: list[Cell]) -> list[tuple[Cell, int]]:
