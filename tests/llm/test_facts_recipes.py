@@ -107,13 +107,17 @@ ARCHITECTURES = {
 }
 
 
+#: the meta-device models of the real architectures, built once for every test of the module
+_META_MODELS: dict = {}
+
+
 @pytest.fixture
 def real_architectures(tokenizer, monkeypatch):
-    """cola's dry runs on OPT-1.3B and Llama-2-7B built on the meta device from their configs (once per architecture,
-    as cola's own meta_model does: a plan reads shapes only), with the tiny tokenizer."""
+    """cola's dry runs on OPT-1.3B and Llama-2-7B built on the meta device from their configs (once per architecture
+    for the whole module, as cola's own meta_model does: a plan reads shapes only), with the tiny tokenizer."""
     import transformers
 
-    tok, built = copy.deepcopy(tokenizer), {}
+    tok, built = copy.deepcopy(tokenizer), _META_MODELS
 
     def meta_model(settings):
         if settings.model not in built:
