@@ -110,7 +110,6 @@ class Runner:
         self.reuse_from = tuple(check_reuse_source(Path(src), out) for src in reuse_from)
         self.cache = ModelCache()
         self.done_now = 0
-        self.reused: list[dict[str, Any]] = []
 
     def run(self, units: list[tuple[Cell, int]], what: str) -> str:
         """``complete`` when every unit is finished, else ``partial``."""
@@ -156,7 +155,6 @@ class Runner:
                 shutil.rmtree(run_dir)
             os.replace(tmp, run_dir)
             share_zero_shot(self.out, effective(cell.settings).replace(seeds=[seed]), seed, run_dir, "out")
-            self.reused.append({"label": cell.label, "key": cell.key, "seed": seed, "from": str(found)})
             log.info("reused %s, seed %d: the finished run %s", cell.label, seed, found)
             return True
         return False
