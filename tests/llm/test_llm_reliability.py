@@ -224,7 +224,7 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path, loader):
 # ------------------------------------------------------------------------------ SIGKILL
 
 KILL_FIELDS = dict(steps=20, links=4, checkpoint_every=3, dropout=0.1, keep_checkpoints=True, threads=1)
-# knots at 5, 10, 15; checkpoints at 3, 5, 6, 9, 10, 12, 15, 18
+# knots at 5, 10, 15; checkpoints at 3, 5, 6, 9, 10, 12, 15, 18 and 20 (the last step)
 
 
 def _wait_for(predicate, proc, timeout: float = 120.0, poll: float = 0.0005) -> bool:
@@ -328,9 +328,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loa
     rng = random.Random(20240607)
     points = [("settings", None), ("writing", 1), ("writing", 4), ("after-checkpoint", 2),
               ("after-checkpoint", 5), ("delay", train_seconds), ("delay", train_seconds), ("delay", 2 * train_seconds)]
-    # the checkpoints of the uninterrupted run: every checkpoint_every steps and at every knot
-    knots, every = reference["runs"][0]["knots"], KILL_FIELDS["checkpoint_every"]
-    checkpoint_steps = sorted(set(range(every, KILL_FIELDS["steps"], every)) | set(knots))
+    # the checkpoints of the uninterrupted run: every checkpoint_every steps, at every knot and the last step
+    # (a kill after the last checkpoint, during the final evaluation, leaves that one in place)
+    knots, every, steps = reference["runs"][0]["knots"], KILL_FIELDS["checkpoint_every"], KILL_FIELDS["steps"]
+    checkpoint_steps = sorted(set(range(every, steps, every)) | set(knots) | {steps})
     assert checkpoint_steps[:5] == [3, 5, 6, 9, 10]
     rows = []
     for i, point in enumerate(points):
