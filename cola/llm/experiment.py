@@ -340,6 +340,8 @@ def start_run(exp: Experiment, method: str, seed: int, run_dir: Path, scores: di
 def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any]) -> None:
     """Final evaluation (validation after the last link, test), outputs, and the record on disk."""
     settings, record, chain = exp.settings, run.record, run.chain
+    if settings.keep_checkpoints:  # the last step's state, before the final evaluation: killed after it, a resumed
+        save_checkpoint(run)       # run evaluates once, as an uninterrupted one does (not the last link twice)
     t0 = time.perf_counter()
     links_done = (len(chain.history) + 1) if chain else 1
     if settings.eval_links or settings.eval_every:
@@ -374,7 +376,6 @@ def finish_run(exp: Experiment, run: Run, run_dir: Path, scores: dict[str, Any])
     record.flops = {"train": plan["train_flops"], "eval_estimate": plan.get("eval_flops")}
     main = cd.is_main_process()
     if settings.keep_checkpoints:
-        save_checkpoint(run)
         record.outputs["checkpoint"] = str(run.checkpoint)
     if main:
         write_json(run_dir / "run.json", record.to_dict())

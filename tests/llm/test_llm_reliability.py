@@ -326,13 +326,14 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, loa
     assert reference["status"] == "complete"
     train_seconds = reference["runs"][0]["seconds"]["train"] + reference["runs"][0]["seconds"]["eval"]
     rng = random.Random(20240607)
-    points = [("settings", None), ("writing", 1), ("writing", 4), ("after-checkpoint", 2),
-              ("after-checkpoint", 5), ("delay", train_seconds), ("delay", train_seconds), ("delay", 2 * train_seconds)]
+    points = [("settings", None), ("writing", 1), ("writing", 4), ("after-checkpoint", 2), ("after-checkpoint", 5),
+              ("after-checkpoint", 9),   # the last step's checkpoint: killed during the final evaluation
+              ("delay", train_seconds), ("delay", train_seconds), ("delay", 2 * train_seconds)]
     # the checkpoints of the uninterrupted run: every checkpoint_every steps, at every knot and the last step
     # (a kill after the last checkpoint, during the final evaluation, leaves that one in place)
     knots, every, steps = reference["runs"][0]["knots"], KILL_FIELDS["checkpoint_every"], KILL_FIELDS["steps"]
     checkpoint_steps = sorted(set(range(every, steps, every)) | set(knots) | {steps})
-    assert checkpoint_steps[:5] == [3, 5, 6, 9, 10]
+    assert checkpoint_steps[:5] == [3, 5, 6, 9, 10] and checkpoint_steps[8] == steps
     rows = []
     for i, point in enumerate(points):
         out = tmp_path / f"kill{i}"
