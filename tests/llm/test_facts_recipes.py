@@ -168,7 +168,8 @@ def test_budget_verdicts_tune_every_arm_within_0_3_nats_with_kl_replay(name):
                       (4, "lora", "reset", None, None), (4, "fw", "reset", None, None),
                       (4, "lora", "prune", 0.99, True), (4, "lora", "prune", 1.0, True)}
     groups = candidates(spec, cells, extra)
-    assert len(groups) == 9 and all(len(g) == 3 for g in groups.values())
+    assert len(groups) == 9 and all(len(g) == len(spec.tune["full_lr" if g[0].settings.method == "full" else "lr"])
+                                    for g in groups.values())
 
 
 @pytest.mark.parametrize("name", [n for n in BUDGETS if not n.endswith("-cpu")])
