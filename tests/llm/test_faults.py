@@ -42,10 +42,11 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", COLA_DISABLE_PLUGIN_AUTOLOAD="1", CO
            TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent.parent))
 
 
-def train_args(folder: Path, out: Path, *extra: str) -> list[str]:
+def train_args(folder: Path, out: Path, *extra: str, plots: bool = False) -> list[str]:
     """``cola train`` of 4 steps, a knot at step 2, a checkpoint after every step but the last, every
-    output on (plots, the adapter, the link adapters, the merged model)."""
-    return ["-q", "train", "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
+    output on (the adapter, the link adapters, the merged model), the plots only with ``plots`` (the tests
+    whose fault is at a plot's write: drawing them is most of a tiny run's time)."""
+    return ["-q", "train", *([] if plots else ["--no-plots"]), "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
             "--n-val", "2", "--n-test", "4", "--steps", "4", "--batch-size", "2", "--eval-batch-size", "4",
             "--links", "2", "--rank", "2", "--lr", "5e-3", "--threads", "1", "--checkpoint-every", "1",
             "--dropout", "0.1", "--save-merged", "--output-dir", str(out), *extra]
@@ -141,7 +142,7 @@ def test_train_full_or_read_only_disk_at_each_write_then_resume(tiny_folder, ref
     once the disk is fixed gives the uninterrupted run's numbers."""
     code = errno.ENOSPC if TRAIN_WRITES.index((name, n, where)) % 2 == 0 else errno.EROFS
     out = tmp_path / "run"
-    args = train_args(tiny_folder, out)
+    args = train_args(tiny_folder, out, plots=name.endswith(".png"))
     fired = fail_at(monkeypatch, out / where, n, code)
     assert cli(*args) == 2
     err = capsys.readouterr().err
@@ -297,7 +298,7 @@ def test_train_on_a_real_full_or_read_only_disk(tiny_folder, reference, disk, mo
     safetensors and matplotlib each report it their way) or turns read-only just before a write."""
     out = disk.path / "run"
     fired = fault_when_written(monkeypatch, name, n, disk.fill if kind == "full" else disk.read_only)
-    assert cli(*train_args(tiny_folder, out)) == 2
+    assert cli(*train_args(tiny_folder, out, plots=name.endswith(".png"))) == 2
     err = capsys.readouterr().err
     monkeypatch.undo()
     assert fired["fired"]
@@ -324,9 +325,9 @@ def test_train_on_a_real_full_or_read_only_disk(tiny_folder, reference, disk, mo
 
 # ============================================================================ item 1: cola sweep
 
-def sweep_args(folder: Path, out: Path) -> list[str]:
-    """``cola sweep`` of two cells (links 1 and 2), one seed, 4 steps each, with its plots."""
-    return ["-q", "sweep", "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
+def sweep_args(folder: Path, out: Path, plots: bool = False) -> list[str]:
+    """``cola sweep`` of two cells (links 1 and 2), one seed, 4 steps each, its plots only with ``plots``."""
+    return ["-q", "sweep", *([] if plots else ["--no-plots"]), "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
             "--n-val", "2", "--n-test", "4", "--steps", "4", "--batch-size", "2", "--eval-batch-size", "4", "--links",
             "1", "2", "--seeds", "0", "--rank", "2", "--lr", "5e-3", "--threads", "1", "--output-dir", str(out)]
 
@@ -361,7 +362,7 @@ def test_sweep_full_or_read_only_disk_at_each_write_then_resume(tiny_folder, swe
     uninterrupted sweep."""
     code = errno.ENOSPC if SWEEP_WRITES.index(name) % 2 == 0 else errno.EROFS
     out = tmp_path / "sweep"
-    args = sweep_args(tiny_folder, out)
+    args = sweep_args(tiny_folder, out, plots=name.endswith(".png"))
     fired = fail_at(monkeypatch, out / name, 1, code)
     assert cli(*args) == 2
     err = capsys.readouterr().err
@@ -601,10 +602,10 @@ def resumed_outcome(out: Path, capsys) -> dict:
 
 def test_sigterm_and_sigint_at_random_steps_and_in_a_knot_then_resume(tiny_folder, reference, tmp_path, capsys):
     """A first signal finishes the step (a knot's merge and evaluation too), writes its checkpoint, prints
-    how to continue and exits 128 + signal; --resume then gives the uninterrupted run, to the bit."""
-    rng = random.Random(19)
-    points = [({"at": "step", "n": rng.randint(1, 4)}, signal.SIGTERM, None),
-              ({"at": "step", "n": rng.randint(1, 4), "sig": "SIGINT"}, signal.SIGINT, None),
+    how to continue and exits 128 + signal; --resume then gives the uninterrupted run, to the bit. Two
+    launches, both signals, both places (SIGTERM at a step: the torchrun test below, and the second-signal test)."""
+    rng = random.Random(23)   # step 3: after the knot
+    points = [({"at": "step", "n": rng.randint(1, 4), "sig": "SIGINT"}, signal.SIGINT, None),
               ({"at": "knot", "n": 1}, signal.SIGTERM, 2)]   # the knot at step 2, signalled in cola_before_merge
     tried = []
     for i, (point, sig, step) in enumerate(points):

@@ -27,6 +27,8 @@ from cola.llm.sweep.spec import SweepSpec, axis_path, load_recipe, recipe_names
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(model="tiny", task="sst2", data_dir=str(FIXTURES), n_train=6, n_val=2, n_test=4, steps=6, batch_size=2,
             eval_batch_size=4, rank=2, lr=5e-3)
+#: the same without the sweep's plots (--no-plots): most of a tiny sweep's time; the tests of the plots keep them
+QUIET = {**TINY, "plots": False}
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def loader(tok, make_model):
 
 
 def spec(**changes) -> SweepSpec:
-    base = dict(settings=dict(TINY), grid={"links": [1, 2, 3], "lr": [5e-3, 1e-2]}, seeds=[0, 1])
+    base = dict(settings=dict(QUIET), grid={"links": [1, 2, 3], "lr": [5e-3, 1e-2]}, seeds=[0, 1])
     base.update(changes)
     return SweepSpec(**base)
 
@@ -111,7 +113,7 @@ def test_bad_axes_and_values_are_reported_at_once():
 # ------------------------------------------------------------------------------ running and resuming
 
 def test_sweep_writes_table_intervals_plots_and_compute(tmp_path, loader):
-    s = spec(grid={"links": [1, 3]}, seeds=[0, 1, 2])
+    s = spec(settings=dict(TINY), grid={"links": [1, 3]}, seeds=[0, 1, 2])   # with the sweep's plots
     results = run_sweep(s, tmp_path / "sw", loader=loader)
     assert results["status"] == "complete" and results["runs_finished"] == results["runs_expected"] == 6
     one, three = results["cells"]
@@ -181,7 +183,7 @@ def test_half_finished_sweep_resumes_to_the_same_results(tmp_path, loader):
     with pytest.raises(ConfigError, match="already holds a sweep"):
         run_sweep(s, out, loader=loader)
     with pytest.raises(ConfigError, match="base settings differ"):
-        run_sweep(spec(settings={**TINY, "rank": 4}, grid={"links": [1, 2]}, seeds=[0, 1]), out, loader=loader,
+        run_sweep(spec(settings={**QUIET, "rank": 4}, grid={"links": [1, 2]}, seeds=[0, 1]), out, loader=loader,
                   resume=True)
     resumed = run_sweep(s, out, loader=loader, resume=True)
     assert resumed["status"] == "complete" and resumed["runs_finished"] == 4
@@ -196,7 +198,7 @@ def test_half_finished_sweep_resumes_to_the_same_results(tmp_path, loader):
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, loader):
-    s = spec(grid={"links": [1, 2]}, seeds=[0], settings={**TINY, "lr": 1e30, "max_nonfinite_in_row": 1})
+    s = spec(grid={"links": [1, 2]}, seeds=[0], settings={**QUIET, "lr": 1e30, "max_nonfinite_in_row": 1})
     results = run_sweep(s, tmp_path / "sw", loader=loader)
     assert results["status"] == "partial" and len(results["failures"]) == 2
     assert "non-finite" in results["failures"][0]["error"]
@@ -335,7 +337,7 @@ def test_cli_sweep_dry_run_run_and_resume(tmp_path, tok, capsys):
     tok.save_pretrained(folder)
     out = tmp_path / "sw"
     common = ["--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6", "--n-val", "2",
-              "--n-test", "4", "--steps", "6", "--batch-size", "2", "--rank", "2", "--threads", "1",
+              "--n-test", "4", "--steps", "6", "--batch-size", "2", "--rank", "2", "--threads", "1", "--no-plots",
               "--output-dir", str(out)]
     assert _cli("-q", "sweep", *common, "--links", "1", "2", "--axis", "chain.reinit=lora,gaussian",
                 "--seeds", "0", "1", "--dry-run") == 0
@@ -347,6 +349,7 @@ def test_cli_sweep_dry_run_run_and_resume(tmp_path, tok, capsys):
     assert _cli("-q", "sweep", "--resume", str(out)) == 0
     text = capsys.readouterr().out
     assert "Status: complete (4/4 runs)" in text and "| links=2 | 2 |" in text
+    assert (out / "results.md").is_file() and not list(out.rglob("*.png"))   # --no-plots: none, the sweep's nor the runs'
     assert _cli("-q", "sweep", "--list-recipes") == 0
     assert "rank-step-down-cpu" in capsys.readouterr().out
     assert _cli("-q", "sweep", *common, "--axis", "linkz=1,2") == 2
@@ -395,7 +398,7 @@ def test_a_chain_value_at_its_default_gives_the_run_key_of_leaving_it_out():
 
 
 def test_a_sweep_of_the_older_run_keys_is_migrated_once_and_nothing_is_rerun(tmp_path, loader):
-    s = spec(settings={**TINY, "chain": {"reinit": "lora"}}, grid={"links": [1, 2]}, seeds=[0])
+    s = spec(settings={**QUIET, "chain": {"reinit": "lora"}}, grid={"links": [1, 2]}, seeds=[0])
     out = tmp_path / "old"
     first = run_sweep(s, out, loader=loader)
     stamps = {}

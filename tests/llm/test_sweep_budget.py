@@ -154,7 +154,7 @@ def test_the_command_line_takes_the_budget_flags(tmp_path):
 def test_a_budgeted_sweep_runs_to_the_end_and_says_what_kept_the_budget(tmp_path, tok, make_model):
     reference = tmp_path / "reference.txt"
     reference.write_text("\n\n".join(f"It was great. Yes, no, maybe {i}." for i in range(80)))
-    settings = {**FACTS, "reference_file": str(reference), "plots": True, "eval_every": 3}
+    settings = {**FACTS, "reference_file": str(reference), "eval_every": 3}   # the sweep's plots, not its runs'
     spec = SweepSpec(settings=settings, grid={"links": [2]}, seeds=[0], tune={"lr": [1e-4, 3e-2]}, tune_seeds=[100],
                      max_forgetting=1e9, refine=1, tune_step=True)
     out = tmp_path / "sweep"
@@ -168,7 +168,8 @@ def test_a_budgeted_sweep_runs_to_the_end_and_says_what_kept_the_budget(tmp_path
     assert "**Forgetting budget: forgetting <= 1e+09 nats**" in text and "Frontiers (" in text
     assert "kept on every seed" in text and (out / "tuning_frontiers.png").is_file()
     # a budget nothing can keep: no report run, said so in every file
-    strict = SweepSpec(**{**spec.to_dict(), "max_forgetting": 0.0, "max_kl": 0.0, "refine": 0})
+    strict = SweepSpec(**{**spec.to_dict(), "settings": {**settings, "plots": False}, "max_forgetting": 0.0,
+                          "max_kl": 0.0, "refine": 0})
     results = run_sweep(strict, tmp_path / "strict", loader=lambda: (make_model("llama"), tok))
     assert results["status"] == "complete"
     assert all(r["tuning"]["over_budget"] and r["score"]["n"] == 0 for r in results["cells"])

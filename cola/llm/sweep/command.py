@@ -25,7 +25,7 @@ seeds) as long as the base settings stay the same. Zero-shot scores, which depen
 model and data, are computed once per seed and shared between runs.
 
 Results (``results.json``, ``results.csv``, ``results.md`` and plots, see
-:mod:`cola.llm.sweep.report`) hold per cell: mean, std and n of the test score; the paired
+:mod:`cola.llm.sweep.report`; the runs' own plots only with ``--plots``, no plot at all with ``--no-plots``) hold per cell: mean, std and n of the test score; the paired
 difference with its confidence interval and verdict; the validation score after every link;
 the mean training-loss curve with the knots; and the compute actually spent: trainable
 parameters and training FLOPs per link and in all, the FLOPs ratio to the baseline (so "equal
@@ -249,7 +249,8 @@ def _finish(spec: SweepSpec, out: Path, cells: list[Cell], extra: list[Cell], st
         "failures": failures, "reused": _reused(out), "seconds_this_invocation": time.time() - started,
         "finished": datetime.now().isoformat(timespec="seconds"), "cells": rows,
     }
-    results["files"] = sweep_report.write_all(results, out)
+    # --no-plots (plots=False in the spec's settings) drops the sweep's plots too; by default only its runs' are off
+    results["files"] = sweep_report.write_all(results, out, plots=spec.settings.get("plots", True) is not False)
     return results
 
 
