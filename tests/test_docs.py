@@ -18,7 +18,7 @@ fails the test (nothing is skipped quietly):
 * ``cola plugins`` and ``cola sweep --list-recipes``: run.
 * ``torchrun ... -m cola ...`` / ``accelerate launch ... -m cola ...``: the launcher's flags
   parsed by the launcher's own parser, then the ``cola`` part as above.
-* ``python -m benchmarks.<x> ...``: ``... --help`` exits 0 (a subprocess each, run in parallel).
+* ``python -m benchmarks.<x> ...``: ``... --help`` exits 0 (the module's ``main``, in this process).
 * ``scripts/setup``: exists and is executable; ``.venv/bin/python -m pytest``: the suite this
   file belongs to, not run from inside itself (``NOT_RUN``).
 
@@ -43,7 +43,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,21 +448,21 @@ def check_launcher(tokens: list[str]) -> list[str]:
     return tokens[i + 2:]
 
 
-_BENCHMARKS: dict[tuple[str, ...], subprocess.Popen] = {}
-
-
 def _benchmark_help(tokens: tuple[str, ...]) -> tuple[int, str]:
-    """``python -m benchmarks.<x> <args> --help``; every benchmark command of the docs starts at once."""
-    if tokens not in _BENCHMARKS:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        wanted = [tokens] + [tuple(part) for c in COMMANDS for part in _parts(c)
-                             if len(part) > 2 and part[1] == "-m" and part[2].startswith("benchmarks.")]
-        for key in wanted:
-            if key not in _BENCHMARKS:
-                _BENCHMARKS[key] = subprocess.Popen([sys.executable, *key[1:], "--help"], cwd=ROOT, env=env,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = _BENCHMARKS[tokens].communicate(timeout=120)
-    return _BENCHMARKS[tokens].returncode, out
+    """``python -m benchmarks.<x> <args> --help``, in this process: the module's ``main`` (what its ``__main__``
+    calls) with those arguments, which parses them first and exits at ``--help``; the exit code and what it
+    printed. A module that is missing or does not import fails here as it would there."""
+    import importlib
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            importlib.import_module(tokens[2]).main([*tokens[3:], "--help"])
+        except SystemExit as stop:
+            return (stop.code or 0) if isinstance(stop.code, int) else 1, out.getvalue()
+        except ImportError as exc:
+            return 1, f"{out.getvalue()}{type(exc).__name__}: {exc}"
+    return 1, out.getvalue() + "(it ran instead of printing its help)"
 
 
 def check(tokens: list[str]) -> str:
