@@ -4,7 +4,11 @@ Run by tests/test_distributed.py under ``torchrun --standalone --nproc_per_node 
 CPU), and imported by the same tests to run the one-process reference. Every rank sees the same
 global batch of each step and trains on its slice; only rank 0 writes ``OUT/result.pt``.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_train_script.py OUT [CHECKPOINT_STEP]
+    torchrun --standalone --nproc_per_node 2 tests/dist_train_script.py OUT [CHECKPOINT_STEP [MORE_OUT]]
+
+With ``MORE_OUT``, the same two processes then run the rest of tests/test_distributed.py's process work
+(:func:`test_distributed.more_work`: lock-step details, FSDP2, Conv1D under FSDP), its results in
+``MORE_OUT``: each launch imports torch and cola anew, so the module makes one.
 """
 
 from __future__ import annotations
@@ -101,3 +105,9 @@ def main(out: str, checkpoint_step: int | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    if len(sys.argv) > 3:
+        import os
+
+        import test_distributed
+
+        test_distributed.more_work(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[3])

@@ -1,10 +1,10 @@
 """Distributed COLA with real processes on CPU (gloo, 2 ranks, tiny models).
 
-Two process launches, each shared by several tests: ``torchrun`` running the training loop of
-tests/dist_train_script.py (lock-step, 2 ranks vs 1 rank, resume on 1 rank); a spawned pair
-checking lock-step of loss-driven knots, drift repair and uneven shards, then running
-FSDP2 (``fully_shard``) on a tiny Llama with replicated and with sharded LoRA factors, plus the
-shard-local merge on raw DTensors.
+One process launch (each imports torch and cola anew), shared by every test here: ``torchrun`` of 2 ranks
+running the training loop of tests/dist_train_script.py (lock-step, 2 ranks vs 1 rank, resume on 1 rank),
+then, in the same two processes (:func:`more_work`), the lock-step of loss-driven knots, drift repair and
+uneven shards, FSDP2 (``fully_shard``) on a tiny Llama with replicated and with sharded LoRA factors, the
+shard-local merge on raw DTensors, and a Conv1D (GPT-2) weight folded into its FSDP shards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import cola
@@ -44,19 +43,6 @@ def _init_group(rank: int, world: int, store: str) -> None:
                             timeout=timedelta(seconds=90))
 
 
-def _spawn(fn, tmp: Path, timeout: float = 150.0) -> None:
-    """Run ``fn(rank, world, store, out)`` in WORLD fresh processes; a child's error fails the test."""
-    store = tmp / "store"
-    ctx = mp.start_processes(fn, args=(WORLD, str(store), str(tmp)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} did not finish in {timeout:.0f} s")
-
-
 def _max_rank_diff(tensors) -> float:
     """max |t_r - t_0| over ranks r of every tensor (all ranks call it)."""
     flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors])
@@ -78,16 +64,25 @@ def _max_state_diff(a: dict, b: dict) -> float:
 # ============================================================================ torchrun: the training loop
 
 @pytest.fixture(scope="module")
-def torchrun_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("torchrun")
+def launched(tmp_path_factory) -> tuple[Path, Path]:
+    """The module's one launch: ``torchrun`` of dist_train_script.py (its folder, first), then
+    :func:`more_work` in the same processes (its folder, second)."""
+    out, more = tmp_path_factory.mktemp("torchrun"), tmp_path_factory.mktemp("more")
     env = dict(os.environ, OMP_NUM_THREADS="1", COLA_DISABLE_PLUGIN_AUTOLOAD="1", COLA_DIST_BACKEND="gloo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(HERE / "dist_train_script.py"), str(out), "6"]
+           str(HERE / "dist_train_script.py"), str(out), "6", str(more)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(f"\n[dist] torchrun launch (training loop, lock-step, FSDP, Conv1D): {time.perf_counter() - t0:.1f} s")
+    return out, more
+
+
+@pytest.fixture(scope="module")
+def torchrun_result(launched):
+    out = launched[0]
     result = torch.load(out / "result.pt", weights_only=False)
-    result["seconds"], result["out"] = time.perf_counter() - t0, out
+    result["out"] = out
     return result
 
 
@@ -128,7 +123,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one_rank(torchrun_result, one_rank_r
     assert _max_state_diff(state, one_rank_reference["state"]) < 1e-4
 
 
-# ============================================================================ spawned: lock-step details
+# ============================================================================ more work: lock-step details
 
 def _lockstep_worker(rank, world, store, out):
     _init_group(rank, world, store)
@@ -209,19 +204,22 @@ def _lockstep_worker(rank, world, store, out):
     cd.shutdown()
 
 
-def _spawned_worker(rank, world, store, out):
-    """The lock-step checks, then FSDP, in one pair of processes (each launch imports torch and cola anew):
-    two process groups one after the other, each on its own store."""
+def more_work(rank: int, world: int, out: str) -> None:
+    """The lock-step checks, FSDP, then Conv1D under FSDP, in the torchrun launch's processes after its training
+    loop (tests/dist_train_script.py): three process groups one after the other, each on its own store."""
+    from test_lora import fsdp_conv1d_worker
+
+    store = str(Path(out) / "store")
     _lockstep_worker(rank, world, store + "-lockstep", out)
     _fsdp_worker(rank, world, store + "-fsdp", out)
+    fsdp_conv1d_worker(rank, world, store + "-conv1d", out)
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> Path:
-    """The folder of the spawned pair's results (``lockstep.pt``, ``fsdp.pt``, ``fsdp_chain.pt``)."""
-    out = tmp_path_factory.mktemp("spawned")
-    _spawn(_spawned_worker, out, timeout=240.0)
-    return out
+def spawned(launched) -> Path:
+    """The folder of :func:`more_work`'s results (``lockstep.pt``, ``fsdp.pt``, ``fsdp_chain.pt``,
+    ``fsdp_conv1d.pt``)."""
+    return launched[1]
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +253,7 @@ def test_full_finetuning_uses_plain_ddp(lockstep):
     assert lockstep["bucketed_vs_ddp"] < 1e-6
 
 
-# ============================================================================ spawned: FSDP2
+# ============================================================================ more work: FSDP2
 
 def _tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -518,3 +516,14 @@ def test_shards_cover_the_global_batch_and_scaled_losses_average_to_its_mean():
         scaled = [cd.loss_scale(len(p), len(items), world) * float(values[p].mean()) for p in parts if p]
         assert sum(scaled) / world == pytest.approx(float(values.mean()))
     assert cd.loss_scale(4, 8, 2) == 1.0 and cd.loss_scale(3, 7, 2) == pytest.approx(6 / 7)
+
+
+def test_conv1d_under_fsdp_folds_into_its_shards(spawned):
+    """FSDP shards a Conv1D weight (in x out) by rows of *its* layout: folds, the compensation, PiSSA's gather
+    (:func:`test_lora.fsdp_conv1d_worker`)."""
+    res = torch.load(spawned / "fsdp_conv1d.pt", weights_only=False)
+    assert res["weight_type"] == "DTensor" and res["knots"] == [2]
+    for key, local_shape in (("torch.float32-S(0)", (3, 7)), ("torch.float32-S(1)", (5, 4)),
+                             ("torch.bfloat16-S(0)", (3, 7))):
+        assert res[key] == (0.0, 0.0, local_shape), (key, res[key])
+    assert res["trained"] > 1e-2 and res["sharded_vs_plain"] < 1e-5, res
