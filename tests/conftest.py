@@ -1,8 +1,13 @@
 import os
+import sys
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set (as some images do): else every worker of every run
+# compiles the sources and rewrites the test modules' asserts again, about 5 s a worker (__pycache__ is git-ignored).
+sys.dont_write_bytecode = False
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
