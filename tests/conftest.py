@@ -26,7 +26,8 @@ def pytest_xdist_make_scheduler(config, log):
     """The README's test command's workers (-n auto): each test module runs on one worker (its module fixtures, the
     torchrun launches among them, are set up once), except the long modules of independent tests with cheap
     fixtures (the docs' commands and transcripts, the machine's faults, the benchmarks' smoke runs): they are
-    spread over every worker, test by test."""
+    spread over every worker, test by test. The longest units (:data:`FIRST`) are handed out first, so that no worker
+    starts one of them when the other is nearly done."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
@@ -34,12 +35,27 @@ def pytest_xdist_make_scheduler(config, log):
             module = nodeid.split("::", 1)[0]
             return nodeid if module in SPREAD_MODULES else module
 
+        def _assign_work_unit(self, node) -> None:
+            first = next((unit for unit in FIRST if unit in self.workqueue), None)
+            if first is not None:
+                self.workqueue.move_to_end(first, last=False)
+            super()._assign_work_unit(node)
+
     return ByModule(config, log)
 
 
 #: modules whose tests are independent of each other and long in all (a module fixture of theirs, if any, costs a
 #: second or two per worker): spread over the workers test by test
 SPREAD_MODULES = {"tests/test_docs.py", "tests/llm/test_faults.py", "tests/test_benchmarks_smoke.py"}
+#: the units (modules, or tests of SPREAD_MODULES) of 10 s or more, longest first (`--durations`; docs/testing.md): they
+#: start before the rest (which goes by number of tests, xdist's order). A test that starts processes belongs here.
+FIRST = ("tests/llm/test_llm_distributed.py", "tests/llm/test_performance.py", "tests/test_distributed.py",
+         "tests/llm/test_facts_recipes.py",
+         "tests/llm/test_faults.py::test_sigterm_and_sigint_at_random_steps_and_in_a_knot_then_resume",
+         "tests/llm/test_faults.py::test_sigterm_to_one_rank_under_torchrun_stops_every_rank_after_the_same_step",
+         "tests/llm/test_sweep.py",
+         "tests/llm/test_faults.py::test_two_processes_on_one_folder_exactly_one_runs",
+         "tests/llm/test_corpus_train.py", "tests/llm/test_peft_trainers.py", "tests/theory/test_theory_bounds.py")
 
 
 def pytest_report_header(config):
