@@ -25,7 +25,8 @@ seeds) as long as the base settings stay the same. Zero-shot scores, which depen
 model and data, are computed once per seed and shared between runs.
 
 Results (``results.json``, ``results.csv``, ``results.md`` and plots, see
-:mod:`cola.llm.sweep.report`; the runs' own plots only with ``--plots``, no plot at all with ``--no-plots``) hold per cell: mean, std and n of the test score; the paired
+:mod:`cola.llm.sweep.report`; the runs' own plots only with ``--plots``, no plot at all with
+``--no-plots``) hold per cell: mean, std and n of the test score; the paired
 difference with its confidence interval and verdict; the validation score after every link;
 the mean training-loss curve with the knots; and the compute actually spent: trainable
 parameters and training FLOPs per link and in all, the FLOPs ratio to the baseline (so "equal
