@@ -43,3 +43,19 @@ def train(model, chain, data):
         chain.zero_grad()
         losses.append(float(loss.detach()))
     return losses
+
+
+def conv1d_and_linear(n_in=6, n_out=5, dtype=torch.float32, seed=0):
+    """A GPT-2 ``Conv1D`` (weight stored in x out) and the ``nn.Linear`` computing the same function."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    conv = Conv1D(n_out, n_in)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    linear = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    return conv.to(dtype), linear.to(dtype)

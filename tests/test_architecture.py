@@ -215,3 +215,18 @@ def test_no_function_of_cola_is_longer_than_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name}: {lines} lines")
     assert not long, "\n".join(long)
+
+
+def test_the_test_schedulers_named_units_exist():
+    """tests/conftest.py's FIRST (handed out first) and SPREAD_MODULES name modules and tests that exist: a renamed
+    test would silently fall out of the order."""
+    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
+    named = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id in ("FIRST", "SPREAD_MODULES")}
+    assert set(named) == {"FIRST", "SPREAD_MODULES"}
+    for unit in [*named["FIRST"], *named["SPREAD_MODULES"]]:
+        module, _, test = unit.partition("::")
+        assert (ROOT / module).is_file(), unit
+        if test:
+            assert module in named["SPREAD_MODULES"], f"{unit}: a single test is a unit only in a spread module"
+            assert f"def {test}(" in (ROOT / module).read_text(), unit

@@ -28,6 +28,7 @@ import cola.distributed as cd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dist_train_script as script  # noqa: E402
+from helpers import conv1d_and_linear  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -207,12 +208,10 @@ def _lockstep_worker(rank, world, store, out):
 def more_work(rank: int, world: int, out: str) -> None:
     """The lock-step checks, FSDP, then Conv1D under FSDP, in the torchrun launch's processes after its training
     loop (tests/dist_train_script.py): three process groups one after the other, each on its own store."""
-    from test_lora import fsdp_conv1d_worker
-
     store = str(Path(out) / "store")
     _lockstep_worker(rank, world, store + "-lockstep", out)
     _fsdp_worker(rank, world, store + "-fsdp", out)
-    fsdp_conv1d_worker(rank, world, store + "-conv1d", out)
+    _fsdp_conv1d_worker(rank, world, store + "-conv1d", out)
 
 
 @pytest.fixture(scope="module")
@@ -518,9 +517,66 @@ def test_shards_cover_the_global_batch_and_scaled_losses_average_to_its_mean():
     assert cd.loss_scale(4, 8, 2) == 1.0 and cd.loss_scale(3, 7, 2) == pytest.approx(6 / 7)
 
 
+def _fsdp_conv1d_worker(rank, world, store, out):
+    """Under FSDP2 (2 gloo ranks): shard-local folds into a Conv1D weight, and a GPT-2 chain (PiSSA at its knot)
+    sharded vs not; rank 0 saves the differences."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _init_group(rank, world, store)
+    res = {}
+    mesh = init_device_mesh("cpu", (world,))
+    for dtype, placement in ((torch.float32, Shard(0)), (torch.float32, Shard(1)), (torch.bfloat16, Shard(0))):
+        conv, _ = conv1d_and_linear(5, 7, dtype, seed=1)
+        plain = cola.LoRALinear(conv, rank=2, alpha=4)
+        sharded = copy.deepcopy(plain)
+        sharded.base.weight = nn.Parameter(distribute_tensor(sharded.base.weight.detach(), mesh, [placement]),
+                                           requires_grad=False)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            B, A = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
+            plain.fold_(B, A, 0.37)
+            sharded.fold_(B, A, 0.37)
+        res[f"{dtype}-{placement}"] = (
+            float((sharded.base.weight.full_tensor().float() - plain.base.weight.float()).abs().max()),
+            float((sharded.exact_weight() - plain.exact_weight()).abs().max()),
+            tuple(sharded.base.weight.to_local().shape))
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for shard in (True, False):
+        model = gpt2()
+        cola.inject_lora(model, ["c_attn", "c_fc"], rank=2, alpha=4)
+        if shard:
+            model = cd.fsdp(model)
+            res["weight_type"] = type(model.transformer.h[0].attn.c_attn.base.weight).__name__
+        chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2),
+                           cola.ChainConfig(total_steps=4, merge_policy="knots", knots=[2], reinit="pissa", seed=1))
+        for _ in range(4):
+            model(input_ids=ids, labels=ids).loss.backward()
+            chain.step()
+            chain.zero_grad()
+        res["knots"] = [r.step for r in chain.history]
+        with torch.no_grad():
+            logits[shard] = model(input_ids=ids).logits
+    with torch.no_grad():
+        res["trained"] = float((logits[False] - gpt2()(input_ids=ids).logits).abs().max())
+    res["sharded_vs_plain"] = float((logits[True] - logits[False]).abs().max())
+    if rank == 0:
+        torch.save(res, f"{out}/fsdp_conv1d.pt")
+    dist.destroy_process_group()
+
+
 def test_conv1d_under_fsdp_folds_into_its_shards(spawned):
     """FSDP shards a Conv1D weight (in x out) by rows of *its* layout: folds, the compensation, PiSSA's gather
-    (:func:`test_lora.fsdp_conv1d_worker`)."""
+    (:func:`_fsdp_conv1d_worker`)."""
     res = torch.load(spawned / "fsdp_conv1d.pt", weights_only=False)
     assert res["weight_type"] == "DTensor" and res["knots"] == [2]
     for key, local_shape in (("torch.float32-S(0)", (3, 7)), ("torch.float32-S(1)", (5, 4)),

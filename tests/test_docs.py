@@ -458,8 +458,9 @@ def _benchmark_help(tokens: tuple[str, ...]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
             importlib.import_module(tokens[2]).main([*tokens[3:], "--help"])
-        except SystemExit as stop:
-            return (stop.code or 0) if isinstance(stop.code, int) else 1, out.getvalue()
+        except SystemExit as stop:   # as the interpreter maps it: None is 0, a message is 1
+            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+            return code, out.getvalue()
         except ImportError as exc:
             return 1, f"{out.getvalue()}{type(exc).__name__}: {exc}"
     return 1, out.getvalue() + "(it ran instead of printing its help)"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cola
-from helpers import MLP
+from helpers import MLP, conv1d_and_linear
 
 
 def test_forward_is_base_plus_scaled_link():
@@ -137,25 +137,9 @@ def test_merge_and_unload_keeps_outputs_and_restores_plain_linear():
 
 # ------------------------------------------------------------------------------ transformers' Conv1D
 
-def _conv1d_and_linear(n_in=6, n_out=5, dtype=torch.float32, seed=0):
-    """A GPT-2 ``Conv1D`` (weight stored in x out) and the ``nn.Linear`` computing the same function."""
-    from transformers.pytorch_utils import Conv1D
-
-    torch.manual_seed(seed)
-    conv = Conv1D(n_out, n_in)
-    with torch.no_grad():
-        conv.weight.normal_()
-        conv.bias.normal_()
-    linear = nn.Linear(n_in, n_out)
-    with torch.no_grad():
-        linear.weight.copy_(conv.weight.T)
-        linear.bias.copy_(conv.bias)
-    return conv.to(dtype), linear.to(dtype)
-
-
 def test_conv1d_layer_equals_the_linear_layer_of_the_transposed_weight():
     pytest.importorskip("transformers")
-    conv, linear = _conv1d_and_linear()
+    conv, linear = conv1d_and_linear()
     a, b = cola.LoRALinear(conv, rank=2, alpha=4), cola.LoRALinear(linear, rank=2, alpha=4)
     assert (a.in_features, a.out_features, a.transposed) == (6, 5, True) and not b.transposed
     assert a.lora_A.shape == (2, 6) and a.lora_B.shape == (5, 2) and "conv1d" in repr(a)
@@ -182,7 +166,7 @@ def test_conv1d_layer_equals_the_linear_layer_of_the_transposed_weight():
 
 def test_conv1d_bf16_base_keeps_its_compensation_in_the_stored_layout():
     pytest.importorskip("transformers")
-    conv, linear = _conv1d_and_linear(16, 12, torch.bfloat16, seed=3)
+    conv, linear = conv1d_and_linear(16, 12, torch.bfloat16, seed=3)
     exact = linear.weight.double().clone()
     a, b = cola.LoRALinear(conv, rank=2, alpha=2), cola.LoRALinear(linear, rank=2, alpha=2)
     g = torch.Generator().manual_seed(2)
@@ -283,73 +267,3 @@ def test_a_layer_tied_to_the_embedding_is_refused():
         cola.inject_lora(model, ["body", "lm_head"], rank=2)
     assert not cola.lora_layers(model)                       # nothing was wrapped
     assert cola.inject_lora(model, ["body"], rank=2) == ["body"]
-
-
-def fsdp_conv1d_worker(rank, world, store, out):
-    """Under FSDP2 (2 gloo ranks): shard-local folds into a Conv1D weight, and a GPT-2 chain (PiSSA at its knot)
-    sharded vs not; rank 0 saves the differences. Run in tests/test_distributed.py's torchrun launch (its
-    ``more_work``), which checks them."""
-    import copy
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    import transformers
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    import cola.distributed as cd
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
-    res = {}
-    mesh = init_device_mesh("cpu", (world,))
-    for dtype, placement in ((torch.float32, Shard(0)), (torch.float32, Shard(1)), (torch.bfloat16, Shard(0))):
-        conv, _ = _conv1d_and_linear(5, 7, dtype, seed=1)
-        plain = cola.LoRALinear(conv, rank=2, alpha=4)
-        sharded = copy.deepcopy(plain)
-        sharded.base.weight = nn.Parameter(distribute_tensor(sharded.base.weight.detach(), mesh, [placement]),
-                                           requires_grad=False)
-        g = torch.Generator().manual_seed(2)
-        for _ in range(4):
-            B, A = torch.randn(7, 2, generator=g), torch.randn(2, 5, generator=g)
-            plain.fold_(B, A, 0.37)
-            sharded.fold_(B, A, 0.37)
-        res[f"{dtype}-{placement}"] = (
-            float((sharded.base.weight.full_tensor().float() - plain.base.weight.float()).abs().max()),
-            float((sharded.exact_weight() - plain.exact_weight()).abs().max()),
-            tuple(sharded.base.weight.to_local().shape))
-
-    def gpt2():
-        torch.manual_seed(0)
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
-    logits = {}
-    for shard in (True, False):
-        model = gpt2()
-        cola.inject_lora(model, ["c_attn", "c_fc"], rank=2, alpha=4)
-        if shard:
-            model = cd.fsdp(model)
-            res["weight_type"] = type(model.transformer.h[0].attn.c_attn.base.weight).__name__
-        chain = cola.Chain(model, lambda p: torch.optim.AdamW(p, lr=1e-2),
-                           cola.ChainConfig(total_steps=4, merge_policy="knots", knots=[2], reinit="pissa", seed=1))
-        for _ in range(4):
-            model(input_ids=ids, labels=ids).loss.backward()
-            chain.step()
-            chain.zero_grad()
-        res["knots"] = [r.step for r in chain.history]
-        with torch.no_grad():
-            logits[shard] = model(input_ids=ids).logits
-    with torch.no_grad():
-        res["trained"] = float((logits[False] - gpt2()(input_ids=ids).logits).abs().max())
-    res["sharded_vs_plain"] = float((logits[True] - logits[False]).abs().max())
-    if rank == 0:
-        torch.save(res, f"{out}/fsdp_conv1d.pt")
-    dist.destroy_process_group()
-
-

@@ -46,10 +46,10 @@ def train_args(folder: Path, out: Path, *extra: str, plots: bool = False) -> lis
     """``cola train`` of 4 steps, a knot at step 2, a checkpoint after every step but the last, every
     output on (the adapter, the link adapters, the merged model), the plots only with ``plots`` (the tests
     whose fault is at a plot's write: drawing them is most of a tiny run's time)."""
-    return ["-q", "train", *([] if plots else ["--no-plots"]), "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
+    return ["-q", "train", "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
             "--n-val", "2", "--n-test", "4", "--steps", "4", "--batch-size", "2", "--eval-batch-size", "4",
             "--links", "2", "--rank", "2", "--lr", "5e-3", "--threads", "1", "--checkpoint-every", "1",
-            "--dropout", "0.1", "--save-merged", "--output-dir", str(out), *extra]
+            "--dropout", "0.1", "--save-merged", "--plots" if plots else "--no-plots", "--output-dir", str(out), *extra]
 
 
 def cli(*argv: str) -> int:
@@ -327,9 +327,10 @@ def test_train_on_a_real_full_or_read_only_disk(tiny_folder, reference, disk, mo
 
 def sweep_args(folder: Path, out: Path, plots: bool = False) -> list[str]:
     """``cola sweep`` of two cells (links 1 and 2), one seed, 4 steps each, its plots only with ``plots``."""
-    return ["-q", "sweep", *([] if plots else ["--no-plots"]), "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
+    return ["-q", "sweep", "--model", str(folder), "--task", "sst2", "--data-dir", str(FIXTURES), "--n-train", "6",
             "--n-val", "2", "--n-test", "4", "--steps", "4", "--batch-size", "2", "--eval-batch-size", "4", "--links",
-            "1", "2", "--seeds", "0", "--rank", "2", "--lr", "5e-3", "--threads", "1", "--output-dir", str(out)]
+            "1", "2", "--seeds", "0", "--rank", "2", "--lr", "5e-3", "--threads", "1",
+            *([] if plots else ["--no-plots"]), "--output-dir", str(out)]
 
 
 def sweep_outcome(out: Path) -> dict:

@@ -349,7 +349,8 @@ def test_cli_sweep_dry_run_run_and_resume(tmp_path, tok, capsys):
     assert _cli("-q", "sweep", "--resume", str(out)) == 0
     text = capsys.readouterr().out
     assert "Status: complete (4/4 runs)" in text and "| links=2 | 2 |" in text
-    assert (out / "results.md").is_file() and not list(out.rglob("*.png"))   # --no-plots: none, the sweep's nor the runs'
+    # --no-plots: no plot at all, neither the sweep's nor its runs'
+    assert (out / "results.md").is_file() and not list(out.rglob("*.png"))
     assert _cli("-q", "sweep", "--list-recipes") == 0
     assert "rank-step-down-cpu" in capsys.readouterr().out
     assert _cli("-q", "sweep", *common, "--axis", "linkz=1,2") == 2
